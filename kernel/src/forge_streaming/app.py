@@ -1,0 +1,165 @@
+"""The ASGI app of a Streaming service: transport routes plus a small HTTP API.
+
+Routes: every transport's handlers and room endpoint, ``/`` (status page),
+``/healthz`` (backend state), ``POST /api/publish`` and ``GET /api/stats``
+(both need ``Authorization: Bearer <api.key>``). Lifespan starts and stops
+the service, so ``uvicorn module:streaming`` just works.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from .service import Streaming
+
+
+def _authorized(streaming: Streaming, request: Request) -> bool:
+    key = streaming.config.api.key
+    if not key:
+        return False
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def _unauthorized(streaming: Streaming) -> JSONResponse:
+    if not streaming.config.api.key:
+        return JSONResponse({"error": "api_disabled", "message": "set api.key in the config to use the HTTP API"},
+                            status_code=403)
+    return JSONResponse({"error": "unauthorized", "message": "send Authorization: Bearer <api.key>"},
+                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def stats(streaming: Streaming) -> dict[str, Any]:
+    """A readable summary of the node: connections, rooms, counters, backend."""
+    by_transport: dict[str, int] = {}
+    for conn in streaming.connections.values():
+        by_transport[conn.transport] = by_transport.get(conn.transport, 0) + 1
+    rooms = await streaming.rooms()
+    health = streaming.health()
+    return {
+        "node": streaming.node_id,
+        "state": streaming.state.value,
+        "connections": {"total": len(streaming.connections), "by_transport": by_transport},
+        "rooms": {"total": len(rooms), "local": len(streaming._local)},
+        "backend": {"name": streaming.backend.name, "state": health.state.value, "detail": health.detail},
+        "counters": dict(sorted(streaming.counters.items())),
+        "transports": {name: t.describe() for name, t in streaming.transports.items()},
+    }
+
+
+def build_app(streaming: Streaming) -> ASGIApp:
+    room_endpoint = streaming.config.server.room_endpoints
+    routes: list[BaseRoute] = []
+    for transport in streaming.transports.values():
+        routes.extend(transport.routes(streaming.handlers(transport.name), room_endpoint=room_endpoint))
+
+    async def status_page(request: Request) -> Response:
+        info = await stats(streaming)
+        endpoints = "".join(
+            f"<li><b>{html.escape(name)}</b> at <code>{html.escape(t.default_path)}</code></li>"
+            for name, t in sorted(streaming.transports.items())
+        )
+        return HTMLResponse(
+            "<!doctype html><meta charset=utf-8><title>forge-streaming</title>"
+            f"<h1>forge-streaming {__version__}</h1><p>node <code>{html.escape(info['node'])}</code>, "
+            f"{info['connections']['total']} connections, {info['rooms']['total']} rooms, backend "
+            f"{html.escape(info['backend']['name'])} ({html.escape(info['backend']['state'])})</p>"
+            f"<ul>{endpoints}</ul>"
+        )
+
+    async def healthz(request: Request) -> Response:
+        health = streaming.health()
+        ok = health.ok and streaming.state.value == "running"
+        return JSONResponse(
+            {"status": "ok" if ok else "degraded", "state": streaming.state.value,
+             "backend": {"name": streaming.backend.name, "state": health.state.value, "detail": health.detail}},
+            status_code=200 if ok else 503,
+        )
+
+    async def api_publish(request: Request) -> Response:
+        if not _authorized(streaming, request):
+            return _unauthorized(streaming)
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "invalid_json", "message": "body must be JSON"}, status_code=400)
+        room = body.get("room_id") if isinstance(body, dict) else None
+        if not isinstance(room, str) or not room:
+            return JSONResponse({"error": "missing_room", "message": "body needs a non-empty string 'room_id'"},
+                                status_code=400)
+        if "data" not in body:
+            return JSONResponse({"error": "invalid_frame", "message": "body needs 'data'"}, status_code=400)
+        user_id = body.get("user_id") if isinstance(body.get("user_id"), str) else "api"
+        sequence = await streaming.publish(room, body["data"], user_id=user_id)
+        if sequence is None:
+            return JSONResponse({"published": False, "reason": "dropped by a hook"}, status_code=202)
+        return JSONResponse({"published": True, "room_id": room, "sequence": sequence})
+
+    async def api_stats(request: Request) -> Response:
+        if not _authorized(streaming, request):
+            return _unauthorized(streaming)
+        return JSONResponse(await stats(streaming))
+
+    async def api_rooms(request: Request) -> Response:
+        if not _authorized(streaming, request):
+            return _unauthorized(streaming)
+        rooms = await streaming.rooms()
+        return JSONResponse({"rooms": [{"room_id": r, "users": await streaming.presence(r)} for r in rooms]})
+
+    routes += [
+        Route("/healthz", healthz),
+        Route("/api/publish", api_publish, methods=["POST"]),
+        Route("/api/stats", api_stats),
+        Route("/api/rooms", api_rooms),
+    ]
+    if not any(getattr(r, "path", None) == "/" for r in routes):
+        routes.append(Route("/", status_page))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with streaming.running():
+            yield
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.streaming = streaming
+    extra = {}
+    for transport in streaming.transports.values():
+        extra.update(transport.response_headers())
+    return _HeadersMiddleware(app, extra) if extra else app
+
+
+class _HeadersMiddleware:
+    """Adds transport headers (``Alt-Svc``) to every HTTP response."""
+
+    def __init__(self, app: ASGIApp, headers: dict[str, str]) -> None:
+        self.app = app
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.state = getattr(app, "state", None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + self.headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

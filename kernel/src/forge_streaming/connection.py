@@ -1,0 +1,190 @@
+"""The transport-neutral connection every transport plugin implements.
+
+A WebSocket, an SSE stream and a WebTransport session all look the same to
+a handler and to the kernel: ``read_message``, ``write_message``, rooms,
+``close``. The one method on the hot path is :meth:`Connection.deliver`,
+which must never block: it writes or queues, and drops the connection when
+its bounded buffer overflows.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+from .frames import Message, OutboundFrame, encode
+
+if TYPE_CHECKING:
+    from .service import Streaming
+
+_ids = itertools.count(1)
+
+
+class ConnectionState(enum.Enum):
+    CONNECTING = "connecting"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes (RFC 6455), used as the reason code on every transport."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    ABNORMAL = 1006
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is on the other end, as the authenticate hook decided."""
+
+    user_id: str
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRequest:
+    """What a client sent when it opened a connection, on any transport.
+
+    Header names are lower-case. ``scope`` is the ASGI scope where there is
+    one (WebSocket, SSE); WebTransport requests have none.
+    """
+
+    transport: str
+    path: str
+    query_string: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    client: tuple[str, int] | None = None
+    scope: Mapping[str, Any] | None = None
+
+    @property
+    def query(self) -> dict[str, str]:
+        return dict(parse_qsl(self.query_string, keep_blank_values=True))
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        jar: SimpleCookie = SimpleCookie()
+        jar.load(self.headers.get("cookie", ""))
+        return {key: morsel.value for key, morsel in jar.items()}
+
+    @property
+    def origin(self) -> str | None:
+        return self.headers.get("origin")
+
+    @classmethod
+    def from_scope(cls, transport: str, scope: Mapping[str, Any]) -> ConnectionRequest:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        client = scope.get("client")
+        return cls(
+            transport=transport,
+            path=scope.get("path", "/"),
+            query_string=scope.get("query_string", b"").decode("latin-1"),
+            headers=headers,
+            client=tuple(client) if client else None,  # type: ignore[arg-type]
+            scope=scope,
+        )
+
+
+class Connection(ABC):
+    """One client connection, whatever its transport.
+
+    Subclasses implement reading, writing, :meth:`deliver` and :meth:`close`;
+    the room methods here go through the :class:`~forge_streaming.Streaming`
+    service so that hooks, presence and the pub/sub backend are involved.
+    """
+
+    transport: str = "unknown"
+
+    def __init__(self, request: ConnectionRequest, streaming: Streaming) -> None:
+        self.id = f"{self.transport[:2]}-{next(_ids):x}-{int(time.time() * 1000) % 100000:05d}"
+        self.request = request
+        self.streaming = streaming
+        self.identity: Identity | None = None
+        self.rooms: set[str] = set()
+        self.state = ConnectionState.CONNECTING
+        self.opened_at = time.monotonic()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.log = logging.LoggerAdapter(
+            logging.getLogger(f"forge_streaming.{self.transport}"), {"connection_id": self.id}
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} {self.state.value} user={self.user_id!r}>"
+
+    @property
+    def user_id(self) -> str:
+        """The identity's user id, else the connection id (what presence shows)."""
+        return self.identity.user_id if self.identity else self.id
+
+    def query(self, name: str, default: str | None = None) -> str | None:
+        """A query-string parameter of the opening request."""
+        return self.request.query.get(name, default)
+
+    # -- rooms ---------------------------------------------------------------
+
+    async def join_room(self, room: str, *, since: int | None = None) -> None:
+        """Join ``room``; with ``since``, replay what history holds after it.
+
+        Raises :class:`~forge_streaming.Refused` when a hook refuses the join.
+        """
+        await self.streaming.join(self, room, since=since)
+
+    async def leave_room(self, room: str) -> None:
+        await self.streaming.leave(self, room)
+
+    async def broadcast_to_room(self, room: str, data: Any) -> int | None:
+        """Publish ``data`` to the other members of ``room``; return its sequence."""
+        return await self.streaming.publish(room, data, sender=self)
+
+    def in_room(self, room: str) -> bool:
+        return room in self.rooms
+
+    # -- transport -----------------------------------------------------------
+
+    @abstractmethod
+    async def read_message(self) -> Message:
+        """Wait for the next message; raise ConnectionClosed when it has ended."""
+
+    @abstractmethod
+    async def write_message(self, message: str | bytes) -> None:
+        """Send one message to this client (text stays text, bytes stay binary)."""
+
+    @abstractmethod
+    def deliver(self, frame: OutboundFrame) -> None:
+        """Hand a shared frame to this client without waiting.
+
+        Called once per recipient on the hot path: write straight through
+        while the transport accepts data, queue within the bound when it
+        pushes back, and close with reason ``slow consumer`` past the bound.
+        Must not raise for a closed connection.
+        """
+
+    @abstractmethod
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """End the connection, telling the client ``code`` and ``reason``."""
+
+    def send_frame(self, frame: dict[str, Any]) -> None:
+        """Deliver a one-off protocol frame (error, system notice) to this client."""
+        self.deliver(OutboundFrame(payload=encode(frame)))
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is ConnectionState.OPEN

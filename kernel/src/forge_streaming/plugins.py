@@ -1,0 +1,168 @@
+"""Building the plugin manager: entry points, allow and deny lists, checks.
+
+Every plugin, first-party or not, is found the same way: an entry point in
+the group ``forge_streaming``. :func:`make_plugin_manager` builds a fresh
+manager each time (no module-level global), so tests and several services
+in one process never share plugins by accident.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginLoadError
+
+log = logging.getLogger("forge_streaming.plugins")
+
+ENV_ALLOW = "FORGE_STREAMING_PLUGINS_ALLOW"
+ENV_DENY = "FORGE_STREAMING_PLUGINS_DENY"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """What ``forge-streaming plugins`` shows of one plugin."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    hooks: list[str] = field(default_factory=list)
+
+
+class PluginManager:
+    """A typed facade over :class:`pluggy.PluginManager` for this project."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self._dists: dict[str, tuple[str | None, str | None]] = {}
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def register(self, plugin: object, name: str | None = None, *, dist: str | None = None, version: str | None = None) -> str:
+        """Register a plugin object (module or instance); validate its hooks at once."""
+        label = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+        try:
+            registered = self.pm.register(plugin, name=label)
+            self._check(label)
+        except PluginLoadError:
+            raise
+        except Exception as exc:
+            raise PluginLoadError(f"plugin {label!r}{_from(dist)} failed to register: {exc}") from exc
+        if registered is None:
+            raise PluginLoadError(f"plugin {label!r}{_from(dist)} is blocked or registered twice")
+        self._dists[registered] = (dist, version)
+        return registered
+
+    def _check(self, name: str) -> None:
+        plugin = self.pm.get_plugin(name)
+        for attr in dir(plugin):
+            if attr.startswith("streaming_") and not hasattr(self.pm.hook, attr):
+                self.pm.unregister(name=name)
+                known = ", ".join(sorted(n for n in dir(self.pm.hook) if n.startswith("streaming_")))
+                raise PluginLoadError(
+                    f"plugin {name!r} implements unknown hook {attr!r}; known hooks: {known}"
+                )
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(name=name)
+            raise PluginLoadError(f"plugin {name!r}: {exc}") from exc
+
+    def load_entry_points(self, *, allow: Collection[str] | None, deny: Collection[str]) -> None:
+        for ep in sorted(entry_points(group=hookspecs.ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if ep.name in deny or (allow is not None and ep.name not in allow):
+                log.info("plugin %s skipped by the allow/deny list", ep.name)
+                continue
+            dist, version = _dist_of(ep)
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginLoadError(
+                    f"plugin {ep.name!r}{_from(dist)} failed to import ({ep.value}): {type(exc).__name__}: {exc}"
+                ) from exc
+            self.register(plugin, ep.name, dist=dist, version=version)
+            log.debug("plugin %s loaded from %s %s", ep.name, dist, version)
+        if allow is not None:
+            missing = set(allow) - set(self.names())
+            if missing:
+                raise PluginLoadError(
+                    f"plugins.allow names {sorted(missing)}, which no installed entry point provides"
+                )
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.pm.list_name_plugin()]
+
+    def info(self) -> list[PluginInfo]:
+        result = []
+        for name, plugin in sorted(self.pm.list_name_plugin()):
+            dist, version = self._dists.get(name, (None, None))
+            hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
+            result.append(PluginInfo(name=name, distribution=dist, version=version, hooks=hooks))
+        return result
+
+    def call(self, name: str, **kwargs: Any) -> list[Any]:
+        """Call a synchronous hook; results of every implementation."""
+        return getattr(self.pm.hook, name)(**kwargs)  # type: ignore[no-any-return]
+
+    async def acall(self, name: str, **kwargs: Any) -> list[Any]:
+        """Call a hook whose implementations may be ``async def``; await each in turn."""
+        results = getattr(self.pm.hook, name)(**kwargs)
+        out = []
+        for result in results:
+            if inspect.isawaitable(result):
+                result = await result
+            out.append(result)
+        return out
+
+
+def _from(dist: str | None) -> str:
+    return f" (distribution {dist})" if dist else ""
+
+
+def _dist_of(ep: EntryPoint) -> tuple[str | None, str | None]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None, None
+    return dist.metadata["Name"], dist.version
+
+
+def _env_list(name: str) -> list[str] | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def make_plugin_manager(
+    *,
+    allow: Collection[str] | None = None,
+    deny: Collection[str] = (),
+    entry_points: bool = True,
+    plugins: Iterable[object] = (),
+) -> PluginManager:
+    """Build a plugin manager: installed entry points, then ``plugins`` given here.
+
+    ``allow`` (None: everything) and ``deny`` come from config; the
+    environment variables ``FORGE_STREAMING_PLUGINS_ALLOW`` and
+    ``FORGE_STREAMING_PLUGINS_DENY`` (comma-separated) override them.
+    """
+    env_allow, env_deny = _env_list(ENV_ALLOW), _env_list(ENV_DENY)
+    allow = env_allow if env_allow is not None else allow
+    deny = env_deny if env_deny is not None else deny
+    manager = PluginManager()
+    if entry_points:
+        manager.load_entry_points(allow=allow, deny=set(deny))
+    for plugin in plugins:
+        manager.register(plugin)
+    return manager

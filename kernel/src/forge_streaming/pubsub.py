@@ -1,0 +1,100 @@
+"""The pub/sub backend contract: how room traffic crosses nodes.
+
+The kernel publishes each room message once, as an :class:`Envelope` whose
+payload is already the encoded frame members receive; the backend carries
+it to every node (itself included) whose kernel subscribed to the room, and
+hands it back through :meth:`BackendListener.on_envelope`. The memory
+backend does that in process; the MQTT backend through a broker.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+
+class EnvelopeKind(str, enum.Enum):
+    MESSAGE = "message"  # kept in room history, has a sequence
+    NOTICE = "notice"  # presence and typing notices: live only
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One room frame on its way to every node.
+
+    ``payload`` is the UTF-8 JSON frame members receive, encoded once by the
+    publishing node. ``sender`` is the publishing connection's id, skipped
+    at delivery so that ``broadcast_to_room`` reaches only the others.
+    """
+
+    room: str
+    payload: bytes
+    kind: EnvelopeKind = EnvelopeKind.MESSAGE
+    sequence: int | None = None
+    sender: str | None = None
+    node: str = ""
+
+
+class BackendState(str, enum.Enum):
+    UP = "up"
+    CONNECTING = "connecting"
+    DOWN = "down"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendHealth:
+    state: BackendState
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state is BackendState.UP
+
+
+class BackendListener(Protocol):
+    """What the kernel gives a backend to hand traffic and trouble back."""
+
+    def on_envelope(self, envelope: Envelope) -> None:
+        """Deliver an envelope to this node's members (synchronous, no await)."""
+
+    def on_resync(self, reason: str) -> None:
+        """Messages may have been lost (broker outage): tell members to resync."""
+
+
+class PubSubBackend(ABC):
+    """A pub/sub backend; registered by name through a hook, chosen by config."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    async def start(self, node_id: str, listener: BackendListener) -> None:
+        """Connect; from now on, deliver subscribed rooms' envelopes to ``listener``."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Flush what is queued, disconnect, release everything."""
+
+    @abstractmethod
+    async def publish(self, envelope: Envelope) -> None:
+        """Send to every node subscribed to ``envelope.room`` (this one included)."""
+
+    @abstractmethod
+    async def subscribe(self, room: str) -> None:
+        """Receive ``room``'s envelopes on this node (idempotent)."""
+
+    @abstractmethod
+    async def unsubscribe(self, room: str) -> None:
+        """Stop receiving ``room``'s envelopes on this node (idempotent)."""
+
+    def health(self) -> BackendHealth:
+        return BackendHealth(BackendState.UP)
+
+    async def fetch_history(self, room: str, since: int) -> list[Envelope] | None:
+        """Messages of ``room`` after ``since`` held elsewhere in the cluster.
+
+        Called when this node's own history cannot answer a resume. ``None``
+        means the backend cannot tell either (the client gets ``resync``).
+        """
+        return None

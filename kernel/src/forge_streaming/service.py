@@ -1,0 +1,510 @@
+"""The Streaming service: connections, rooms, presence, history, publishing.
+
+Data flow of a room message::
+
+    client frame -> transport -> handle_client_frame (hook: received)
+      -> publish (hook: before_publish; encoded once) -> pub/sub backend
+      -> on_envelope on every node (history) -> Connection.deliver per member
+
+Hooks run once per message or per connection event; the only per-recipient
+work is ``Connection.deliver``, which never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import frames
+from .config import StreamingConfig, build_config, read_yaml
+from .connection import CloseCode, Connection, ConnectionRequest, ConnectionState, Identity
+from .delivery import FlushScheduler
+from .errors import ConfigError, ConnectionClosed, PluginLoadError, Refused, UnknownTransport
+from .frames import ClientFrame, OutboundFrame, ProtocolError
+from .history import RoomHistory, Sequencer
+from .plugins import PluginManager, make_plugin_manager
+from .pubsub import BackendHealth, Envelope, EnvelopeKind, PubSubBackend
+from .rooms import Member, RoomStore
+from .transports import Handler, Transport
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger("forge_streaming")
+
+
+class ServiceState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+@dataclass(slots=True)
+class PublishMessage:
+    """A room message about to be published; ``streaming_before_publish`` may change ``data``."""
+
+    room: str
+    data: Any
+    user_id: str
+    sender: Connection | None = None
+
+
+def _raw_config(config: StreamingConfig | Mapping[str, Any] | str | os.PathLike[str] | None) -> dict[str, Any]:
+    if config is None:
+        path = os.environ.get("FORGE_STREAMING_CONFIG")
+        return read_yaml(path) if path else {}
+    if isinstance(config, (str, os.PathLike)):
+        return read_yaml(config)
+    if isinstance(config, StreamingConfig):
+        return config.effective()
+    return dict(config)
+
+
+class Streaming:
+    """The real-time service: build one, register handlers, serve it over ASGI.
+
+    ``config`` is a :class:`StreamingConfig`, a mapping shaped like the YAML
+    file, a path to one, or None (``$FORGE_STREAMING_CONFIG`` or defaults).
+    ``plugins`` are extra plugin objects (modules or instances with hook
+    implementations) registered after the installed entry points;
+    ``entry_points=False`` loads only those.
+    """
+
+    def __init__(
+        self,
+        config: StreamingConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        *,
+        plugins: Iterable[object] = (),
+        entry_points: bool = True,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        raw = _raw_config(config)
+        plugin_settings = build_config({"plugins": raw.get("plugins") or {}}, environ={}).plugins
+        self.plugins: PluginManager = make_plugin_manager(
+            allow=plugin_settings.allow,
+            deny=plugin_settings.deny,
+            entry_points=entry_points,
+            plugins=plugins,
+        )
+        sections: dict[str, Any] = {}
+        for result in self.plugins.call("streaming_config_sections"):
+            for key, model in (result or {}).items():
+                if key in sections and sections[key] is not model:
+                    raise PluginLoadError(f"two plugins claim the config section {key!r}")
+                sections[key] = model
+        self.config: StreamingConfig = build_config(raw, sections=sections, environ=environ)
+        self.plugins.call("streaming_configure", config=self.config)
+
+        self.node_id = self.config.server.node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.state = ServiceState.CREATED
+        self.started_at: float | None = None
+        self.http_address: tuple[str, int] = (self.config.server.host, self.config.server.port)
+        """Where the HTTP server really listens; set by ``forge-streaming serve`` and the test kit."""
+
+        self.transports: dict[str, Transport] = {}
+        for result in self.plugins.call("streaming_register_transports"):
+            for cls in result or ():
+                if cls.name in self.transports:
+                    raise PluginLoadError(f"two plugins provide the transport {cls.name!r}")
+                self.transports[cls.name] = cls(self)
+        self._handlers: dict[str, dict[str, Handler]] = {name: {} for name in self.transports}
+
+        self.backend: PubSubBackend = self._make("pubsub.backend", self.config.pubsub.backend,
+                                                 "streaming_register_pubsub_backends")
+        self.store: RoomStore = self._make("rooms.store", self.config.rooms.store, "streaming_register_room_stores")
+
+        self.connections: dict[str, Connection] = {}
+        self._local: dict[str, dict[str, Connection]] = {}
+        self._per_ip: Counter[str] = Counter()
+        self._per_user: Counter[str] = Counter()
+        self.history = RoomHistory(size=self.config.rooms.history_size, max_rooms=self.config.rooms.history_max_rooms)
+        self.sequencer = Sequencer()
+        self.flusher = FlushScheduler()
+        self.counters: Counter[str] = Counter()
+        self._app: ASGIApp | None = None
+        self._deliver_hook = self.plugins.hook.streaming_delivered
+        self._has_deliver_hook = bool(self._deliver_hook.get_hookimpls())
+
+    def _make(self, key: str, name: str, hook: str) -> Any:
+        factories: dict[str, Callable[[StreamingConfig], Any]] = {}
+        for result in self.plugins.call(hook):
+            factories.update(result or {})
+        if name not in factories:
+            raise ConfigError(
+                f"{key}: {name!r} is not provided by any installed plugin; available: {sorted(factories) or 'none'}"
+                " (is its plugin installed and allowed?)"
+            )
+        return factories[name](self.config)
+
+    # -- handlers --------------------------------------------------------------
+
+    def handle(self, transport: str, path: str, handler: Handler | None = None) -> Any:
+        """Serve ``handler`` at ``path`` on ``transport``; usable as a decorator."""
+        if transport not in self.transports:
+            raise UnknownTransport(
+                f"no installed plugin provides the transport {transport!r}; installed: {sorted(self.transports)}"
+            )
+        if self._app is not None:
+            raise RuntimeError("handlers must be registered before the ASGI app is built")
+
+        def register(fn: Handler) -> Handler:
+            self._handlers[transport][path] = fn
+            return fn
+
+        return register(handler) if handler is not None else register
+
+    def handle_websocket(self, path: str, handler: Handler | None = None) -> Any:
+        """Serve a WebSocket handler at ``path``: ``async def handler(conn)``."""
+        return self.handle("websocket", path, handler)
+
+    def handle_sse(self, path: str, handler: Handler | None = None) -> Any:
+        """Serve an SSE handler at ``path``: ``async def handler(stream)``."""
+        return self.handle("sse", path, handler)
+
+    def handle_webtransport(self, path: str, handler: Handler | None = None) -> Any:
+        """Serve a WebTransport handler at ``path``: ``async def handler(session)``."""
+        return self.handle("webtransport", path, handler)
+
+    def handlers(self, transport: str) -> Mapping[str, Handler]:
+        return self._handlers.get(transport, {})
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.state is not ServiceState.CREATED:
+            return
+        self.state = ServiceState.STARTING
+        self.flusher = FlushScheduler(asyncio.get_running_loop())
+        await self.store.start(self.node_id)
+        await self.backend.start(self.node_id, self)
+        for transport in self.transports.values():
+            await transport.start()
+        self.state = ServiceState.RUNNING
+        self.started_at = time.time()
+        await self.plugins.acall("streaming_startup", streaming=self)
+        log.info("forge-streaming node %s started: transports %s, backend %s, store %s",
+                 self.node_id, sorted(self.transports), self.backend.name, self.store.name)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Tell every client the server is going away, flush, then close them (1001)."""
+        if self.state in (ServiceState.DRAINING, ServiceState.STOPPED):
+            return
+        self.state = ServiceState.DRAINING
+        timeout = self.config.server.drain_timeout if timeout is None else timeout
+        conns = list(self.connections.values())
+        if conns:
+            log.info("draining %d connections (timeout %.1fs)", len(conns), timeout)
+        notice = frames.encode(frames.system_frame(
+            "server.shutdown", {"reconnect_after_ms": int(self.config.server.reconnect_hint * 1000)}))
+        for conn in conns:
+            conn.deliver(OutboundFrame(payload=notice))
+        self.flusher.flush_all()
+        closing = [asyncio.ensure_future(c.close(CloseCode.GOING_AWAY, "server shutting down")) for c in conns]
+        if closing:
+            done, pending = await asyncio.wait(closing, timeout=timeout)
+            for task in pending:
+                task.cancel()
+
+    async def stop(self) -> None:
+        if self.state is ServiceState.STOPPED:
+            return
+        await self.drain()
+        for transport in self.transports.values():
+            with contextlib.suppress(Exception):
+                await transport.stop()
+        await self.plugins.acall("streaming_shutdown", streaming=self)
+        await self.backend.stop()
+        await self.store.stop()
+        self.state = ServiceState.STOPPED
+        log.info("forge-streaming node %s stopped", self.node_id)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Streaming]:
+        """``async with streaming.running():`` starts the service and stops it on exit."""
+        await self.start()
+        try:
+            yield self
+        finally:
+            await self.stop()
+
+    def lifespan(self, app: Any = None) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A Starlette/FastAPI ``lifespan=`` for an app that mounts this service."""
+        return self.running()
+
+    # -- ASGI ------------------------------------------------------------------------
+
+    def asgi_app(self) -> ASGIApp:
+        """The ASGI app (built once): transport routes, status, health and HTTP API."""
+        if self._app is None:
+            from .app import build_app
+
+            self._app = build_app(self)
+        return self._app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.asgi_app()(scope, receive, send)
+
+    def server_options(self) -> dict[str, Any]:
+        """uvicorn options the installed transports need (protocol classes)."""
+        options: dict[str, Any] = {}
+        for transport in self.transports.values():
+            for key, value in transport.server_options().items():
+                if key in options and options[key] != value:
+                    raise PluginLoadError(f"transports disagree on the server option {key!r}")
+                options[key] = value
+        return options
+
+    # -- connections -------------------------------------------------------------------
+
+    async def authenticate(self, request: ConnectionRequest) -> Identity | None:
+        """Run the authenticate hooks; raise Refused, or return the identity (or None)."""
+        if self.state is not ServiceState.RUNNING:
+            raise Refused("server is not accepting connections", status=503, close_code=1013, code="unavailable")
+        identity = None
+        for result in await self.plugins.acall("streaming_authenticate", request=request):
+            if result is not None and identity is None:
+                identity = result
+        return identity
+
+    async def open(self, conn: Connection) -> None:
+        """Admit and count an authenticated connection; raise Refused past a limit."""
+        limits = self.config.limits
+        ip = conn.request.client[0] if conn.request.client else ""
+        if len(self.connections) >= limits.max_connections:
+            raise Refused(f"server is full ({limits.max_connections} connections)", status=503,
+                          close_code=1013, code="server_full")
+        if limits.max_connections_per_ip and self._per_ip[ip] >= limits.max_connections_per_ip:
+            raise Refused(f"too many connections from {ip}", status=429, close_code=1008, code="too_many_connections")
+        if limits.max_connections_per_user and self._per_user[conn.user_id] >= limits.max_connections_per_user:
+            raise Refused(f"too many connections for user {conn.user_id!r}", status=429, close_code=1008,
+                          code="too_many_connections")
+        self.connections[conn.id] = conn
+        self._per_ip[ip] += 1
+        self._per_user[conn.user_id] += 1
+        conn.state = ConnectionState.OPEN
+        self.counters[f"connections_opened.{conn.transport}"] += 1
+        conn.log.debug("connection %s open from %s as %s", conn.id, ip, conn.user_id)
+        await self.plugins.acall("streaming_connected", connection=conn)
+
+    async def closed(self, conn: Connection, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Forget a connection that ended: leave its rooms, uncount it, fire the hook. Idempotent."""
+        if self.connections.pop(conn.id, None) is None:
+            conn.state = ConnectionState.CLOSED
+            return
+        conn.state = ConnectionState.CLOSED
+        conn.close_code, conn.close_reason = code, reason
+        ip = conn.request.client[0] if conn.request.client else ""
+        for counter, key in ((self._per_ip, ip), (self._per_user, conn.user_id)):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+        for room in list(conn.rooms):
+            try:
+                await self.leave(conn, room)
+            except Exception:  # a failing store must not keep a dead connection around
+                log.exception("leaving room %r for closed connection %s failed", room, conn.id)
+        conn.log.debug("connection %s closed (%s %s)", conn.id, code, reason)
+        await self.plugins.acall("streaming_disconnected", connection=conn, code=code, reason=reason)
+
+    def dropped(self, conn: Connection, reason: str) -> None:
+        """A transport or the kernel dropped ``conn`` for cause (slow consumer, ...)."""
+        self.counters[f"dropped.{reason}"] += 1
+        conn.log.warning("connection %s dropped: %s", conn.id, reason)
+        self.plugins.call("streaming_connection_dropped", connection=conn, reason=reason)
+
+    # -- rooms ------------------------------------------------------------------------------
+
+    async def join(self, conn: Connection, room: str, *, since: int | None = None) -> None:
+        """Add ``conn`` to ``room``: hooks, presence, replay from ``since``."""
+        if room in conn.rooms:
+            if since is not None:
+                await self.replay(conn, room, since)
+            return
+        if len(conn.rooms) >= self.config.limits.max_rooms_per_connection:
+            raise Refused(f"at most {self.config.limits.max_rooms_per_connection} rooms per connection",
+                          code="too_many_rooms")
+        for result in await self.plugins.acall("streaming_join_room", connection=conn, room=room):
+            if result is False:
+                raise Refused(f"joining room {room!r} was refused", code="join_refused")
+        local = self._local.get(room)
+        if local is None:
+            local = self._local[room] = {}
+            self.history.track(room)
+            await self.backend.subscribe(room)
+        if conn.state is not ConnectionState.OPEN:
+            return
+        local[conn.id] = conn
+        conn.rooms.add(room)
+        await self.store.add_member(room, Member(conn.id, conn.user_id, self.node_id, conn.transport))
+        users = await self.store.users(room)
+        conn.send_frame(frames.system_frame("room.joined", {
+            "room_id": room, "user_id": conn.user_id, "users": users, "sequence": self.history.latest(room)}))
+        if since is not None:
+            await self.replay(conn, room, since)
+        await self.notify(room, frames.presence_frame("join", room_id=room, user_id=conn.user_id), sender=conn)
+        await self.plugins.acall("streaming_room_joined", connection=conn, room=room)
+
+    def _replay(self, conn: Connection, room: str, since: int) -> None:
+        missed = self.history.since(room, since)
+        if missed is None:
+            conn.send_frame(frames.system_frame("resync", {
+                "room_id": room, "since": since, "reason": "history no longer holds messages after this sequence",
+                "sequence": self.history.latest(room)}))
+            return
+        for envelope in missed:
+            conn.deliver(OutboundFrame(payload=envelope.payload, room=room, sequence=envelope.sequence))
+
+    async def replay(self, conn: Connection, room: str, since: int) -> None:
+        """Send ``conn`` what ``room`` had after ``since``, asking the cluster if needed."""
+        if self.history.since(room, since) is None:
+            fetched = await self.backend.fetch_history(room, since)
+            for envelope in fetched or ():
+                self.history.record(envelope)
+        self._replay(conn, room, since)
+
+    async def leave(self, conn: Connection, room: str) -> None:
+        if room not in conn.rooms:
+            return
+        conn.rooms.discard(room)
+        local = self._local.get(room)
+        if local is not None:
+            local.pop(conn.id, None)
+            if not local:
+                del self._local[room]
+                await self.backend.unsubscribe(room)
+        await self.store.remove_member(room, conn.id)
+        await self.notify(room, frames.presence_frame("leave", room_id=room, user_id=conn.user_id), sender=conn)
+        if conn.state is ConnectionState.OPEN:
+            conn.send_frame(frames.system_frame("room.left", {"room_id": room}))
+        await self.plugins.acall("streaming_room_left", connection=conn, room=room)
+
+    async def rooms(self) -> list[str]:
+        """Every room with members, on every node."""
+        return await self.store.rooms()
+
+    async def members(self, room: str) -> list[Member]:
+        return await self.store.members(room)
+
+    async def presence(self, room: str) -> list[str]:
+        """User ids present in ``room`` (identities, else connection ids)."""
+        return await self.store.users(room)
+
+    def local_members(self, room: str) -> list[Connection]:
+        return list(self._local.get(room, {}).values())
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def publish(self, room: str, data: Any, *, sender: Connection | None = None,
+                      user_id: str | None = None) -> int | None:
+        """Publish a message to ``room`` on every node; return its sequence, None if a hook dropped it."""
+        message = PublishMessage(room=room, data=data, user_id=user_id or (sender.user_id if sender else "server"),
+                                 sender=sender)
+        for result in await self.plugins.acall("streaming_before_publish", message=message):
+            if result is False:
+                return None
+        sequence = self.sequencer.next(room)
+        payload = frames.encode(frames.message_frame(
+            room_id=room, user_id=message.user_id, data=message.data, sequence=sequence))
+        await self.backend.publish(Envelope(room=room, payload=payload, kind=EnvelopeKind.MESSAGE,
+                                            sequence=sequence, sender=sender.id if sender else None,
+                                            node=self.node_id))
+        self.counters["published"] += 1
+        return sequence
+
+    async def broadcast(self, room: str, message: Any) -> int | None:
+        """Publish ``message`` to everyone in ``room`` (the seed's ``Broadcast``)."""
+        return await self.publish(room, message)
+
+    async def notify(self, room: str, frame: Mapping[str, Any], *, sender: Connection | None = None) -> None:
+        """Send a live-only notice (presence, typing) to the room's members, not kept in history."""
+        await self.backend.publish(Envelope(room=room, payload=frames.encode(dict(frame)), kind=EnvelopeKind.NOTICE,
+                                            sender=sender.id if sender else None, node=self.node_id))
+
+    # -- backend listener (hot path) ----------------------------------------------------------
+
+    def on_envelope(self, envelope: Envelope) -> None:
+        """Fan one envelope out to this node's members of its room."""
+        room = envelope.room
+        if envelope.sequence is not None:
+            self.sequencer.observe(room, envelope.sequence)
+            self.history.record(envelope)
+        members = self._local.get(room)
+        delivered = 0
+        if members:
+            frame = OutboundFrame(payload=envelope.payload, room=room, sequence=envelope.sequence,
+                                  sender=envelope.sender)
+            sender = envelope.sender
+            for conn_id, conn in list(members.items()):
+                if conn_id != sender:
+                    conn.deliver(frame)
+                    delivered += 1
+        self.counters["deliveries"] += delivered
+        if self._has_deliver_hook:
+            self._deliver_hook(envelope=envelope, recipients=delivered)
+
+    def on_resync(self, reason: str) -> None:
+        """The backend may have lost messages: every local member is told to resync."""
+        for room, members in self._local.items():
+            payload = frames.encode(frames.system_frame("resync", {
+                "room_id": room, "reason": reason, "sequence": self.history.latest(room)}))
+            frame = OutboundFrame(payload=payload, room=room)
+            for conn in list(members.values()):
+                conn.deliver(frame)
+
+    def health(self) -> BackendHealth:
+        return self.backend.health()
+
+    # -- the room protocol -----------------------------------------------------------------------
+
+    async def serve_room_protocol(self, conn: Connection) -> None:
+        """Read room-protocol frames from ``conn`` until it closes."""
+        try:
+            while True:
+                message = await conn.read_message()
+                await self.handle_client_frame(conn, message.data)
+        except ConnectionClosed:
+            return
+
+    async def handle_client_frame(self, conn: Connection, raw: str | bytes) -> None:
+        """Act on one client frame; answer anything refused with an error frame."""
+        try:
+            frame = frames.parse_client_frame(raw, max_size=self.config.limits.max_message_size)
+            await self._act(conn, frame)
+        except ProtocolError as exc:
+            self.counters[f"rejected.{exc.code}"] += 1
+            conn.send_frame(frames.error_frame(exc.code, exc.message))
+        except Refused as exc:
+            self.counters[f"rejected.{exc.code}"] += 1
+            conn.send_frame(frames.error_frame(exc.code, exc.reason))
+
+    async def _act(self, conn: Connection, frame: ClientFrame) -> None:
+        for result in await self.plugins.acall("streaming_message_received", connection=conn, frame=frame):
+            if result is False:
+                return
+        room = frame.room_id
+        if frame.type == "join":
+            await self.join(conn, room, since=frame.since)
+        elif frame.type == "leave":
+            if room not in conn.rooms:
+                raise ProtocolError("not_member", f"not a member of room {room!r}")
+            await self.leave(conn, room)
+        elif room not in conn.rooms:
+            raise ProtocolError("not_member", f"join room {room!r} before sending to it")
+        elif frame.type == "message":
+            self.counters[f"messages_in.{conn.transport}"] += 1
+            await self.publish(room, frame.data, sender=conn)
+        elif frame.type == "typing":
+            await self.notify(room, frames.presence_frame("typing", room_id=room, user_id=conn.user_id,
+                                                          data=bool(frame.data)), sender=conn)

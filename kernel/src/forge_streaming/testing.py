@@ -1,0 +1,378 @@
+"""The contract kit: test suites every backend and room store runs against itself.
+
+Subclass in a test module and say how to build the thing under test::
+
+    from forge_streaming.testing import PubSubBackendContract
+
+    class TestMyBackend(PubSubBackendContract):
+        def make_backend(self):
+            return MyBackend(...)
+
+Each test runs its own event loop (``asyncio.run``) with a time bound, so
+the kit needs no pytest plugin. A backend that spans nodes also defines
+``make_backend`` so that two calls make two nodes on one shared medium
+(the memory backend is one node only: it sets ``multi_node = False``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import json
+
+from .connection import CloseCode, Connection, ConnectionRequest
+from .errors import ConnectionClosed
+from .frames import Message, OutboundFrame
+from .pubsub import BackendState, Envelope, EnvelopeKind, PubSubBackend
+from .rooms import Member, RoomStore
+from .service import Streaming
+
+DEFAULT_TIMEOUT = 10.0
+
+
+def run(coro: Coroutine[Any, Any, Any], timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """Run ``coro`` in a fresh event loop, failing after ``timeout`` seconds."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class RecordingListener:
+    """A BackendListener that keeps what it receives and lets tests wait for it."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+        self.resyncs: list[str] = []
+        self._changed = asyncio.Event()
+
+    def on_envelope(self, envelope: Envelope) -> None:
+        self.envelopes.append(envelope)
+        self._changed.set()
+
+    def on_resync(self, reason: str) -> None:
+        self.resyncs.append(reason)
+        self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[list[Envelope]], bool], timeout: float = 5.0) -> None:
+        async def waiter() -> None:
+            while not predicate(self.envelopes):
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(waiter(), timeout)
+
+    def payloads(self, room: str | None = None) -> list[bytes]:
+        return [e.payload for e in self.envelopes if room is None or e.room == room]
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class PubSubBackendContract:
+    """What every pub/sub backend promises the kernel."""
+
+    multi_node = True
+    """False for a backend that cannot span nodes (memory): skips the two-node tests."""
+
+    def make_backend(self) -> PubSubBackend | Awaitable[PubSubBackend]:
+        raise NotImplementedError("define make_backend() in your test class")
+
+    async def _started(self, node: str) -> tuple[PubSubBackend, RecordingListener]:
+        backend = await _maybe_await(self.make_backend())
+        listener = RecordingListener()
+        await backend.start(node, listener)
+        return backend, listener
+
+    @staticmethod
+    def _envelope(room: str, n: int, *, sender: str | None = None, node: str = "n1") -> Envelope:
+        return Envelope(room=room, payload=f'{{"n":{n}}}'.encode(), kind=EnvelopeKind.MESSAGE,
+                        sequence=1_000 + n, sender=sender, node=node)
+
+    def test_publish_reaches_subscriber_with_every_field(self) -> None:
+        async def scenario() -> None:
+            backend, listener = await self._started("n1")
+            try:
+                await backend.subscribe("room-a")
+                sent = Envelope(room="room-a", payload='{"x":"é"}'.encode(), kind=EnvelopeKind.MESSAGE,
+                                sequence=42, sender="ws-1", node="n1")
+                await backend.publish(sent)
+                await listener.wait_for(lambda e: len(e) >= 1)
+                got = listener.envelopes[0]
+                assert (got.room, got.payload, got.kind, got.sequence, got.sender) == (
+                    "room-a", sent.payload, EnvelopeKind.MESSAGE, 42, "ws-1")
+                notice = Envelope(room="room-a", payload=b'{"type":"typing"}', kind=EnvelopeKind.NOTICE, node="n1")
+                await backend.publish(notice)
+                await listener.wait_for(lambda e: len(e) >= 2)
+                assert listener.envelopes[1].kind is EnvelopeKind.NOTICE
+                assert listener.envelopes[1].sequence is None
+            finally:
+                await backend.stop()
+
+        run(scenario())
+
+    def test_order_is_kept_per_publisher(self) -> None:
+        async def scenario() -> None:
+            backend, listener = await self._started("n1")
+            try:
+                await backend.subscribe("room-a")
+                for n in range(200):
+                    await backend.publish(self._envelope("room-a", n))
+                await listener.wait_for(lambda e: len(e) >= 200)
+                assert listener.payloads() == [f'{{"n":{n}}}'.encode() for n in range(200)]
+            finally:
+                await backend.stop()
+
+        run(scenario())
+
+    def test_unsubscribed_rooms_are_not_delivered(self) -> None:
+        async def scenario() -> None:
+            backend, listener = await self._started("n1")
+            try:
+                await backend.subscribe("room-a")
+                await backend.subscribe("room-a")  # idempotent
+                await backend.publish(self._envelope("room-b", 1))
+                await backend.publish(self._envelope("room-a", 2))
+                await listener.wait_for(lambda e: len(e) >= 1)
+                await backend.unsubscribe("room-a")
+                await backend.unsubscribe("room-a")  # idempotent
+                await backend.subscribe("room-c")
+                await backend.publish(self._envelope("room-a", 3))
+                await backend.publish(self._envelope("room-c", 4))
+                await listener.wait_for(lambda e: any(x.room == "room-c" for x in e))
+                assert [e.room for e in listener.envelopes] == ["room-a", "room-c"]
+            finally:
+                await backend.stop()
+
+        run(scenario())
+
+    def test_health_is_up_once_started(self) -> None:
+        async def scenario() -> None:
+            backend, _ = await self._started("n1")
+            try:
+                assert backend.health().state is BackendState.UP
+            finally:
+                await backend.stop()
+
+        run(scenario())
+
+    def test_two_nodes_each_receive_every_message_once(self) -> None:
+        if not self.multi_node:
+            return
+
+        async def scenario() -> None:
+            a, la = await self._started("node-a")
+            b, lb = await self._started("node-b")
+            try:
+                await a.subscribe("shared")
+                await b.subscribe("shared")
+                await asyncio.sleep(0.2)
+                for n in range(50):
+                    await (a if n % 2 else b).publish(self._envelope("shared", n, node="node-a" if n % 2 else "node-b"))
+                await la.wait_for(lambda e: len(e) >= 50)
+                await lb.wait_for(lambda e: len(e) >= 50)
+                await asyncio.sleep(0.2)
+                for listener in (la, lb):
+                    got = sorted(listener.payloads())
+                    assert got == sorted(f'{{"n":{n}}}'.encode() for n in range(50)), "lost or duplicated"
+            finally:
+                await a.stop()
+                await b.stop()
+
+        run(scenario())
+
+
+class RoomStoreContract:
+    """What every room store promises the kernel."""
+
+    multi_node = True
+
+    def make_store(self) -> RoomStore | Awaitable[RoomStore]:
+        raise NotImplementedError("define make_store() in your test class")
+
+    async def _started(self, node: str) -> RoomStore:
+        store = await _maybe_await(self.make_store())
+        await store.start(node)
+        return store
+
+    def test_members_in_join_order_and_idempotent(self) -> None:
+        async def scenario() -> None:
+            store = await self._started("n1")
+            try:
+                await store.add_member("r", Member("c1", "alice", "n1", "websocket"))
+                await store.add_member("r", Member("c2", "bob", "n1", "sse"))
+                await store.add_member("r", Member("c1", "alice", "n1", "websocket"))
+                await store.add_member("r", Member("c3", "alice", "n1", "sse"))
+                assert [m.connection_id for m in await store.members("r")] == ["c1", "c2", "c3"]
+                assert await store.users("r") == ["alice", "bob"]
+            finally:
+                await store.stop()
+
+        run(scenario())
+
+    def test_empty_rooms_disappear(self) -> None:
+        async def scenario() -> None:
+            store = await self._started("n1")
+            try:
+                await store.add_member("b", Member("c1", "alice", "n1"))
+                await store.add_member("a", Member("c2", "bob", "n1"))
+                assert await store.rooms() == ["a", "b"]
+                await store.remove_member("b", "c1")
+                await store.remove_member("b", "c1")
+                await store.remove_member("nowhere", "c9")
+                assert await store.rooms() == ["a"]
+                assert await store.members("b") == []
+            finally:
+                await store.stop()
+
+        run(scenario())
+
+    def test_two_nodes_share_membership(self) -> None:
+        if not self.multi_node:
+            return
+
+        async def scenario() -> None:
+            a = await self._started("node-a")
+            b = await self._started("node-b")
+            try:
+                await a.add_member("r", Member("a1", "alice", "node-a"))
+                await b.add_member("r", Member("b1", "bob", "node-b"))
+
+                async def both_see_both() -> None:
+                    while True:
+                        users_a, users_b = set(await a.users("r")), set(await b.users("r"))
+                        if users_a == users_b == {"alice", "bob"}:
+                            return
+                        await asyncio.sleep(0.05)
+
+                await asyncio.wait_for(both_see_both(), 5)
+                await b.remove_member("r", "b1")
+
+                async def bob_gone() -> None:
+                    while "bob" in await a.users("r"):
+                        await asyncio.sleep(0.05)
+
+                await asyncio.wait_for(bob_gone(), 5)
+            finally:
+                await a.stop()
+                await b.stop()
+
+        run(scenario())
+
+
+# -- running real servers in tests -----------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port number free on ``host`` for both TCP and UDP (HTTP and HTTP/3 share it)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = int(tcp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no port free for both TCP and UDP")
+
+
+class RunningServer:
+    """A uvicorn server started by a test: its URLs and its Streaming service."""
+
+    def __init__(self, host: str, port: int, streaming: Any) -> None:
+        self.host = host
+        self.port = port
+        self.streaming = streaming
+        self.url = f"http://{host}:{port}"
+        self.ws_url = f"ws://{host}:{port}"
+
+
+def serve(target: Any, *, host: str = "127.0.0.1", port: int | None = None,
+          startup_timeout: float = 10.0) -> Any:
+    """``async with serve(streaming_or_app) as server:`` runs uvicorn in this event loop.
+
+    Uses the same server class and options as ``forge-streaming serve`` (the
+    transports' protocol classes, draining shutdown). Stops on exit.
+    """
+    from contextlib import asynccontextmanager
+
+    import uvicorn
+
+    from .cli import DrainingServer, _find_streaming
+    from .service import Streaming
+
+    @asynccontextmanager
+    async def running() -> Any:
+        streaming = _find_streaming(target)
+        app = target.asgi_app() if isinstance(target, Streaming) else target
+        chosen = port if port is not None else free_port(host)
+        if streaming is not None:
+            streaming.http_address = (host, chosen)
+        options = streaming.server_options() if streaming else {}
+        config = uvicorn.Config(app, host=host, port=chosen, lifespan="on", log_config=None,
+                                log_level="warning", timeout_graceful_shutdown=5, **options)
+        server = DrainingServer(config, streaming)
+        task = asyncio.ensure_future(server.serve())
+        deadline = asyncio.get_running_loop().time() + startup_timeout
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("server stopped during startup")
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("server did not start in time")
+            await asyncio.sleep(0.01)
+        try:
+            yield RunningServer(host, chosen, streaming)
+        finally:
+            server.should_exit = True
+            try:
+                await asyncio.wait_for(task, 15)
+            except asyncio.TimeoutError:
+                task.cancel()
+
+    return running()
+
+
+# -- a connection without a transport, for testing hooks and the kernel ---------------
+
+
+class RecordingConnection(Connection):
+    transport = "fake"
+
+    def __init__(self, streaming: Streaming, *, path: str = "/fake", query: str = "",
+                 headers: dict[str, str] | None = None, client: tuple[str, int] = ("127.0.0.1", 5000)) -> None:
+        super().__init__(ConnectionRequest("fake", path, query, headers or {}, client), streaming)
+        self.sent: list[bytes] = []
+        self.inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+
+    def deliver(self, frame: OutboundFrame) -> None:
+        if self.is_open:
+            self.sent.append(frame.payload)
+
+    async def read_message(self) -> Message:
+        item = await self.inbox.get()
+        if item is None:
+            raise ConnectionClosed(CloseCode.NORMAL)
+        return Message(item)
+
+    async def write_message(self, message: str | bytes) -> None:
+        self.sent.append(message.encode() if isinstance(message, str) else message)
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        await self.streaming.closed(self, code, reason)
+
+    def frames(self, kind: str | None = None) -> list[dict[str, Any]]:
+        out = [json.loads(p) for p in self.sent]
+        return [f for f in out if kind is None or f.get("type") == kind]
+
+
+async def open_connection(streaming: Streaming, **kwargs: Any) -> RecordingConnection:
+    conn = RecordingConnection(streaming, **kwargs)
+    conn.identity = await streaming.authenticate(conn.request)
+    await streaming.open(conn)
+    return conn

@@ -1,0 +1,99 @@
+"""The Streaming service's rooms, presence, history and publishing, without a transport."""
+
+from __future__ import annotations
+
+import pytest
+
+from forge_streaming import Identity, Refused, Streaming, hookimpl
+
+from forge_streaming.testing import open_connection
+
+
+@pytest.fixture
+async def streaming():
+    service = Streaming({})
+    async with service.running():
+        yield service
+
+
+async def test_broadcast_to_room_reaches_the_others_once(streaming):
+    alice, bob, carol = [await open_connection(streaming) for _ in range(3)]
+    for conn in (alice, bob, carol):
+        await conn.join_room("lobby")
+    seq = await alice.broadcast_to_room("lobby", {"text": "hi"})
+    for conn in (bob, carol):
+        messages = conn.frames("message")
+        assert [(m["data"], m["sequence"], m["user_id"]) for m in messages] == [({"text": "hi"}, seq, alice.user_id)]
+    assert alice.frames("message") == []
+
+
+async def test_presence_and_empty_rooms_removed(streaming):
+    alice, bob = await open_connection(streaming), await open_connection(streaming)
+    await alice.join_room("r")
+    await bob.join_room("r")
+    assert await streaming.presence("r") == [alice.user_id, bob.user_id]
+    assert [f["user_id"] for f in alice.frames("join")] == [bob.user_id]
+    joined = bob.frames("system")[-1]
+    assert joined["event"] == "room.joined" and joined["data"]["users"] == [alice.user_id, bob.user_id]
+    await bob.close()
+    assert [f["user_id"] for f in alice.frames("leave")] == [bob.user_id]
+    await alice.leave_room("r")
+    assert await streaming.rooms() == []
+
+
+async def test_history_resume_and_resync(streaming):
+    alice, bob = await open_connection(streaming), await open_connection(streaming)
+    await alice.join_room("r")
+    await bob.join_room("r")
+    seqs = [await alice.broadcast_to_room("r", n) for n in range(5)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5
+    late = await open_connection(streaming)
+    await late.join_room("r", since=seqs[1])
+    assert [m["data"] for m in late.frames("message")] == [2, 3, 4]
+    stale = await open_connection(streaming)
+    await stale.join_room("r", since=1)
+    assert stale.frames("message") == []
+    assert [f["event"] for f in stale.frames("system")][-1] == "resync"
+
+
+async def test_protocol_errors_are_error_frames(streaming):
+    conn = await open_connection(streaming)
+    for raw, code in [("{", "invalid_json"), ("[]", "invalid_frame"), ('{"type":"nope","room_id":"r"}', "unknown_type"),
+                      ('{"type":"join"}', "missing_room"), ('{"type":"message","room_id":"r","data":1}', "not_member"),
+                      (b"\x00", "binary_not_supported"), ("[" * 100000 + "]" * 100000, "too_large")]:
+        await streaming.handle_client_frame(conn, raw)
+        assert conn.frames("error")[-1]["data"]["code"] == code, raw[:20]
+
+
+async def test_hooks_authenticate_refuse_join_and_transform():
+    class Policy:
+        @hookimpl
+        def streaming_authenticate(self, request):
+            if request.headers.get("x-user") == "mallory":
+                raise Refused("no")
+            return Identity(request.headers.get("x-user", "anon"))
+
+        @hookimpl
+        async def streaming_join_room(self, connection, room):
+            return room != "secret"
+
+        @hookimpl
+        def streaming_before_publish(self, message):
+            if message.data == "drop":
+                return False
+            message.data = str(message.data).upper()
+
+    service = Streaming({}, plugins=[Policy()])
+    async with service.running():
+        with pytest.raises(Refused):
+            await open_connection(service, headers={"x-user": "mallory"})
+        alice = await open_connection(service, headers={"x-user": "alice"})
+        bob = await open_connection(service, headers={"x-user": "bob"})
+        assert alice.user_id == "alice"
+        await service.handle_client_frame(alice, '{"type":"join","room_id":"secret"}')
+        assert alice.frames("error")[-1]["data"]["code"] == "join_refused"
+        for conn in (alice, bob):
+            await conn.join_room("open")
+        assert await alice.broadcast_to_room("open", "drop") is None
+        await alice.broadcast_to_room("open", "hello")
+        assert [m["data"] for m in bob.frames("message")] == ["HELLO"]
