@@ -137,7 +137,7 @@ def build_app(streaming: Streaming) -> ASGIApp:
 
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.streaming = streaming
-    extra = {}
+    extra: dict[str, str] = {}
     for transport in streaming.transports.values():
         extra.update(transport.response_headers())
     return _HeadersMiddleware(app, extra) if extra else app

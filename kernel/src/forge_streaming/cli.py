@@ -128,7 +128,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             **options)
     server = DrainingServer(config, streaming)
     print(f"forge-streaming {__version__} serving on http://{host}:{port}", file=sys.stderr, flush=True)
-    asyncio.run(server.serve())
+    try:
+        asyncio.run(server.serve())
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        pass
     return 0
 
 

@@ -292,8 +292,8 @@ def build_config(
 
 
 def _own_keys(parent: str) -> set[str]:
-    model = {"pubsub": PubSubSettings, "rooms": RoomSettings}[parent]
-    return set(model.model_fields)
+    fields = PubSubSettings.model_fields if parent == "pubsub" else RoomSettings.model_fields
+    return set(fields)
 
 
 def load_config(

@@ -97,7 +97,7 @@ class ConnectionRequest:
             path=scope.get("path", "/"),
             query_string=scope.get("query_string", b"").decode("latin-1"),
             headers=headers,
-            client=tuple(client) if client else None,  # type: ignore[arg-type]
+            client=(str(client[0]), int(client[1])) if client else None,
             scope=scope,
         )
 

@@ -80,7 +80,7 @@ class PubSubBackendContract:
         raise NotImplementedError("define make_backend() in your test class")
 
     async def _started(self, node: str) -> tuple[PubSubBackend, RecordingListener]:
-        backend = await _maybe_await(self.make_backend())
+        backend: PubSubBackend = await _maybe_await(self.make_backend())
         listener = RecordingListener()
         await backend.start(node, listener)
         return backend, listener
@@ -192,7 +192,7 @@ class RoomStoreContract:
         raise NotImplementedError("define make_store() in your test class")
 
     async def _started(self, node: str) -> RoomStore:
-        store = await _maybe_await(self.make_store())
+        store: RoomStore = await _maybe_await(self.make_store())
         await store.start(node)
         return store
 

@@ -1,0 +1,77 @@
+"""The forge-streaming command: plugins, check-config, serve, publish, stats, drain."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent / "forge-streaming"
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_plugins_lists_installed_plugins_as_json():
+    result = run("plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    plugins = {p["name"]: p for p in json.loads(result.stdout)}
+    assert plugins["memory-pubsub"]["distribution"] == "forge-streaming-memory"
+    assert plugins["memory-pubsub"]["hooks"] == ["streaming_register_pubsub_backends"]
+    text = run("plugins").stdout
+    assert "memory-rooms  (forge-streaming-memory 0.1.0)" in text
+
+
+def test_check_config_prints_effective_config_and_refuses_bad_values(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("server:\n  port: 9001\nlimits:\n  idle_timeout: 2m\n")
+    result = run("check-config", str(good))
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert effective["server"]["port"] == 9001 and effective["limits"]["idle_timeout"] == 120
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("limits:\n  max_message_size: lots\n")
+    result = run("check-config", str(bad))
+    assert result.returncode == 2
+    assert "limits.max_message_size" in result.stderr and "'lots'" in result.stderr
+
+
+def test_serve_healthz_publish_stats_and_clean_exit(server_factory):
+    server = server_factory(config="api:\n  key: test-key\n")
+    health = httpx.get(server.url + "/healthz").json()
+    assert health["status"] == "ok" and health["backend"]["name"] == "memory"
+    assert httpx.post(server.url + "/api/publish", json={"room_id": "r", "data": 1}).status_code == 401
+    ok = httpx.post(server.url + "/api/publish", json={"room_id": "r", "data": 1},
+                    headers={"Authorization": "Bearer test-key"})
+    assert ok.status_code == 200 and ok.json()["published"] is True
+    published = run("publish", "r", '{"text": "from the shell"}', "--url", server.url, "--api-key", "test-key")
+    assert published.returncode == 0, published.stderr
+    assert json.loads(published.stdout)["room_id"] == "r"
+    refused = run("publish", "r", "x", "--url", server.url, "--api-key", "wrong")
+    assert refused.returncode == 2 and "401" in refused.stderr
+    stats = run("stats", "--url", server.url, "--api-key", "test-key")
+    assert stats.returncode == 0 and "published" in stats.stdout
+    assert "forge-streaming" in httpx.get(server.url + "/").text
+    assert server.stop(signal.SIGINT) == 0
+    assert "stopped" in server.output()
+
+
+def test_serve_refuses_a_bad_config_with_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server:\n  drain_timeout: forever\n")
+    result = run("serve", "--config", str(bad), "--port", "1")
+    assert result.returncode == 2
+    assert "server.drain_timeout" in result.stderr
+
+
+def test_serve_a_users_module(tmp_path, server_factory):
+    (tmp_path / "myapp.py").write_text(
+        "from forge_streaming import Streaming\nstreaming = Streaming({'api': {'key': 'k'}})\n")
+    server = server_factory("myapp:streaming")
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    assert httpx.get(server.url + "/api/stats", headers={"Authorization": "Bearer k"}).status_code == 200

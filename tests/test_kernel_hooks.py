@@ -1,0 +1,163 @@
+"""Every lifecycle, connection, room and message hook fires when documented, once."""
+
+from __future__ import annotations
+
+import pytest
+
+from forge_streaming import (
+    ConfigError,
+    ConfigSection,
+    Duration,
+    Envelope,
+    PubSubBackend,
+    Refused,
+    RoomStore,
+    Streaming,
+    Transport,
+    hookimpl,
+)
+from forge_streaming.testing import open_connection
+from forge_streaming_memory import MemoryPubSub, MemoryRoomStore
+
+
+class RecorderSettings(ConfigSection):
+    greeting: str = "hello"
+    every: Duration = 1.0
+
+
+class NullTransport(Transport):
+    name = "null"
+    default_path = "/null"
+    started = False
+
+    def routes(self, handlers, *, room_endpoint):
+        return []
+
+    async def start(self) -> None:
+        NullTransport.started = True
+
+
+class Recorder:
+    """Implements every hook and writes down what fired."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    @hookimpl
+    def streaming_config_sections(self):
+        return {"recorder": RecorderSettings}
+
+    @hookimpl
+    def streaming_configure(self, config):
+        self.calls.append(("configure", config.section("recorder", RecorderSettings).greeting))
+
+    @hookimpl
+    def streaming_register_transports(self):
+        return [NullTransport]
+
+    @hookimpl
+    def streaming_register_pubsub_backends(self):
+        return {"recorded": lambda config: MemoryPubSub()}
+
+    @hookimpl
+    def streaming_register_room_stores(self):
+        return {"recorded": lambda config: MemoryRoomStore()}
+
+    @hookimpl
+    async def streaming_startup(self, streaming):
+        self.calls.append(("startup", streaming.state.value))
+
+    @hookimpl
+    async def streaming_shutdown(self, streaming):
+        self.calls.append(("shutdown", None))
+
+    @hookimpl
+    def streaming_connected(self, connection):
+        self.calls.append(("connected", connection.id))
+
+    @hookimpl
+    def streaming_disconnected(self, connection, code, reason):
+        self.calls.append(("disconnected", (connection.id, code, reason)))
+
+    @hookimpl
+    def streaming_room_joined(self, connection, room):
+        self.calls.append(("joined", room))
+
+    @hookimpl
+    def streaming_room_left(self, connection, room):
+        self.calls.append(("left", room))
+
+    @hookimpl
+    async def streaming_message_received(self, connection, frame):
+        self.calls.append(("received", frame.type))
+        if frame.data == "secret":
+            return False
+
+    @hookimpl
+    def streaming_delivered(self, envelope: Envelope, recipients: int):
+        self.calls.append(("delivered", recipients))
+
+    @hookimpl
+    def streaming_connection_dropped(self, connection, reason):
+        self.calls.append(("dropped", reason))
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+async def test_every_hook_fires_in_order():
+    recorder = Recorder()
+    config = {"recorder": {"greeting": "hi", "every": "2s"}, "pubsub": {"backend": "recorded"},
+              "rooms": {"store": "recorded"}}
+    streaming = Streaming(config, plugins=[recorder])
+    assert streaming.config.section("recorder", RecorderSettings).every == 2.0
+    assert isinstance(streaming.backend, PubSubBackend) and isinstance(streaming.store, RoomStore)
+    assert "null" in streaming.transports
+    async with streaming.running():
+        assert NullTransport.started
+        a, b = await open_connection(streaming), await open_connection(streaming)
+        await a.join_room("r")
+        await b.join_room("r")
+        await streaming.handle_client_frame(a, '{"type":"message","room_id":"r","data":"x"}')
+        await streaming.handle_client_frame(a, '{"type":"message","room_id":"r","data":"secret"}')
+        streaming.dropped(b, "slow consumer")
+        await b.close(1008, "slow consumer")
+    names = recorder.names()
+    assert recorder.calls[0] == ("configure", "hi")
+    assert ("startup", "running") in recorder.calls
+    assert names.count("connected") == 2
+    assert names.count("received") == 2, "a dropped frame is still seen by the hook"
+    delivered = [n for name, n in recorder.calls if name == "delivered"]
+    assert 1 in delivered, "the message reached b only"
+    assert ("dropped", "slow consumer") in recorder.calls
+    assert ("disconnected", (b.id, 1008, "slow consumer")) in recorder.calls
+    assert names.index("left") < names.index("disconnected")
+    assert names[-1] == "shutdown"
+    assert sum(1 for n in names if n == "joined") == 2
+
+
+async def test_configure_can_refuse():
+    class Strict:
+        @hookimpl
+        def streaming_configure(self, config):
+            raise ConfigError("limits.send_buffer: too small for this plugin")
+
+    with pytest.raises(ConfigError, match="send_buffer"):
+        Streaming({}, plugins=[Strict()])
+
+
+async def test_refused_join_raises_with_the_reason():
+    class Gate:
+        @hookimpl
+        def streaming_join_room(self, connection, room):
+            if room == "vip":
+                raise Refused("members only", code="members_only")
+
+    streaming = Streaming({}, plugins=[Gate()])
+    async with streaming.running():
+        conn = await open_connection(streaming)
+        with pytest.raises(Refused, match="members only"):
+            await conn.join_room("vip")
+        await streaming.handle_client_frame(conn, '{"type":"join","room_id":"vip"}')
+        assert conn.frames("error")[-1]["data"] == {"code": "members_only", "message": "members only"}
+        assert conn.rooms == set()
