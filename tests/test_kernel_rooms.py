@@ -97,3 +97,32 @@ async def test_hooks_authenticate_refuse_join_and_transform():
         assert await alice.broadcast_to_room("open", "drop") is None
         await alice.broadcast_to_room("open", "hello")
         assert [m["data"] for m in bob.frames("message")] == ["HELLO"]
+
+
+async def test_rate_limit_answers_with_a_retry_hint():
+    service = Streaming({"limits": {"messages_per_second": 1, "message_burst": 2}})
+    async with service.running():
+        alice, bob = await open_connection(service), await open_connection(service)
+        await alice.join_room("r")  # joins go through the API, not the limited frame path
+        await bob.join_room("r")
+        for n in range(4):
+            await service.handle_client_frame(alice, f'{{"type":"message","room_id":"r","data":{n}}}')
+        assert [m["data"] for m in bob.frames("message")] == [0, 1]
+        errors = alice.frames("error")
+        assert [e["data"]["code"] for e in errors] == ["rate_limited", "rate_limited"]
+        assert errors[0]["data"]["retry_after_ms"] > 0
+
+
+async def test_idle_connections_are_closed_and_leave_their_rooms():
+    import asyncio
+
+    service = Streaming({"limits": {"idle_timeout": "200ms"}})
+    async with service.running():
+        idle, busy = await open_connection(service), await open_connection(service)
+        await idle.join_room("r")
+        for _ in range(8):
+            await asyncio.sleep(0.1)
+            await service.handle_client_frame(busy, '{"type":"typing","room_id":"x","data":true}')
+        assert idle.id not in service.connections and busy.id in service.connections
+        assert idle.close_reason == "idle timeout"
+        assert await service.presence("r") == []

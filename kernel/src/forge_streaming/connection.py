@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from .frames import Message, OutboundFrame, encode
+from .limits import TokenBucket
 
 if TYPE_CHECKING:
     from .service import Streaming
@@ -120,6 +121,8 @@ class Connection(ABC):
         self.rooms: set[str] = set()
         self.state = ConnectionState.CONNECTING
         self.opened_at = time.monotonic()
+        self.last_activity = self.opened_at
+        self.rate_limit: TokenBucket | None = None
         self.close_code: int | None = None
         self.close_reason = ""
         self.log = logging.LoggerAdapter(
@@ -133,6 +136,10 @@ class Connection(ABC):
     def user_id(self) -> str:
         """The identity's user id, else the connection id (what presence shows)."""
         return self.identity.user_id if self.identity else self.id
+
+    def touch(self) -> None:
+        """Note that the client did something (the idle timeout counts from here)."""
+        self.last_activity = time.monotonic()
 
     def query(self, name: str, default: str | None = None) -> str | None:
         """A query-string parameter of the opening request."""

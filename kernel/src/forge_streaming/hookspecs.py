@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
     from .config import ConfigSection, StreamingConfig
     from .connection import Connection, ConnectionRequest, Identity
     from .frames import ClientFrame
@@ -94,8 +96,11 @@ def streaming_shutdown(streaming: Streaming) -> Any:
 
 
 @hookspec
-def streaming_authenticate(request: ConnectionRequest) -> Identity | None | Any:
+def streaming_authenticate(request: ConnectionRequest, streaming: Streaming) -> Identity | None | Any:
     """Decide who is connecting, before the connection opens. Awaitable.
+
+    ``streaming`` is the service being connected to (its config, its rooms);
+    take only the arguments you need.
 
     Return an :class:`Identity` to name the client (the first one returned
     wins), None to have no opinion, or raise :class:`Refused` to refuse:
@@ -163,11 +168,40 @@ def streaming_before_publish(message: PublishMessage) -> bool | None | Any:
 
 
 @hookspec
-def streaming_delivered(envelope: Envelope, recipients: int) -> None:
+def streaming_delivered(envelope: Envelope, recipients: int, streaming: Streaming) -> None:
     """Fires once per envelope on each node, after fan-out to its local members.
 
     Synchronous (it runs on the hot path): count, do not wait.
-    ``recipients`` is the number of local connections the frame was handed to.
+    ``recipients`` is the number of local connections the frame was handed to;
+    ``streaming`` is the service that delivered it (implementations may omit it).
+    """
+
+
+@hookspec
+def streaming_published(streaming: Streaming, envelope: Envelope, seconds: float) -> None:
+    """Fires once per envelope this node hands to the pub/sub backend, after ``publish`` returned.
+
+    Room messages and live notices alike. ``seconds`` is how long the
+    backend's ``publish`` took. Synchronous: count, do not wait.
+    """
+
+
+@hookspec
+def streaming_frame_rejected(connection: Connection, code: str, message: str) -> None:
+    """Fires when a client frame is refused with an error frame.
+
+    Synchronous. ``code`` is the error frame's code (``invalid_json``,
+    ``not_member``, ``rate_limited``, ``join_refused``, ...); the connection
+    stays open.
+    """
+
+
+@hookspec
+def streaming_register_routes(streaming: Streaming) -> Sequence[BaseRoute]:  # type: ignore[empty-body]
+    """Return extra Starlette routes to serve next to the kernel's own.
+
+    Fires once per service, when its ASGI app is built. The kernel's routes
+    (transports, ``/healthz``, ``/api/*``) come first and win on a clash.
     """
 
 

@@ -32,6 +32,7 @@ from .delivery import FlushScheduler
 from .errors import ConfigError, ConnectionClosed, PluginLoadError, Refused, UnknownTransport
 from .frames import ClientFrame, OutboundFrame, ProtocolError
 from .history import RoomHistory, Sequencer
+from .limits import TokenBucket
 from .plugins import PluginManager, make_plugin_manager
 from .pubsub import BackendHealth, Envelope, EnvelopeKind, PubSubBackend
 from .rooms import Member, RoomStore
@@ -134,8 +135,11 @@ class Streaming:
         self.flusher = FlushScheduler()
         self.counters: Counter[str] = Counter()
         self._app: ASGIApp | None = None
+        self._sweeper: asyncio.Future[None] | None = None
         self._deliver_hook = self.plugins.hook.streaming_delivered
         self._has_deliver_hook = bool(self._deliver_hook.get_hookimpls())
+        self._published_hook = self.plugins.hook.streaming_published
+        self._has_published_hook = bool(self._published_hook.get_hookimpls())
 
     def _make(self, key: str, name: str, hook: str) -> Any:
         factories: dict[str, Callable[[StreamingConfig], Any]] = {}
@@ -191,6 +195,8 @@ class Streaming:
         await self.backend.start(self.node_id, self)
         for transport in self.transports.values():
             await transport.start()
+        if self.config.limits.idle_timeout:
+            self._sweeper = asyncio.ensure_future(self._sweep_idle(self.config.limits.idle_timeout))
         self.state = ServiceState.RUNNING
         self.started_at = time.time()
         await self.plugins.acall("streaming_startup", streaming=self)
@@ -217,9 +223,20 @@ class Streaming:
             for task in pending:
                 task.cancel()
 
+    async def _sweep_idle(self, timeout: float) -> None:
+        """Close connections that sent nothing for ``limits.idle_timeout``; one task for all."""
+        while True:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            cutoff = time.monotonic() - timeout
+            for conn in [c for c in self.connections.values() if c.last_activity < cutoff]:
+                self.dropped(conn, "idle timeout")
+                asyncio.ensure_future(conn.close(CloseCode.GOING_AWAY, "idle timeout"))
+
     async def stop(self) -> None:
         if self.state is ServiceState.STOPPED:
             return
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await self.drain()
         for transport in self.transports.values():
             with contextlib.suppress(Exception):
@@ -273,7 +290,7 @@ class Streaming:
         if self.state is not ServiceState.RUNNING:
             raise Refused("server is not accepting connections", status=503, close_code=1013, code="unavailable")
         identity = None
-        for result in await self.plugins.acall("streaming_authenticate", request=request):
+        for result in await self.plugins.acall("streaming_authenticate", request=request, streaming=self):
             if result is not None and identity is None:
                 identity = result
         return identity
@@ -290,6 +307,8 @@ class Streaming:
         if limits.max_connections_per_user and self._per_user[conn.user_id] >= limits.max_connections_per_user:
             raise Refused(f"too many connections for user {conn.user_id!r}", status=429, close_code=1008,
                           code="too_many_connections")
+        if limits.messages_per_second:
+            conn.rate_limit = TokenBucket(limits.messages_per_second, limits.message_burst)
         self.connections[conn.id] = conn
         self._per_ip[ip] += 1
         self._per_user[conn.user_id] += 1
@@ -417,11 +436,20 @@ class Streaming:
         sequence = self.sequencer.next(room)
         payload = frames.encode(frames.message_frame(
             room_id=room, user_id=message.user_id, data=message.data, sequence=sequence))
-        await self.backend.publish(Envelope(room=room, payload=payload, kind=EnvelopeKind.MESSAGE,
+        await self._publish_envelope(Envelope(room=room, payload=payload, kind=EnvelopeKind.MESSAGE,
                                             sequence=sequence, sender=sender.id if sender else None,
                                             node=self.node_id))
         self.counters["published"] += 1
         return sequence
+
+    async def _publish_envelope(self, envelope: Envelope) -> None:
+        """Hand ``envelope`` to the backend, timing it for ``streaming_published`` when a plugin listens."""
+        if not self._has_published_hook:
+            await self.backend.publish(envelope)
+            return
+        started = time.perf_counter()
+        await self.backend.publish(envelope)
+        self._published_hook(streaming=self, envelope=envelope, seconds=time.perf_counter() - started)
 
     async def broadcast(self, room: str, message: Any) -> int | None:
         """Publish ``message`` to everyone in ``room`` (the seed's ``Broadcast``)."""
@@ -429,7 +457,7 @@ class Streaming:
 
     async def notify(self, room: str, frame: Mapping[str, Any], *, sender: Connection | None = None) -> None:
         """Send a live-only notice (presence, typing) to the room's members, not kept in history."""
-        await self.backend.publish(Envelope(room=room, payload=frames.encode(dict(frame)), kind=EnvelopeKind.NOTICE,
+        await self._publish_envelope(Envelope(room=room, payload=frames.encode(dict(frame)), kind=EnvelopeKind.NOTICE,
                                             sender=sender.id if sender else None, node=self.node_id))
 
     # -- backend listener (hot path) ----------------------------------------------------------
@@ -452,7 +480,7 @@ class Streaming:
                     delivered += 1
         self.counters["deliveries"] += delivered
         if self._has_deliver_hook:
-            self._deliver_hook(envelope=envelope, recipients=delivered)
+            self._deliver_hook(envelope=envelope, recipients=delivered, streaming=self)
 
     def on_resync(self, reason: str) -> None:
         """The backend may have lost messages: every local member is told to resync."""
@@ -479,15 +507,28 @@ class Streaming:
 
     async def handle_client_frame(self, conn: Connection, raw: str | bytes) -> None:
         """Act on one client frame; answer anything refused with an error frame."""
+        conn.touch()
+        if conn.rate_limit is not None:
+            wait = conn.rate_limit.take()
+            if wait:
+                text = f"more than {conn.rate_limit.rate:g} messages a second"
+                self.rejected(conn, "rate_limited", text)
+                conn.send_frame(frames.error_frame("rate_limited", text, retry_after_ms=max(1, int(wait * 1000))))
+                return
         try:
             frame = frames.parse_client_frame(raw, max_size=self.config.limits.max_message_size)
             await self._act(conn, frame)
         except ProtocolError as exc:
-            self.counters[f"rejected.{exc.code}"] += 1
+            self.rejected(conn, exc.code, exc.message)
             conn.send_frame(frames.error_frame(exc.code, exc.message))
         except Refused as exc:
-            self.counters[f"rejected.{exc.code}"] += 1
+            self.rejected(conn, exc.code, exc.reason)
             conn.send_frame(frames.error_frame(exc.code, exc.reason))
+
+    def rejected(self, conn: Connection, code: str, message: str) -> None:
+        """Count a refused client frame and tell the plugins (``streaming_frame_rejected``)."""
+        self.counters[f"rejected.{code}"] += 1
+        self.plugins.call("streaming_frame_rejected", connection=conn, code=code, message=message)
 
     async def _act(self, conn: Connection, frame: ClientFrame) -> None:
         for result in await self.plugins.acall("streaming_message_received", connection=conn, frame=frame):
