@@ -36,9 +36,10 @@ def new_extension(config: Any = None, **kwargs: Any) -> Streaming:
 
 def get_streaming(app_or_request: Any) -> Streaming:
     """The Streaming service attached to a Starlette app or request (the seed's ``GetStreaming``)."""
-    app = getattr(app_or_request, "app", app_or_request)
-    state = getattr(app, "state", None)
-    streaming = getattr(state, "streaming", None)
+    streaming = getattr(getattr(app_or_request, "state", None), "streaming", None)  # request (lifespan state)
+    if not isinstance(streaming, Streaming):
+        app = getattr(app_or_request, "app", app_or_request)
+        streaming = getattr(getattr(app, "state", None), "streaming", None)
     if not isinstance(streaming, Streaming):
         raise LookupError("no Streaming service on this app; mount streaming.asgi_app() or set app.state.streaming")
     return streaming

@@ -127,6 +127,8 @@ def build_app(streaming: Streaming) -> ASGIApp:
         Route("/api/stats", api_stats),
         Route("/api/rooms", api_rooms),
     ]
+    for extra_routes in streaming.plugins.call("streaming_register_routes", streaming=streaming):
+        routes.extend(extra_routes or ())
     if not any(getattr(r, "path", None) == "/" for r in routes):
         routes.append(Route("/", status_page))
 
@@ -140,21 +142,28 @@ def build_app(streaming: Streaming) -> ASGIApp:
     extra: dict[str, str] = {}
     for transport in streaming.transports.values():
         extra.update(transport.response_headers())
-    return _HeadersMiddleware(app, extra) if extra else app
+    return _HeadersMiddleware(app, extra, streaming) if extra else app
 
 
 class _HeadersMiddleware:
     """Adds transport headers (``Alt-Svc``) to every HTTP response."""
 
-    def __init__(self, app: ASGIApp, headers: dict[str, str]) -> None:
+    def __init__(self, app: ASGIApp, headers: dict[str, str], streaming: Streaming | None = None) -> None:
         self.app = app
         self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self.state = getattr(app, "state", None)
+        self._streaming = streaming  # headers are read again once it runs: Alt-Svc needs the bound port
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self._streaming is not None and self._streaming.state.value == "running":
+            fresh: dict[str, str] = {}
+            for transport in self._streaming.transports.values():
+                fresh.update(transport.response_headers())
+            self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in fresh.items()]
+            self._streaming = None
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

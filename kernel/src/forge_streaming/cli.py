@@ -80,12 +80,19 @@ def _import_target(target: str) -> Any:
     return obj
 
 
-def _find_streaming(obj: Any) -> Streaming | None:
+def _find_streaming(obj: Any, depth: int = 3) -> Streaming | None:
+    """The Streaming service behind an app: itself, ``app.state.streaming``, or a mounted one."""
     if isinstance(obj, Streaming):
         return obj
-    state = getattr(obj, "state", None)
-    streaming = getattr(state, "streaming", None)
-    return streaming if isinstance(streaming, Streaming) else None
+    streaming = getattr(getattr(obj, "state", None), "streaming", None)
+    if isinstance(streaming, Streaming):
+        return streaming
+    if depth > 0:
+        for route in getattr(obj, "routes", None) or ():
+            found = _find_streaming(getattr(route, "app", None), depth - 1)
+            if found is not None:
+                return found
+    return None
 
 
 class DrainingServer(uvicorn.Server):

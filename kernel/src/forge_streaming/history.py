@@ -91,6 +91,26 @@ class RoomHistory:
             return None
         return log.entries[-1].sequence
 
+    def merge(self, room: str, since: int, envelopes: list[Envelope]) -> None:
+        """Add messages another node vouched for (everything after ``since``), in sequence order.
+
+        Duplicates of what this node heard itself are dropped; the floor goes
+        down to ``since`` unless the log had to evict some of them again.
+        """
+        log = self._log(room)
+        merged = {(e.sequence, e.payload): e for e in log.entries}
+        for envelope in envelopes:
+            if envelope.sequence is not None and envelope.sequence > since:
+                merged.setdefault((envelope.sequence, envelope.payload), envelope)
+        ordered = sorted(merged.values(), key=lambda e: e.sequence or 0)
+        keep = ordered[-self.size:] if self.size else []
+        evicted = ordered[: len(ordered) - len(keep)]
+        log.entries.clear()
+        log.entries.extend(keep)
+        log.floor = min(log.floor, since)
+        if evicted:
+            log.floor = max(log.floor, evicted[-1].sequence or 0)
+
     def recent(self, room: str, limit: int | None = None) -> list[Envelope]:
         log = self._logs.get(room)
         if log is None:

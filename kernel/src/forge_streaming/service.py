@@ -256,9 +256,14 @@ class Streaming:
         finally:
             await self.stop()
 
-    def lifespan(self, app: Any = None) -> contextlib.AbstractAsyncContextManager[Any]:
-        """A Starlette/FastAPI ``lifespan=`` for an app that mounts this service."""
-        return self.running()
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:
+        """A Starlette/FastAPI ``lifespan=`` for an app that mounts this service.
+
+        Also puts the service in the lifespan state (``request.state.streaming``).
+        """
+        async with self.running():
+            yield {"streaming": self}
 
     # -- ASGI ------------------------------------------------------------------------
 
@@ -388,9 +393,19 @@ class Streaming:
     async def replay(self, conn: Connection, room: str, since: int) -> None:
         """Send ``conn`` what ``room`` had after ``since``, asking the cluster if needed."""
         if self.history.since(room, since) is None:
+            heard = {e.payload for e in self.history.recent(room)}
             fetched = await self.backend.fetch_history(room, since)
-            for envelope in fetched or ():
-                self.history.record(envelope)
+            if fetched is not None:
+                # What arrived while asking was delivered live already: do not send it twice.
+                live = {e.payload for e in self.history.recent(room)} - heard
+                self.history.merge(room, since, fetched)
+                missed = self.history.since(room, since)
+                if missed is not None:
+                    for envelope in missed:
+                        if envelope.payload not in live:
+                            conn.deliver(OutboundFrame(payload=envelope.payload, room=room,
+                                                       sequence=envelope.sequence))
+                    return
         self._replay(conn, room, since)
 
     async def leave(self, conn: Connection, room: str) -> None:
