@@ -126,3 +126,32 @@ async def test_idle_connections_are_closed_and_leave_their_rooms():
         assert idle.id not in service.connections and busy.id in service.connections
         assert idle.close_reason == "idle timeout"
         assert await service.presence("r") == []
+
+
+async def test_history_survives_a_room_emptying_for_a_moment(streaming):
+    alone = await open_connection(streaming)
+    await alone.join_room("solo")
+    first = await streaming.broadcast("solo", "before")
+    await alone.close()
+    missed = await streaming.broadcast("solo", "while away")  # nobody in the room: still recorded
+    back = await open_connection(streaming)
+    await back.join_room("solo", since=first)
+    assert [m["data"] for m in back.frames("message")] == ["while away"]
+    assert [m["sequence"] for m in back.frames("message")] == [missed]
+
+
+async def test_after_the_linger_a_resume_from_before_is_a_resync():
+    import asyncio
+
+    service = Streaming({"rooms": {"history_linger": "50ms"}})
+    async with service.running():
+        conn = await open_connection(service)
+        await conn.join_room("r")
+        first = await service.broadcast("r", 1)
+        await conn.close()
+        await asyncio.sleep(0.2)
+        await service.broadcast("r", "lost: nobody listens")
+        back = await open_connection(service)
+        await back.join_room("r", since=first)
+        assert back.frames("message") == []
+        assert back.frames("system")[-1]["event"] == "resync"

@@ -121,7 +121,15 @@ def build_app(streaming: Streaming) -> ASGIApp:
         rooms = await streaming.rooms()
         return JSONResponse({"rooms": [{"room_id": r, "users": await streaming.presence(r)} for r in rooms]})
 
+    async def client_script(request: Request) -> Response:
+        """The browser client (static/forge-streaming.js), same origin as the endpoints it talks to."""
+        from pathlib import Path
+
+        script = (Path(__file__).parent / "static" / "forge-streaming.js").read_bytes()
+        return Response(script, media_type="text/javascript; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
     routes += [
+        Route("/forge-streaming.js", client_script),
         Route("/healthz", healthz),
         Route("/api/publish", api_publish, methods=["POST"]),
         Route("/api/stats", api_stats),

@@ -100,6 +100,7 @@ class RoomSettings(ConfigSection):
     store: str = "memory"
     history_size: int = Field(100, ge=0)
     history_max_rooms: int = Field(10_000, ge=1)
+    history_linger: Duration = 30.0
 
 
 class LimitSettings(ConfigSection):

@@ -68,7 +68,9 @@ class RoomHistory:
 
     def track(self, room: str) -> None:
         """Start vouching for ``room`` from now on (this node began listening)."""
-        self._log(room)
+        log = self._log(room)
+        # listening again after a pause: what was published meanwhile never reached this node
+        log.floor = max(log.floor, time.time_ns() // 1000 - 1)
 
     def record(self, envelope: Envelope) -> None:
         if envelope.sequence is None or self.size == 0:

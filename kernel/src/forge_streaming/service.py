@@ -136,6 +136,9 @@ class Streaming:
         self.counters: Counter[str] = Counter()
         self._app: ASGIApp | None = None
         self._sweeper: asyncio.Future[None] | None = None
+        self._subscribed: set[str] = set()
+        self._lingering: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._deliver_hook = self.plugins.hook.streaming_delivered
         self._has_deliver_hook = bool(self._deliver_hook.get_hookimpls())
         self._published_hook = self.plugins.hook.streaming_published
@@ -238,6 +241,9 @@ class Streaming:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self.drain()
+        for handle in self._lingering.values():
+            handle.cancel()
+        self._lingering.clear()
         for transport in self.transports.values():
             with contextlib.suppress(Exception):
                 await transport.stop()
@@ -362,14 +368,18 @@ class Streaming:
         for result in await self.plugins.acall("streaming_join_room", connection=conn, room=room):
             if result is False:
                 raise Refused(f"joining room {room!r} was refused", code="join_refused")
-        local = self._local.get(room)
-        if local is None:
-            local = self._local[room] = {}
+        lingering = self._lingering.pop(room, None)
+        if lingering is not None:
+            lingering.cancel()
+        if room not in self._subscribed:
+            self._subscribed.add(room)
             self.history.track(room)
             await self.backend.subscribe(room)
         if conn.state is not ConnectionState.OPEN:
+            if room not in self._local:
+                self._linger(room)
             return
-        local[conn.id] = conn
+        self._local.setdefault(room, {})[conn.id] = conn
         conn.rooms.add(room)
         await self.store.add_member(room, Member(conn.id, conn.user_id, self.node_id, conn.transport))
         users = await self.store.users(room)
@@ -417,12 +427,38 @@ class Streaming:
             local.pop(conn.id, None)
             if not local:
                 del self._local[room]
-                await self.backend.unsubscribe(room)
+                self._linger(room)
         await self.store.remove_member(room, conn.id)
         await self.notify(room, frames.presence_frame("leave", room_id=room, user_id=conn.user_id), sender=conn)
         if conn.state is ConnectionState.OPEN:
             conn.send_frame(frames.system_frame("room.left", {"room_id": room}))
         await self.plugins.acall("streaming_room_left", connection=conn, room=room)
+
+    def _linger(self, room: str) -> None:
+        """Keep listening to a room that emptied locally for ``rooms.history_linger``.
+
+        A member that reconnects within that time resumes from history
+        without a ``resync``; after it, the node unsubscribes.
+        """
+        delay = self.config.rooms.history_linger
+        loop = asyncio.get_running_loop()
+        self._lingering[room] = loop.call_later(
+            delay, lambda: self._background(self._unsubscribe_if_empty(room)))
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unsubscribe_if_empty(self, room: str) -> None:
+        self._lingering.pop(room, None)
+        if room in self._local or room not in self._subscribed:
+            return
+        self._subscribed.discard(room)
+        try:
+            await self.backend.unsubscribe(room)
+        except Exception:
+            log.exception("unsubscribing from room %r failed", room)
 
     async def rooms(self) -> list[str]:
         """Every room with members, on every node."""
