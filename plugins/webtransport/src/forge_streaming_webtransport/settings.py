@@ -1,0 +1,31 @@
+"""The ``webtransport`` config section."""
+
+from __future__ import annotations
+
+from forge_streaming import ConfigSection, Duration, Size
+from pydantic import Field
+
+
+class WebTransportSettings(ConfigSection):
+    """Keys under ``webtransport:`` in the YAML file (see the plugin README)."""
+
+    host: str | None = None
+    """UDP interface of the HTTP/3 server; None = the HTTP server's host."""
+    port: int | None = Field(None, ge=0, le=65535)
+    """UDP port; None = the HTTP server's port number (browsers find it via Alt-Svc)."""
+    cert_file: str | None = None
+    """PEM certificate chain; without it a development certificate is made at start."""
+    key_file: str | None = None
+    """PEM private key matching ``cert_file``."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Origins allowed besides the server's own, ``fnmatch`` wildcards (``https://*.example.com``)."""
+    max_sessions: int = Field(1000, ge=1)
+    max_streams_per_session: int = Field(100, ge=1)
+    idle_timeout: Duration = 60.0
+    """A session with no data from its client for this long is closed; 0 disables the check."""
+    max_datagram_size: Size = Field(1200, ge=1)
+    """Largest datagram payload a handler may send or will be handed."""
+    send_buffer: Size | None = None
+    """Unacknowledged bytes allowed on a session's message stream; None = ``limits.send_buffer``."""
+    read_buffer: Size = Field(1024 * 1024, ge=1024)
+    """Unread bytes allowed per incoming stream before the session is closed (1009)."""
