@@ -1,0 +1,407 @@
+"""One SSE stream: the kernel's Connection, and what a ``handle_sse`` handler gets.
+
+Writing never waits: events go through a :class:`forge_streaming.BufferedWriter`
+that joins everything sent to this stream in one event-loop iteration into one
+write and ends the stream as a slow consumer when its unsent bytes pass the
+bound. The writer's target is the socket itself on the fast path
+(:mod:`forge_streaming_sse.protocol`) or, under any other ASGI server, a queue
+drained by a single pump task through ASGI ``send``.
+
+Room messages carry an ``id:`` cursor (:mod:`forge_streaming_sse.cursor`) with
+this member's position in each of its rooms; a reconnect with it as
+``Last-Event-ID`` replays exactly what came after, room by room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from forge_streaming import (
+    BufferedWriter,
+    CloseCode,
+    Connection,
+    ConnectionClosed,
+    ConnectionRequest,
+    Message,
+    OutboundFrame,
+    Streaming,
+)
+
+from . import cursor, events
+from .protocol import DirectWrite
+
+if TYPE_CHECKING:
+    from .transport import SSETransport
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+INBOX_LIMIT = 64
+"""Frames POSTed to a handler stream that its handler has not read yet."""
+
+
+def now_iso() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+def system_event(event: str, data: Any) -> bytes:
+    """A room-protocol system frame as an unnamed SSE event (what a WebSocket member would get as text)."""
+    frame = {"type": "system", "event": event, "data": data, "timestamp": now_iso()}
+    return b"data: " + json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class QueueTarget:
+    """Fallback write target: bytes wait here for the pump task, which sends them with ASGI ``send``.
+
+    Its size counts toward the stream's bound, so a client that stops reading
+    (``send`` blocks) is ended as a slow consumer like on the fast path.
+    """
+
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._wake = asyncio.Event()
+        self._closing = False
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self._wake.set()
+
+    def get_write_buffer_size(self) -> int:
+        return self._size
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+
+    async def pump(self, send: Send) -> None:
+        """Send what was written, one ``send`` per batch; end the body once closed."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._chunks:
+                data = b"".join(self._chunks)
+                self._chunks = []
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                self._size -= len(data)
+            if self._closing and not self._chunks:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+
+
+class SSEConnection(Connection):
+    """An SSE stream: ``await stream.send_event(Event(...))`` until ``stream.done``.
+
+    ``stream.closed`` is an :class:`asyncio.Event` set when the stream has
+    ended for any reason (the seed's ``Context().Done()``); ``await
+    stream.wait_closed()`` waits for it. ``stream.last_event_id`` is what the
+    client sent to resume (header or ``last_event_id`` query).
+    """
+
+    transport = "sse"
+
+    def __init__(self, request: ConnectionRequest, streaming: Streaming, *, sse: SSETransport,
+                 room_endpoint: bool) -> None:
+        super().__init__(request, streaming)
+        self._sse = sse
+        self.room_endpoint = room_endpoint
+        self.token = secrets.token_urlsafe(24)
+        """The secret a client proves with ``X-Stream-Token`` when it POSTs to :attr:`send_url`."""
+        root = (request.scope or {}).get("root_path", "")
+        self.send_url = f"{root}{sse.settings.send_path}?connection_id={self.id}"
+        self.last_event_id: str | None = request.headers.get("last-event-id") or request.query.get("last_event_id")
+        self.closed = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._task: asyncio.Task[Any] | None = None
+        self._writer: BufferedWriter | None = None
+        self._target: DirectWrite | QueueTarget | None = None
+        self._direct: DirectWrite | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._active = False
+        self._prefix = b""  # the retry: hint, sent in front of the first event
+        # resume state: position per room, rooms being resumed and their held live frames
+        self._pos: dict[str, int] = {}
+        self._pending: set[str] = set()
+        self._resuming: set[str] = set()
+        self._held: dict[str, list[OutboundFrame]] = {}
+        self._inbox: deque[str] = deque()
+        self._inbox_ready = asyncio.Event()
+
+    # -- the handler's API ------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """True once the stream has ended (client gone, server closing, slow consumer)."""
+        return self.closed.is_set()
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
+
+    async def send_event(self, event: events.Event) -> None:
+        """Send one event; raise ConnectionClosed once the stream has ended."""
+        if self._writer is None or self.closed.is_set():
+            raise ConnectionClosed(self.close_code or CloseCode.GOING_AWAY, self.close_reason or "stream ended")
+        self._write(event.encode())
+
+    async def send_comment(self, text: str) -> None:
+        """Send an SSE comment line (clients ignore it; proxies see traffic)."""
+        await self.send_event_bytes(b"".join(b": " + line.encode() + b"\n" for line in text.splitlines() or [""])
+                                    + b"\n")
+
+    async def send_event_bytes(self, data: bytes) -> None:
+        """Send pre-encoded SSE bytes (``data: ...\\n\\n``) as they are."""
+        if self._writer is None or self.closed.is_set():
+            raise ConnectionClosed(self.close_code or CloseCode.GOING_AWAY, self.close_reason or "stream ended")
+        self._write(data)
+
+    # -- Connection ---------------------------------------------------------------------------
+
+    async def read_message(self) -> Message:
+        """The next frame the client POSTed to :attr:`send_url` (handler streams only)."""
+        while True:
+            if self._inbox:
+                return Message(self._inbox.popleft())
+            if self.closed.is_set():
+                raise ConnectionClosed(self.close_code or CloseCode.GOING_AWAY, self.close_reason)
+            self._inbox_ready.clear()
+            await self._inbox_ready.wait()
+
+    def offer(self, text: str) -> bool:
+        """Queue a POSTed frame for :meth:`read_message`; False when the inbox is full."""
+        if len(self._inbox) >= INBOX_LIMIT:
+            return False
+        self._inbox.append(text)
+        self._inbox_ready.set()
+        return True
+
+    async def write_message(self, message: str | bytes) -> None:
+        """Send ``message`` as one unnamed event (bytes must be UTF-8 text: SSE carries text only)."""
+        text = message.decode("utf-8") if isinstance(message, bytes) else message
+        await self.send_event(events.Event(text))
+
+    def deliver(self, frame: OutboundFrame) -> None:
+        writer = self._writer
+        if writer is None or writer.closed:
+            return
+        seq = frame.sequence
+        if seq is not None:
+            room: str = frame.room  # type: ignore[assignment]
+            if self._resuming and room in self._resuming:
+                self._held.setdefault(room, []).append(frame)
+                return
+            pos = self._pos
+            last = pos.get(room)
+            if last is None or seq > last:
+                pos[room] = seq
+                single = len(pos) == 1
+            else:
+                single = False  # arrived late (another node): the cursor stays at the newest
+            if single:
+                data = frame.encoded("sse.id1", _single_id)
+            else:
+                cache: dict[tuple[tuple[str, int], ...], bytes] = frame.encoded("sse.idn", _new_cache)
+                key = tuple(pos.items())
+                data = cache.get(key)  # type: ignore[assignment]
+                if data is None:
+                    data = cache[key] = events.with_id(cursor.encode(pos), frame)
+        elif frame.room is None and self._sync_rooms():
+            data = events.with_id(cursor.encode(self._pos), frame)  # room.joined / room.left: new cursor
+        else:
+            data = frame.encoded("sse", events.plain)
+        if self._prefix:
+            data, self._prefix = self._prefix + data, b""
+        self._active = True
+        writer.write(data)
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """End the stream, telling the client why; waits until it is cleaned up."""
+        notice = None
+        if reason or code != CloseCode.NORMAL:
+            notice = system_event("connection.closed", {"code": int(code), "reason": reason})
+            if code == CloseCode.GOING_AWAY:
+                notice = events.retry(self.streaming.config.server.reconnect_hint) + notice
+        self._end(code, reason, notice)
+        if asyncio.current_task() is not self._task:
+            await self._finished.wait()
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def _sync_rooms(self) -> bool:
+        """Bring the cursor's rooms in line with the joined rooms; True if it changed."""
+        want = self.rooms | self._pending if self._pending else self.rooms
+        if want == self._pos.keys():
+            return False
+        latest = self.streaming.history.latest
+        positions: dict[str, int] = {}
+        for room in sorted(want):
+            seq = self._pos.get(room)
+            if seq is None:
+                # joined just now: resuming from here must replay only what comes next
+                seq = max(latest(room) or 0, time.time_ns() // 1000 - 1)
+            positions[room] = seq
+        self._pos = positions
+        return True
+
+    async def join_from(self, raw: str, room: str, since: int | None) -> None:
+        """Act on a join frame; with ``since``, replay history and live traffic of the room in order, once.
+
+        While the kernel replays, live frames of the room may arrive too (a
+        broker delivers while the join awaits): every sequenced frame of the
+        room is held, then sent sorted, skipping what the client already has.
+        """
+        if since is None:
+            await self.streaming.handle_client_frame(self, raw)
+            return
+        have = self._pos.get(room, since) if room in self.rooms else since
+        if room not in self.rooms:
+            self._pending.add(room)
+            self._pos.setdefault(room, since)
+        self._resuming.add(room)
+        try:
+            await self.streaming.handle_client_frame(self, raw)
+        finally:
+            self._pending.discard(room)
+            self._resuming.discard(room)
+            held = self._held.pop(room, [])
+            if room not in self.rooms:
+                self._sync_rooms()
+            for frame in sorted(held, key=_sequence):
+                if frame.sequence is not None and frame.sequence > have:
+                    have = frame.sequence
+                    self.deliver(frame)
+
+    # -- life of the stream -------------------------------------------------------------------
+
+    async def start(self, scope: dict[str, Any], receive: Receive, send: Send, headers: list[tuple[bytes, bytes]],
+                    *, fast_path: bool) -> None:
+        """Send the response headers and the ``retry:`` hint; from now on events can be written."""
+        settings = self._sse.settings
+        self._task = asyncio.current_task()
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        direct = scope.get("extensions", {}).get("forge_streaming.sse") if fast_path else None
+        if isinstance(direct, DirectWrite) and direct.usable():
+            self._direct = self._target = direct
+        else:
+            target = QueueTarget()
+            self._target = target
+            self._pump = asyncio.ensure_future(target.pump(send))
+        limit = settings.send_buffer or self.streaming.config.limits.send_buffer
+        self._writer = BufferedWriter(self._target, limit=limit, scheduler=self.streaming.flusher,
+                                      on_overflow=self._overflow)
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+        if settings.keep_alive_interval > 0:
+            self._keepalive = asyncio.get_running_loop().call_later(settings.keep_alive_interval, self._ping)
+        self._prefix = events.retry(settings.retry)
+
+    def _write(self, data: bytes) -> None:
+        if self._prefix:
+            data, self._prefix = self._prefix + data, b""
+        self._active = True
+        self._writer.write(data)  # type: ignore[union-attr]
+
+    def _ping(self) -> None:
+        if self.closed.is_set():
+            return
+        if not self._active:
+            self._writer.write(events.KEEP_ALIVE)  # type: ignore[union-attr]
+        self._active = False
+        self._keepalive = asyncio.get_running_loop().call_later(self._sse.settings.keep_alive_interval, self._ping)
+
+    async def _watch(self, receive: Receive) -> None:
+        """Notice the client going away (uvicorn answers ``http.disconnect`` when the socket closes)."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not self.closed.is_set():
+            self.log.debug("stream %s: client disconnected", self.id)
+            if self._writer is not None:
+                self._writer.discard()
+            self._end(CloseCode.GOING_AWAY, "client disconnected", None)
+
+    def _overflow(self, unsent: int) -> None:
+        self.log.warning("stream %s is %d bytes behind (bound %d): ending it as a slow consumer",
+                         self.id, unsent, self._writer._limit if self._writer else 0)  # noqa: SLF001
+        self.streaming.dropped(self, "slow consumer")
+        self._end(CloseCode.POLICY_VIOLATION, "slow consumer",
+                  system_event("connection.closed", {"code": int(CloseCode.POLICY_VIOLATION),
+                                                     "reason": "slow consumer", "unsent_bytes": unsent}))
+
+    def _end(self, code: int, reason: str, notice: bytes | None) -> None:
+        """Mark the stream ended (once) and queue its last words; the endpoint task finishes it."""
+        if self.closed.is_set():
+            return
+        self.close_code, self.close_reason = code, reason
+        writer = self._writer
+        if writer is not None and not writer.closed:
+            writer.flush()
+            writer.discard()
+        if notice and self._target is not None and not self._target.is_closing():
+            self._target.write(notice)
+        self.closed.set()
+        self._inbox_ready.set()
+
+    async def finish(self) -> None:
+        """Forget the stream (rooms, presence, hooks) at once, then end the HTTP response.
+
+        The response is ended without waiting on the client: on the fast path
+        the socket closes once its last bytes are taken (cut after
+        ``close_grace``); on the fallback the pump gets ``close_grace`` to send them.
+        """
+        if not self.closed.is_set():
+            self._end(CloseCode.NORMAL, "", None)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        try:
+            await self.streaming.closed(self, self.close_code or CloseCode.NORMAL, self.close_reason)
+        finally:
+            await self._end_response()
+            self._finished.set()
+
+    async def _end_response(self) -> None:
+        grace = self._sse.settings.close_grace
+        try:
+            if self._direct is not None:
+                self._direct.end()
+                asyncio.get_running_loop().call_later(grace, _abort, self._direct.transport)
+            elif self._pump is not None and isinstance(self._target, QueueTarget):
+                self._target.close()
+                done, _ = await asyncio.wait({self._pump}, timeout=grace)
+                if not done:
+                    self.log.info("stream %s: client did not take its last bytes in %.1fs", self.id, grace)
+        finally:
+            for task in (self._pump, self._watcher):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+
+
+def _abort(transport: asyncio.Transport) -> None:
+    """Cut a socket whose client did not take the stream's last bytes in time."""
+    with contextlib.suppress(Exception):
+        transport.abort()
+
+
+def _single_id(frame: OutboundFrame) -> bytes:
+    return events.with_id(cursor.quoted(frame.room or "") + b":%d" % (frame.sequence or 0), frame)
+
+
+def _new_cache(frame: OutboundFrame) -> dict[tuple[tuple[str, int], ...], bytes]:
+    return {}
+
+
+def _sequence(frame: OutboundFrame) -> int:
+    return frame.sequence or 0

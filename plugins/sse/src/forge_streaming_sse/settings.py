@@ -1,0 +1,42 @@
+"""The ``sse`` config section."""
+
+from __future__ import annotations
+
+from forge_streaming import ConfigSection, Duration, Size
+from pydantic import Field, field_validator
+
+
+class SSESettings(ConfigSection):
+    """Keys under ``sse:`` in the config file (``FORGE_STREAMING__SSE__<KEY>`` in the environment)."""
+
+    keep_alive_interval: Duration = 15.0
+    """A ``: keep-alive`` comment is sent when a stream was idle this long (0 turns it off)."""
+
+    retry: Duration = 3.0
+    """Reconnect delay suggested to clients with the ``retry:`` field (sent in milliseconds)."""
+
+    send_buffer: Size | None = Field(None, ge=1024)
+    """Unsent bytes a stream may hold before it is ended as a slow consumer (default: ``limits.send_buffer``)."""
+
+    max_post_size: Size | None = Field(None, ge=16)
+    """Largest body accepted at the send URL (default: ``limits.max_message_size``)."""
+
+    send_path: str = "/sse/send"
+    """Where clients POST room-protocol frames for their stream."""
+
+    fast_path: bool = True
+    """Serve with the plugin's uvicorn protocol, which writes events straight to the socket.
+
+    Off, every stream is written through ASGI ``send`` by one writer task (what
+    happens anyway under another ASGI server).
+    """
+
+    close_grace: Duration = 5.0
+    """How long an ended stream may take to hand its last bytes to the client before the socket is cut."""
+
+    @field_validator("send_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"expected a path starting with '/', got {value!r}")
+        return value.rstrip("/") or "/"

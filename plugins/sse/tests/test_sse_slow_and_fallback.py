@@ -1,0 +1,134 @@
+"""Slow readers are ended without slowing the room, on the fast path and on the ASGI-send fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import httpx
+import pytest
+import uvicorn
+from forge_streaming import hookimpl
+from forge_streaming.testing import free_port, serve
+from forge_streaming_sse import Event
+from httpx_sse import aconnect_sse
+
+
+class Drops:
+    def __init__(self) -> None:
+        self.reasons: list[tuple[str, str]] = []
+
+    @hookimpl
+    def streaming_connection_dropped(self, connection, reason):
+        self.reasons.append((connection.id, reason))
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "asgi-send"])
+async def test_slow_reader_is_ended_with_a_reason_and_the_room_is_not_slowed(kit, fast_path: bool) -> None:
+    drops = Drops()
+    streaming = kit.make_streaming({"sse": {"send_buffer": "64KiB", "fast_path": fast_path}}, plugins=(drops,))
+    async with serve(streaming) as server:
+        slow = await kit.RawSSE.open(server.url, "/sse?rooms=r", rcvbuf=4096, limit=4096)
+        fast = await kit.RawSSE.open(server.url, "/sse?rooms=r")
+        try:
+            slow_id = (await slow.next_event()).json()["connection_id"]  # session; then it stops reading
+            await fast.until(lambda e: e.json().get("type") == "system" and e.json()["event"] == "room.joined")
+            payload = "x" * 8000  # the kernel's socket buffers take a few MiB before the stream's own bound counts
+            total = 0
+            for _batch in range(1000):
+                for _ in range(4):  # 32 KiB per loop iteration: under the 64 KiB bound for a reader that keeps up
+                    await streaming.broadcast("r", {"n": total, "pad": payload})
+                    total += 1
+                await asyncio.sleep(0)  # let the loop flush and the sockets move
+                if drops.reasons:
+                    break
+            assert drops.reasons == [(slow_id, "slow consumer")]
+            await kit.eventually(lambda: slow_id not in streaming.connections)
+            assert [c.id for c in streaming.local_members("r")] != [] and slow_id not in {
+                c.id for c in streaming.local_members("r")}
+            # the room went on: the fast member got every message, in order
+            last = total - 1
+            got = [e.json()["data"]["n"] for e in await fast.until(
+                lambda e: kit.is_message(e) and e.json()["data"]["n"] == last, timeout=20) if kit.is_message(e)]
+            assert got == list(range(total))
+            # the slow reader finally reads: its stream ends with the reason
+            rest = [e async for e in slow.events()]
+            assert rest, "the slow reader got nothing"
+            final = rest[-1].json()
+            assert final["type"] == "system" and final["event"] == "connection.closed"
+            assert final["data"]["reason"] == "slow consumer" and final["data"]["code"] == 1008
+        finally:
+            await slow.close()
+            await fast.close()
+
+
+async def test_asgi_send_fallback_serves_rooms_and_resume(kit) -> None:
+    streaming = kit.make_streaming({"sse": {"fast_path": False}})
+    assert streaming.server_options() == {}
+    async with serve(streaming) as server:
+        keeper = await kit.RawSSE.open(server.url, "/sse?rooms=r")
+        alice = await kit.RawSSE.open(server.url, "/sse?rooms=r")
+        try:
+            await streaming.broadcast("r", 1)
+            last_id = (await alice.until(lambda e: kit.is_message(e, 1)))[-1].id
+            await alice.close()
+            await kit.eventually(lambda: len(streaming.connections) == 1)
+            await streaming.broadcast("r", 2)
+            alice = await kit.RawSSE.open(server.url, "/sse?rooms=r", {"Last-Event-ID": last_id})
+            assert [e.json()["data"] for e in await alice.until(lambda e: kit.is_message(e, 2))
+                    if kit.is_message(e)] == [2]
+        finally:
+            await keeper.close()
+            await alice.close()
+
+
+@contextlib.asynccontextmanager
+async def h11_server(app):
+    """uvicorn with its h11 protocol and none of the plugin's options: a plain ASGI server."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", lifespan="on", log_config=None,
+                            log_level="warning", timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        assert not task.done(), "server stopped during startup"
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+
+
+async def test_under_another_asgi_server_handlers_and_rooms_work(kit) -> None:
+    streaming = kit.make_streaming()
+
+    @streaming.handle_sse("/ticker")
+    async def ticker(stream):
+        n = 0
+        while not stream.done:
+            await stream.send_event(Event(type="tick", data={"n": n}, id=str(n)))
+            n += 1
+            await asyncio.sleep(0.05)
+
+    async with h11_server(streaming.asgi_app()) as url, httpx.AsyncClient(base_url=url, timeout=5) as client:
+        async with aconnect_sse(client, "GET", "/ticker") as source:
+            ticks = []
+            async for sse in source.aiter_sse():
+                ticks.append(json.loads(sse.data)["n"])
+                if len(ticks) == 3:
+                    break
+        assert ticks == [0, 1, 2]
+        async with aconnect_sse(client, "GET", "/sse?rooms=r") as source:
+            events = source.aiter_sse()
+            session = json.loads((await anext(events)).data)
+            other = await kit.RawSSE.open(url, "/sse?rooms=r")
+            await other.until(lambda e: kit.is_system(e, "room.joined"))
+            answer = await client.post(session["send_url"], headers={"x-stream-token": session["token"]},
+                                       content=json.dumps({"type": "message", "room_id": "r", "data": "via h11"}))
+            assert answer.status_code == 202
+            assert [e.json()["data"] for e in await other.until(lambda e: kit.is_message(e))
+                    if kit.is_message(e)] == ["via h11"]
+            await other.close()
+        await kit.eventually(lambda: not streaming.connections)
