@@ -226,3 +226,28 @@ async def wait_until(predicate, timeout: float = 10.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.05)
+
+
+async def test_idle_timeout_spares_talking_and_listening_clients_only():
+    from httpx_sse import aconnect_sse
+
+    streaming = Streaming({"limits": {"idle_timeout": "1s"}, "sse": {"keep_alive_interval": "200ms"}})
+    async with serve(streaming) as server:
+        url = server.ws_url + "/ws"
+        silent = await joined(url, "r")
+        talker = await joined(url, "r")
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            async with aconnect_sse(client, "GET", "/sse?rooms=r") as source:
+                events = source.aiter_sse()
+                listener_id = json.loads((await anext(events)).data)["connection_id"]
+                for n in range(12):  # 2.4 s: past the idle timeout
+                    await talker.send(json.dumps({"type": "typing", "room_id": "r", "data": n % 2 == 0}))
+                    await asyncio.sleep(0.2)
+                ids = {c.id: c for c in streaming.connections.values()}
+                assert listener_id in ids, "a listening SSE stream that drains is not idle"
+                assert len([c for c in ids.values() if c.transport == "websocket"]) == 1
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await asyncio.wait_for(silent.recv(), 5)
+        assert silent.close_code == 1001 and silent.close_reason == "idle timeout"
+        await talker.close()

@@ -316,6 +316,8 @@ class SSEConnection(Connection):
     def _ping(self) -> None:
         if self.closed.is_set():
             return
+        if self._writer is not None and self._writer.unsent == 0:
+            self.touch()  # the client drained all we sent: a listening stream is not idle
         if not self._active:
             self._writer.write(events.KEEP_ALIVE)  # type: ignore[union-attr]
         self._active = False

@@ -85,6 +85,7 @@ class WebSocketConnection(Connection):
                 reason = f"message of {_size(data)} bytes is over the limit of {limit} bytes"
                 await self.close(CloseCode.MESSAGE_TOO_BIG, reason)
                 raise ConnectionClosed(CloseCode.MESSAGE_TOO_BIG, reason)
+            self.touch()
             return Message(data)
         if kind == "websocket.disconnect":
             self._ended = self.final_close(int(event.get("code", 1005)), str(event.get("reason") or ""))

@@ -154,6 +154,7 @@ class WebTransportSession(Connection):
             await self._wait_change()
         data = self._messages.popleft()
         self._queued -= len(data)
+        self.touch()
         return Message(data)
 
     async def write_message(self, message: str | bytes) -> None:

@@ -1,0 +1,240 @@
+"""One MQTT connection that stays up: connect, lose, back off, reconnect, forever.
+
+aiomqtt does not reconnect by itself, and a broker without persistence
+forgets every subscription when it restarts, so each (re)connection runs
+the owner's ``on_connect`` to subscribe and republish from scratch.
+
+Two choices keep the hot path free of task switches:
+
+- incoming messages are handed to the owner's ``on_message`` straight
+  from the socket-read callback, through a queue class whose
+  ``put_nowait`` dispatches instead of queueing (aiomqtt's public
+  ``queue_type`` option), rather than one ``asyncio`` task per message;
+- :meth:`publish_nowait` hands a message to paho-mqtt without waiting for
+  its PUBACK: paho tracks QoS 1/2 flows itself, in call order, within a
+  bounded queue. aiomqtt's own ``publish()`` would wait a broker round
+  trip per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from forge_streaming import BackendHealth, BackendState
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .settings import MqttSettings
+
+log = logging.getLogger("forge_streaming.mqtt")
+
+MessageHandler = Callable[[aiomqtt.Message], None]
+ConnectHandler = Callable[[aiomqtt.Client], Awaitable[None]]
+
+
+class Sent(enum.Enum):
+    OK = "ok"  # handed to paho: it goes out in call order, QoS flow tracked by paho
+    FULL = "full"  # paho's bounded queue is full (the broker is slower than us): wait and retry
+    DOWN = "down"  # not connected
+
+
+class LinkState(enum.StrEnum):
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+    STOPPED = "stopped"
+
+
+def _dispatching_queue(handler: MessageHandler) -> type[asyncio.Queue[aiomqtt.Message]]:
+    class DispatchQueue(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            try:
+                handler(item)
+            except Exception:  # a bad message must never take the connection down
+                log.exception("handling an MQTT message on %r failed", item.topic.value)
+
+    return DispatchQueue
+
+
+class MqttLink:
+    """A self-healing connection; ``role`` names it in logs and in its client id."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        client_id: str,
+        role: str,
+        on_message: MessageHandler,
+        on_connect: ConnectHandler,
+        on_disconnect: Callable[[], None] | None = None,
+        will: aiomqtt.Will | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.role = role
+        self._on_message = on_message
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._will = will
+        self._broker = settings.broker()
+        self.state = LinkState.CONNECTING
+        self.last_error = ""
+        self.connects = 0
+        self.client: aiomqtt.Client | None = None
+        self._paho: paho.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._up = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        scheme = "mqtts" if self._broker.tls else "mqtt"
+        return f"{scheme}://{self._broker.host}:{self._broker.port}"
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect in the background; wait up to ``connect_timeout`` for the first connection."""
+        self._task = asyncio.create_task(self._run(), name=f"forge-mqtt-{self.role}")
+        try:
+            await asyncio.wait_for(self._up.wait(), self.settings.connect_timeout)
+        except TimeoutError:
+            log.warning("MQTT %s: broker %s not reachable after %.1fs (%s); starting degraded, retrying",
+                        self.role, self.url, self.settings.connect_timeout, self.last_error or "no answer")
+
+    async def stop(self) -> None:
+        self.state = LinkState.STOPPED
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self.client = self._paho = None
+
+    def health(self) -> BackendHealth:
+        if self.state is LinkState.UP:
+            return BackendHealth(BackendState.UP, f"connected to {self.url}")
+        if self.state is LinkState.CONNECTING:
+            return BackendHealth(BackendState.CONNECTING, f"connecting to {self.url}")
+        return BackendHealth(BackendState.DOWN, f"broker {self.url} unreachable: {self.last_error}; reconnecting")
+
+    # -- the connection loop -------------------------------------------------------
+
+    def _make_client(self) -> aiomqtt.Client:
+        tls_context = None
+        if self._broker.tls:
+            tls_context = ssl.create_default_context(cafile=self.settings.ca_file)
+        client = aiomqtt.Client(
+            self._broker.host,
+            self._broker.port,
+            username=self._broker.username,
+            password=self._broker.password,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=True,
+            keepalive=max(1, round(self.settings.keepalive)),
+            will=self._will,
+            timeout=max(self.settings.connect_timeout, 1.0),
+            tls_context=tls_context,
+            queue_type=_dispatching_queue(self._on_message),
+            max_inflight_messages=1000,
+            max_queued_outgoing_messages=max(self.settings.outgoing_buffer, 1000),  # past it: Sent.FULL
+            logger=logging.getLogger("forge_streaming.mqtt.paho"),
+        )
+        client.pending_calls_threshold = 1_000_000  # we never wait on publishes; subscribes are few
+        return client
+
+    async def _run(self) -> None:
+        delay = self.settings.reconnect_min
+        while True:
+            client = self._make_client()
+            try:
+                async with client:
+                    self.client = client
+                    self._paho = getattr(client, "_client", None)
+                    await self._on_connect(client)
+                    self.state = LinkState.UP
+                    self.connects += 1
+                    self._up.set()
+                    delay = self.settings.reconnect_min
+                    log.info("MQTT %s: connected to %s as %s", self.role, self.url, self.client_id)
+                    async for _ in client.messages:  # never yields: messages are dispatched on arrival
+                        pass
+            except asyncio.CancelledError:
+                self._forget()
+                raise
+            except Exception as exc:  # MqttError, OSError, a failing on_connect: all mean "reconnect"
+                self.last_error = str(exc) or type(exc).__name__
+            was_up = self.state is LinkState.UP
+            self._forget()
+            self.state = LinkState.DOWN
+            if was_up:
+                log.warning("MQTT %s: lost broker %s (%s); reconnecting", self.role, self.url, self.last_error)
+            else:
+                log.debug("MQTT %s: cannot connect to %s (%s); retry in %.2fs", self.role, self.url,
+                          self.last_error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.reconnect_max)
+
+    def _forget(self) -> None:
+        self.client = self._paho = None
+        self._up.clear()
+        if self.state is LinkState.UP and self._on_disconnect is not None:
+            self._on_disconnect()
+
+    # -- using the connection ------------------------------------------------------
+
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int, retain: bool = False,
+                       properties: Properties | None = None) -> Sent:
+        """Hand a message to the connection without waiting for the broker."""
+        client = self._paho
+        if client is None:
+            return Sent.DOWN
+        rc = client.publish(topic, payload, qos, retain, properties).rc
+        if rc == paho.MQTT_ERR_SUCCESS:
+            return Sent.OK
+        return Sent.FULL if rc == paho.MQTT_ERR_QUEUE_SIZE else Sent.DOWN
+
+    async def subscribe(self, topics: list[str], qos: int) -> None:
+        """Subscribe now if connected (waiting for the broker's SUBACK); otherwise on_connect will."""
+        client = self.client
+        if client is None or not topics:
+            return
+        for start in range(0, len(topics), 100):
+            await client.subscribe([(t, qos) for t in topics[start:start + 100]])
+
+    async def unsubscribe(self, topics: list[str]) -> None:
+        client = self.client
+        if client is None or not topics:
+            return
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.unsubscribe(topics)
+
+
+def publish_properties() -> Properties:
+    return Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+
+
+def user_properties(pairs: list[tuple[str, str]]) -> Properties:
+    props = publish_properties()
+    props.UserProperty = pairs
+    return props
+
+
+def read_user_properties(message: aiomqtt.Message) -> dict[str, str]:
+    props: Any = message.properties
+    pairs = getattr(props, "UserProperty", None) if props is not None else None
+    return dict(pairs) if pairs else {}
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000

@@ -1,0 +1,354 @@
+"""The MQTT pub/sub backend: one broker publish per room message, every node delivers it.
+
+A node's own messages come back through the broker too, so every node sees
+one room's messages in the same (broker) order. While the broker is
+unreachable, outgoing messages wait in a bounded buffer (oldest dropped
+first, counted); once reconnected the node resubscribes, flushes the
+buffer and tells its clients to ``resync``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import aiomqtt
+from forge_streaming import (
+    BackendHealth,
+    BackendListener,
+    Envelope,
+    EnvelopeKind,
+    PubSubBackend,
+    Streaming,
+    StreamingConfig,
+)
+from paho.mqtt.properties import Properties
+
+from .history import RoomLogs
+from .ingest import DevicePayloadError, parse_device_payload
+from .link import MqttLink, Sent, publish_properties, read_user_properties, user_properties
+from .settings import SECTION, MqttSettings
+from .topics import PROP_KIND, PROP_NODE, PROP_SENDER, PROP_SEQUENCE, Topics
+
+log = logging.getLogger("forge_streaming.mqtt")
+
+_Outgoing = tuple[str, bytes, Properties]
+
+
+class MqttPubSub(PubSubBackend):
+    name: ClassVar[str] = "mqtt"
+
+    def __init__(self, settings: MqttSettings | None = None, *, history_size: int = 100,
+                 max_message_size: int = 64 * 1024) -> None:
+        self.settings = settings or MqttSettings()
+        self.topics = Topics(self.settings.topic_prefix)
+        self.counters: Counter[str] = Counter()
+        self._qos = self.settings.qos
+        self._node = ""
+        self._listener: BackendListener | None = None
+        self._link: MqttLink | None = None
+        self._rooms: set[str] = set()
+        self._logs = RoomLogs(history_size)
+        self._buffer: deque[_Outgoing] = deque()
+        self._ready = False  # connected, resubscribed and flushed: publish goes straight out
+        self._gap = False  # a connection was lost (or never made): resync on the next connect
+        self._pending: dict[bytes, asyncio.Future[list[Envelope]]] = {}
+        self._streaming: Streaming | None = None
+        self._max_message_size = max_message_size
+        self._ingest_queue: asyncio.Queue[tuple[str, bytes]] | None = None
+        self._ingest_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_config(cls, config: StreamingConfig) -> MqttPubSub:
+        return cls(config.section(SECTION, MqttSettings), history_size=config.rooms.history_size,
+                   max_message_size=config.limits.max_message_size)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self, node_id: str, listener: BackendListener) -> None:
+        self._node = node_id
+        self._listener = listener
+        base = self.settings.client_id or f"{self.settings.topic_prefix}-{node_id}"
+        self._link = MqttLink(self.settings, client_id=f"{base}-pubsub", role="pubsub",
+                              on_message=self._on_message, on_connect=self._on_connect, on_disconnect=self._on_lost)
+        await self._link.start()
+        if not self._ready:
+            self._gap = True
+
+    async def stop(self) -> None:
+        if self._ingest_task is not None:
+            self._ingest_task.cancel()
+            self._ingest_task = None
+        if self._link is not None:
+            await self._link.stop()
+        self._ready = False
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        self._rooms.clear()
+        self._listener = None
+
+    def attach(self, streaming: Streaming) -> None:
+        """Let device publishes become room messages through ``streaming.publish`` (after start)."""
+        if self._streaming is not None or not self.settings.ingest:
+            return
+        self._streaming = streaming
+        self._ingest_queue = asyncio.Queue(maxsize=max(self.settings.outgoing_buffer, 1))
+        self._ingest_task = asyncio.create_task(self._ingest_loop(), name="forge-mqtt-ingest")
+        if self._link is not None and self._link.client is not None:
+            asyncio.create_task(self._subscribe_quietly([self.topics.ingest_shared]))
+
+    def health(self) -> BackendHealth:
+        if self._link is None:
+            return super().health()
+        health = self._link.health()
+        if self.counters["buffer_dropped"]:
+            return BackendHealth(health.state, f"{health.detail}; {self.counters['buffer_dropped']} messages "
+                                               "dropped from the outgoing buffer")
+        return health
+
+    # -- connection events ------------------------------------------------------------
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        assert self._link is not None
+        topics = [self.topics.history_request, self.topics.history_response(self._node)]
+        if self.settings.subscribe_mode == "wildcard":
+            topics.append(self.topics.all_room_messages)
+        else:
+            topics.extend(self.topics.messages(room) for room in sorted(self._rooms))
+        if self._streaming is not None:
+            topics.append(self.topics.ingest_shared)
+        await self._link.subscribe(topics, self._qos)
+        for room in self._rooms:
+            self._logs.vouch_from_now(room)
+        flushed = 0
+        while self._buffer:
+            item = self._buffer.popleft()
+            sent = self._link.publish_nowait(item[0], item[1], qos=self._qos, properties=item[2])
+            if sent is Sent.DOWN:
+                self._buffer.appendleft(item)
+                raise aiomqtt.MqttError("connection lost while flushing the outgoing buffer")
+            if sent is Sent.FULL:
+                self._buffer.appendleft(item)
+                await asyncio.sleep(0.001)  # new publishes keep buffering behind it: _ready is False until the end
+                continue
+            flushed += 1
+        self._ready = True
+        if flushed:
+            log.info("MQTT pubsub: flushed %d buffered messages", flushed)
+        if self._gap:
+            self._gap = False
+            self._logs.gap()
+            self.counters["resyncs"] += 1
+            if self._listener is not None:
+                self._listener.on_resync("broker reconnected")
+
+    def _on_lost(self) -> None:
+        self._ready = False
+        self._gap = True
+
+    # -- the hot path ------------------------------------------------------------------
+
+    async def publish(self, envelope: Envelope) -> None:
+        topic = self.topics.messages(envelope.room)
+        pairs = [(PROP_KIND, envelope.kind.value), (PROP_NODE, envelope.node or self._node)]
+        if envelope.sequence is not None:
+            pairs.append((PROP_SEQUENCE, str(envelope.sequence)))
+        if envelope.sender is not None:
+            pairs.append((PROP_SENDER, envelope.sender))
+        props = user_properties(pairs)
+        while self._ready and self._link is not None:
+            sent = self._link.publish_nowait(topic, envelope.payload, qos=self._qos, properties=props)
+            if sent is Sent.OK:
+                return
+            if sent is Sent.DOWN:
+                break
+            # Backpressure: the broker acknowledges slower than we publish; this publisher waits its turn.
+            self.counters["publish_waits"] += 1
+            await asyncio.sleep(0.001)
+        self._hold(topic, envelope.payload, props)
+
+    def _hold(self, topic: str, payload: bytes, props: Properties) -> None:
+        limit = self.settings.outgoing_buffer
+        if limit == 0:
+            self.counters["buffer_dropped"] += 1
+            return
+        if len(self._buffer) >= limit:
+            self._buffer.popleft()
+            self.counters["buffer_dropped"] += 1
+            if self.counters["buffer_dropped"] in (1, 10, 100, 1000) or self.counters["buffer_dropped"] % 10_000 == 0:
+                log.warning("MQTT pubsub: outgoing buffer full (pubsub.mqtt.outgoing_buffer=%d); "
+                            "%d oldest messages dropped so far", limit, self.counters["buffer_dropped"])
+        self._buffer.append((topic, payload, props))
+
+    def _on_message(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        parsed = self.topics.room_of(topic)
+        if parsed is not None:
+            room, leaf = parsed
+            if leaf == "messages":
+                self._on_room_message(room, message)
+            elif leaf == "publish":
+                self._on_device_publish(room, message)
+        elif topic == self.topics.history_request:
+            self._answer_history(message)
+        elif topic == self.topics.history_response(self._node):
+            self._on_history_response(message)
+
+    def _on_room_message(self, room: str, message: aiomqtt.Message) -> None:
+        if room not in self._rooms or self._listener is None:
+            self.counters["unsubscribed_dropped"] += 1
+            return
+        props = read_user_properties(message)
+        node = props.get(PROP_NODE)
+        if node is None:
+            # Not from a node (no metadata): devices publish to .../publish instead.
+            self.counters["foreign_ignored"] += 1
+            if self.counters["foreign_ignored"] == 1:
+                log.warning("MQTT pubsub: ignoring a publish without forge metadata on %s; devices should "
+                            "publish to %s", message.topic.value, self.topics.publish(room))
+            return
+        sequence = props.get(PROP_SEQUENCE)
+        envelope = Envelope(
+            room=room,
+            payload=message.payload if isinstance(message.payload, bytes) else bytes(str(message.payload), "utf-8"),
+            kind=EnvelopeKind.NOTICE if props.get(PROP_KIND) == EnvelopeKind.NOTICE.value else EnvelopeKind.MESSAGE,
+            sequence=int(sequence) if sequence is not None else None,
+            sender=props.get(PROP_SENDER),
+            node=node,
+        )
+        if envelope.sequence is not None:
+            self._logs.record(envelope)
+        self._listener.on_envelope(envelope)
+
+    # -- subscriptions -------------------------------------------------------------------
+
+    async def subscribe(self, room: str) -> None:
+        if room in self._rooms:
+            return
+        self._rooms.add(room)
+        self._logs.track(room)
+        if self.settings.subscribe_mode == "rooms":
+            await self._subscribe_quietly([self.topics.messages(room)])
+        self._logs.vouch_from_now(room)
+
+    async def unsubscribe(self, room: str) -> None:
+        if room not in self._rooms:
+            return
+        self._rooms.discard(room)
+        self._logs.forget(room)
+        if self.settings.subscribe_mode == "rooms" and self._link is not None:
+            await self._link.unsubscribe([self.topics.messages(room)])
+
+    async def _subscribe_quietly(self, topics: list[str]) -> None:
+        """Subscribe if connected; a failure is the reconnect loop's job (it resubscribes everything)."""
+        if self._link is None:
+            return
+        try:
+            await self._link.subscribe(topics, self._qos)
+        except aiomqtt.MqttError as exc:
+            log.warning("MQTT pubsub: subscribing to %s failed (%s); will resubscribe on reconnect", topics, exc)
+
+    # -- device publishes ---------------------------------------------------------------
+
+    def _on_device_publish(self, room: str, message: aiomqtt.Message) -> None:
+        if self._ingest_queue is None:
+            return
+        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+        try:
+            self._ingest_queue.put_nowait((room, payload))
+        except asyncio.QueueFull:
+            self.counters["ingest_dropped"] += 1
+            log.warning("MQTT pubsub: device publish to room %r dropped, ingest queue full", room)
+
+    async def _ingest_loop(self) -> None:
+        assert self._ingest_queue is not None
+        while True:
+            room, payload = await self._ingest_queue.get()
+            streaming = self._streaming
+            if streaming is None:
+                continue
+            try:
+                data, user_id = parse_device_payload(payload, max_size=self._max_message_size)
+                await streaming.publish(room, data, user_id=user_id)
+                self.counters["ingested"] += 1
+            except DevicePayloadError as exc:
+                self.counters["ingest_rejected"] += 1
+                log.warning("MQTT pubsub: device publish to %s refused: %s", self.topics.publish(room), exc)
+            except Exception:
+                log.exception("MQTT pubsub: publishing a device message to room %r failed", room)
+
+    # -- history across nodes ---------------------------------------------------------------
+
+    async def fetch_history(self, room: str, since: int) -> list[Envelope] | None:
+        """Ask the other nodes; the first one that can vouch for everything after ``since`` answers."""
+        if not self._ready or self._link is None:
+            return None
+        correlation = uuid.uuid4().hex.encode()
+        future: asyncio.Future[list[Envelope]] = asyncio.get_running_loop().create_future()
+        self._pending[correlation] = future
+        props = publish_properties()
+        props.ResponseTopic = self.topics.history_response(self._node)
+        props.CorrelationData = correlation
+        request = json.dumps({"room_id": room, "since": since, "node": self._node}).encode()
+        try:
+            if self._link.publish_nowait(self.topics.history_request, request, qos=1, properties=props) is not Sent.OK:
+                return None
+            return await asyncio.wait_for(future, self.settings.history_timeout)
+        except TimeoutError:
+            log.info("MQTT pubsub: no node could vouch for room %r after %d within %.1fs", room, since,
+                     self.settings.history_timeout)
+            return None
+        finally:
+            self._pending.pop(correlation, None)
+
+    def _answer_history(self, message: aiomqtt.Message) -> None:
+        if self._link is None:
+            return
+        props: Any = message.properties
+        response_topic = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", None)
+        try:
+            request = json.loads(message.payload)
+            room, since, node = request["room_id"], int(request["since"]), request.get("node")
+        except (ValueError, KeyError, TypeError):
+            log.warning("MQTT pubsub: malformed history request on %s ignored", message.topic.value)
+            return
+        if node == self._node or not response_topic or not isinstance(room, str) or not self._logs.tracks(room):
+            return
+        entries = self._logs.since(room, since)
+        body = {"room_id": room, "node": self._node, "complete": entries is not None,
+                "messages": [{"sequence": e.sequence, "sender": e.sender, "node": e.node,
+                              "payload": e.payload.decode("utf-8")} for e in entries or ()]}
+        reply = publish_properties()
+        if correlation is not None:
+            reply.CorrelationData = correlation
+        self._link.publish_nowait(response_topic, json.dumps(body, ensure_ascii=False).encode(), qos=1,
+                                  properties=reply)
+
+    def _on_history_response(self, message: aiomqtt.Message) -> None:
+        correlation = getattr(message.properties, "CorrelationData", None)
+        future = self._pending.get(correlation) if correlation is not None else None
+        if future is None or future.done():
+            return
+        try:
+            body = json.loads(message.payload)
+            if not body.get("complete"):
+                return
+            room = body["room_id"]
+            envelopes = [Envelope(room=room, payload=m["payload"].encode("utf-8"), kind=EnvelopeKind.MESSAGE,
+                                  sequence=int(m["sequence"]), sender=m.get("sender"), node=m.get("node") or "")
+                         for m in body["messages"]]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("MQTT pubsub: malformed history response ignored")
+            return
+        future.set_result(envelopes)
+
+
+def factories() -> Mapping[str, Callable[[StreamingConfig], PubSubBackend]]:
+    return {"mqtt": MqttPubSub.from_config}

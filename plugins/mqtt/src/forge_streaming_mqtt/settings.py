@@ -1,0 +1,102 @@
+"""The ``pubsub.mqtt`` config section: which broker, how to talk to it, how to behave when it is gone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from forge_streaming import ConfigSection, Duration
+from pydantic import Field, field_validator
+
+SECTION = "pubsub.mqtt"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+
+class MqttSettings(ConfigSection):
+    """Settings shared by the MQTT pub/sub backend and the MQTT room store."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    """``mqtt://host[:port]`` (1883) or ``mqtts://host[:port]`` (8883, TLS); may carry ``user:password@``."""
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None
+    """Base of the MQTT client ids; default ``{topic_prefix}-{node_id}``. Suffixed ``-pubsub`` / ``-rooms``."""
+    topic_prefix: str = "forge"
+    qos: Literal[0, 1, 2] = 1
+    keepalive: Duration = 10.0
+    """MQTT keep-alive; a node that dies silently leaves presence within 1.5x this."""
+    tls: bool = False
+    ca_file: str | None = None
+    connect_timeout: Duration = 5.0
+    """How long ``start`` waits for the first connection before the node starts degraded."""
+    reconnect_min: Duration = 0.1
+    reconnect_max: Duration = 5.0
+    outgoing_buffer: int = Field(10_000, ge=0)
+    """Room messages kept while the broker is unreachable; past it the oldest are dropped (and counted)."""
+    history_timeout: Duration = 1.0
+    """How long a resume waits for another node to answer a history request."""
+    subscribe_mode: Literal["rooms", "wildcard"] = "rooms"
+    ingest: bool = True
+    """Convert device publishes on ``{prefix}/rooms/{room}/publish`` into room messages."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parse_url(value)
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "+#\0"):
+            raise ValueError(f"expected a topic prefix without '+', '#' or a leading/trailing '/', got {value!r}")
+        if value.startswith("$"):
+            raise ValueError(f"expected a topic prefix not starting with '$' (reserved by brokers), got {value!r}")
+        return value
+
+    @field_validator("keepalive")
+    @classmethod
+    def _check_keepalive(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError(f"expected a keep-alive of at least 1s (MQTT counts whole seconds), got {value!r}")
+        return value
+
+    def broker(self) -> BrokerAddress:
+        """The broker address, with explicit username/password/tls overriding the URL."""
+        address = parse_url(self.url)
+        return BrokerAddress(
+            host=address.host,
+            port=address.port,
+            tls=address.tls or self.tls or self.ca_file is not None,
+            username=self.username if self.username is not None else address.username,
+            password=self.password if self.password is not None else address.password,
+        )
+
+
+def parse_url(url: str) -> BrokerAddress:
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"expected a broker URL like mqtt://host:1883 or mqtts://host:8883, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"expected a broker URL with a host, like mqtt://127.0.0.1:1883, got {url!r}")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ValueError(f"expected a broker URL with a numeric port, got {url!r}") from None
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port,
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )

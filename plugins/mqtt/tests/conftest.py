@@ -1,0 +1,183 @@
+"""Shared fixtures: a real Mosquitto broker on a free loopback port, nodes as separate processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from forge_streaming.testing import free_port
+
+VENV_BIN = Path(sys.executable).parent
+API_KEY = "test-key"
+
+
+def mosquitto_path() -> str:
+    found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(found):
+        pytest.skip("mosquitto is not installed")
+    return found
+
+
+def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class Broker:
+    """A mosquitto process that a test may kill and restart on the same port."""
+
+    def __init__(self, port: int, log_path: Path) -> None:
+        self.port = port
+        self.url = f"mqtt://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([mosquitto_path(), "-p", str(self.port)], stdout=out, stderr=out)
+        _wait_port(self.port)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One broker for the session (contract suites); tests that kill it use ``own_broker``."""
+    b = Broker(free_port(), tmp_path_factory.mktemp("mosquitto") / "broker.log")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.kill()
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(free_port(), tmp_path / "broker.log")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.kill()
+
+
+class Node:
+    """A ``forge-streaming serve`` process with the MQTT backend and room store."""
+
+    def __init__(self, name: str, broker: Broker, workdir: Path, **mqtt: Any) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        self.config_path = workdir / f"{name}.yaml"
+        self.log_path = workdir / f"{name}.log"
+        settings = {"url": broker.url, "keepalive": "2s", "reconnect_min": "50ms", "reconnect_max": "500ms",
+                    "connect_timeout": "3s", **mqtt}
+        config = {
+            "server": {"node_id": name, "drain_timeout": "1s"},
+            "pubsub": {"backend": "mqtt", "mqtt": settings},
+            "rooms": {"store": "mqtt"},
+            "api": {"key": API_KEY},
+            "logging": {"level": "info"},
+        }
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "forge-streaming"), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--config", str(self.config_path)], stdout=out, stderr=out)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node {self.name} exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"node {self.name} not healthy in time: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    # -- HTTP API ------------------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+    def publish(self, room: str, data: Any, user_id: str = "api") -> int:
+        r = httpx.post(f"{self.url}/api/publish", json={"room_id": room, "data": data, "user_id": user_id},
+                       headers=self._headers(), timeout=5)
+        r.raise_for_status()
+        return int(r.json()["sequence"])
+
+    def rooms(self) -> dict[str, list[str]]:
+        r = httpx.get(f"{self.url}/api/rooms", headers=self._headers(), timeout=5)
+        r.raise_for_status()
+        return {item["room_id"]: item["users"] for item in r.json()["rooms"]}
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        r = httpx.get(f"{self.url}/healthz", timeout=5)
+        return r.status_code, r.json()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Any]:
+    """``cluster(broker, "a", "b")`` starts nodes; all are stopped at the end."""
+    nodes: list[Node] = []
+
+    def make(broker: Broker, *names: str, **mqtt: Any) -> list[Node]:
+        made = [Node(name, broker, tmp_path, **mqtt) for name in names]
+        for node in made:
+            nodes.append(node)
+            node.start()
+        return made
+
+    try:
+        yield make
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {message}")

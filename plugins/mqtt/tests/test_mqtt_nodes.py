@@ -1,0 +1,203 @@
+"""Nodes as separate ``forge-streaming serve`` processes on one real broker, with real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("forge_streaming_websocket")
+
+from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
+
+
+class WsMember:
+    """A WebSocket client of the room endpoint that keeps every frame it receives."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in self.ws:
+                self.frames.append(json.loads(raw))
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f.get("type") == kind]
+
+    def data(self) -> list[Any]:
+        return [f["data"] for f in self.of("message")]
+
+    def events(self) -> list[str]:
+        return [f.get("event", "") for f in self.of("system")]
+
+    async def join(self, room: str) -> None:
+        await self.ws.send(json.dumps({"type": "join", "room_id": room}))
+        await until(lambda: any(f.get("event") == "room.joined" and f["data"]["room_id"] == room
+                                for f in self.of("system")), what=f"joining {room}")
+
+    async def send(self, room: str, data: Any) -> None:
+        await self.ws.send(json.dumps({"type": "message", "room_id": room, "data": data}))
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+
+
+@contextlib.asynccontextmanager
+async def ws_member(node: Any, room: str) -> AsyncIterator[WsMember]:
+    async with connect(f"{node.ws_url}/ws") as ws:
+        member = WsMember(ws)
+        await member.join(room)
+        try:
+            yield member
+        finally:
+            member._reader.cancel()
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def test_three_nodes_websocket_members_and_http_publish(broker, cluster) -> None:
+    a, b, c = cluster(broker, "a", "b", "c")
+    async with ws_member(a, "chat") as alice, ws_member(b, "chat") as bob:
+        await asyncio.to_thread(c.publish, "chat", "from c")
+        await alice.send("chat", "from alice")
+        await until(lambda: bob.data() == ["from c", "from alice"], what="bob hearing c and alice")
+        await bob.send("chat", "from bob")
+        await until(lambda: alice.data() == ["from c", "from bob"], what="alice hearing c and bob")
+        await asyncio.sleep(0.3)
+        assert bob.data() == ["from c", "from alice"] and alice.data() == ["from c", "from bob"], "duplicates"
+        rooms = await asyncio.to_thread(c.rooms)  # node c has no members, yet sees both
+        assert len(rooms["chat"]) == 2
+
+
+async def test_websocket_on_a_and_sse_on_b_exchange_messages(broker, cluster) -> None:
+    if importlib.util.find_spec("forge_streaming_sse") is None:
+        pytest.skip("forge_streaming_sse is not installed")
+    from httpx_sse import aconnect_sse
+
+    a, b = cluster(broker, "a", "b")
+    got: list[dict[str, Any]] = []
+    session: dict[str, Any] = {}
+    async with ws_member(a, "mixed") as alice, httpx.AsyncClient(base_url=b.url, timeout=10) as http:
+
+        async def read_sse() -> None:
+            async with aconnect_sse(http, "GET", "/sse", params={"rooms": "mixed"}) as source:
+                async for event in source.aiter_sse():
+                    if event.event == "session":
+                        session.update(json.loads(event.data))
+                    elif event.data:
+                        got.append(json.loads(event.data))
+
+        reader = asyncio.create_task(read_sse())
+        try:
+            await until(lambda: any(f.get("event") == "room.joined" for f in got), what="sse join")
+            await until(lambda: len([f for f in alice.of("join")]) >= 1, what="alice told of the sse member")
+            await alice.send("mixed", {"text": "hello sse"})
+            await until(lambda: [f["data"] for f in got if f.get("type") == "message"] == [{"text": "hello sse"}],
+                        what="sse member receiving from websocket member")
+            send_url = session["send_url"]
+            r = await http.post(send_url if send_url.startswith("/") else httpx.URL(send_url).raw_path.decode(),
+                                headers={"X-Stream-Token": session["token"]},
+                                content=json.dumps({"type": "message", "room_id": "mixed", "data": "hello ws"}))
+            assert r.status_code == 202, r.text
+            await until(lambda: alice.data() == ["hello ws"], what="websocket member receiving from sse member")
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+
+
+async def test_broker_killed_and_restarted_mid_stream(own_broker, cluster) -> None:
+    a, b = cluster(own_broker, "a", "b")
+    async with ws_member(a, "live") as alice, ws_member(b, "live") as bob:
+        stop = asyncio.Event()
+        sent: list[int] = []
+
+        async def publisher() -> None:  # a steady stream from node a, through the outage
+            n = 0
+            async with httpx.AsyncClient(timeout=5) as http:
+                while not stop.is_set():
+                    r = await http.post(f"{a.url}/api/publish", json={"room_id": "live", "data": n},
+                                        headers={"Authorization": "Bearer test-key"})
+                    if r.status_code == 200:
+                        sent.append(n)
+                    n += 1
+                    await asyncio.sleep(0.02)
+
+        task = asyncio.create_task(publisher())
+        try:
+            await until(lambda: len(bob.data()) >= 10, what="traffic before the outage")
+            own_broker.kill()
+
+            async def health(node: Any) -> int:
+                async with httpx.AsyncClient(timeout=5) as http:
+                    return (await http.get(f"{node.url}/healthz")).status_code
+
+            status = 200
+            for _ in range(200):
+                status = await health(b)
+                if status == 503:
+                    break
+                await asyncio.sleep(0.02)
+            assert status == 503, "/healthz did not report the broker outage"
+            async with httpx.AsyncClient(timeout=5) as http:
+                body = (await http.get(f"{b.url}/healthz")).json()
+            assert body["backend"]["state"] in ("down", "connecting") and body["backend"]["name"] == "mqtt"
+            await asyncio.sleep(0.5)
+            own_broker.start()
+            await until(lambda: "resync" in bob.events() and "resync" in alice.events(), what="resync on both")
+            mark = len(sent)
+            await until(lambda: len(sent) > mark + 10, what="publishing going on")
+            last = sent[-1]
+            await until(lambda: last in bob.data(), what="delivery resumed after the broker came back")
+            assert await health(a) == 200 and await health(b) == 200
+        finally:
+            stop.set()
+            await task
+        got = bob.data()
+        assert len(got) == len(set(got)), "duplicates after reconnect"
+        assert got == sorted(got), "per-publisher order broken"
+
+
+async def test_sigkilled_node_leaves_presence_everywhere(broker, cluster) -> None:
+    a, b, c = cluster(broker, "a", "b", "c")
+    async with ws_member(a, "p") as alice, ws_member(b, "p") as bob:
+        await until(lambda: len(c.rooms().get("p", [])) == 2, what="both members in presence on c")
+        b.proc.send_signal(signal.SIGKILL)
+        b.proc.wait(5)
+        await until(lambda: len(c.rooms().get("p", [])) == 1 and len(a.rooms().get("p", [])) == 1,
+                    timeout=10, what="the killed node's member leaving presence on a and c")
+        assert a.rooms()["p"] == c.rooms()["p"]
+        await alice.send("p", "still here")  # the survivors still talk
+        await until(lambda: True)
+        del bob
+
+
+async def test_mosquitto_pub_into_a_room_reaches_a_websocket_client(broker, cluster) -> None:
+    (a,) = cluster(broker, "a", topic_prefix="iot")
+    async with ws_member(a, "sensors") as member:
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "iot/rooms/sensors/publish",
+                        "-m", '{"data": {"temp": 21}, "user_id": "thermo-1"}'], check=True, timeout=10)
+        await until(lambda: member.data() == [{"temp": 21}], what="the device message")
+        frame = member.of("message")[0]
+        assert frame["user_id"] == "thermo-1" and isinstance(frame["sequence"], int)
