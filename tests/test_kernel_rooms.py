@@ -52,8 +52,8 @@ async def test_history_resume_and_resync(streaming):
     assert [m["data"] for m in late.frames("message")] == [2, 3, 4]
     stale = await open_connection(streaming)
     await stale.join_room("r", since=1)
-    assert stale.frames("message") == []
     assert [f["event"] for f in stale.frames("system")][-1] == "resync"
+    assert [m["data"] for m in stale.frames("message")] == [0, 1, 2, 3, 4], "then what history holds"
 
 
 async def test_protocol_errors_are_error_frames(streaming):
@@ -155,3 +155,19 @@ async def test_after_the_linger_a_resume_from_before_is_a_resync():
         await back.join_room("r", since=first)
         assert back.frames("message") == []
         assert back.frames("system")[-1]["event"] == "resync"
+
+
+async def test_resync_is_followed_by_what_history_still_holds():
+    service = Streaming({"rooms": {"history_size": 3}})
+    async with service.running():
+        member = await open_connection(service)
+        await member.join_room("r")
+        first = await service.broadcast("r", 0)
+        for n in range(1, 6):
+            await service.broadcast("r", n)
+        late = await open_connection(service)
+        await late.join_room("r", since=first)
+        kinds = [(f["type"], f.get("event") or f.get("data")) for f in late.frames() if f["type"] != "join"]
+        assert kinds[-4:] == [("system", "resync"), ("message", 3), ("message", 4), ("message", 5)]
+        joined = late.frames("system")[0]
+        assert joined["event"] == "room.joined" and joined["data"]["sequence"] >= first

@@ -93,6 +93,16 @@ class RoomHistory:
             return None
         return log.entries[-1].sequence
 
+    def position(self, room: str) -> int:
+        """Where a member joining now stands: resuming from here replays only what comes next."""
+        return max(self.latest(room) or 0, time.time_ns() // 1000 - 1)
+
+    def gap(self) -> None:
+        """Messages may have been lost just now (broker outage): vouch only from here on."""
+        floor = time.time_ns() // 1000
+        for log in self._logs.values():
+            log.floor = max(log.floor, floor)
+
     def merge(self, room: str, since: int, envelopes: list[Envelope]) -> None:
         """Add messages another node vouched for (everything after ``since``), in sequence order.
 

@@ -384,7 +384,7 @@ class Streaming:
         await self.store.add_member(room, Member(conn.id, conn.user_id, self.node_id, conn.transport))
         users = await self.store.users(room)
         conn.send_frame(frames.system_frame("room.joined", {
-            "room_id": room, "user_id": conn.user_id, "users": users, "sequence": self.history.latest(room)}))
+            "room_id": room, "user_id": conn.user_id, "users": users, "sequence": self.history.position(room)}))
         if since is not None:
             await self.replay(conn, room, since)
         await self.notify(room, frames.presence_frame("join", room_id=room, user_id=conn.user_id), sender=conn)
@@ -393,10 +393,11 @@ class Streaming:
     def _replay(self, conn: Connection, room: str, since: int) -> None:
         missed = self.history.since(room, since)
         if missed is None:
+            # Say there is a gap, then send what history does hold after it.
             conn.send_frame(frames.system_frame("resync", {
                 "room_id": room, "since": since, "reason": "history no longer holds messages after this sequence",
                 "sequence": self.history.latest(room)}))
-            return
+            missed = [e for e in self.history.recent(room) if e.sequence is not None and e.sequence > since]
         for envelope in missed:
             conn.deliver(OutboundFrame(payload=envelope.payload, room=room, sequence=envelope.sequence))
 
@@ -535,6 +536,7 @@ class Streaming:
 
     def on_resync(self, reason: str) -> None:
         """The backend may have lost messages: every local member is told to resync."""
+        self.history.gap()  # a resume across the outage must get resync, not a silent hole
         for room, members in self._local.items():
             payload = frames.encode(frames.system_frame("resync", {
                 "room_id": room, "reason": reason, "sequence": self.history.latest(room)}))

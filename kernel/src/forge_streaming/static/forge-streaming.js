@@ -379,7 +379,7 @@ export class ForgeStreamingClient extends EventTarget {
     this.transport = null; // the name of the transport in use while open
     this.userId = null; // who the server says we are (from room.joined)
     this.serverHint = null; // reconnect_after_ms from a server.shutdown notice
-    /** room -> {since, acked, users, wanted} */
+    /** room -> {since: last sequence seen (the resume position), acked: joined on this connection, users} */
     this._rooms = new Map();
     /** messages waiting for their room to be (re)joined: {room, frame, resolve, reject} */
     this._queue = [];

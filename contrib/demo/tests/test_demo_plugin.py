@@ -1,0 +1,99 @@
+"""The demo plugin without a browser: its routes, the connection count and guest names.
+
+The page itself is tested end to end in headless Chromium in
+tests/test_browser_demo.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import httpx
+from forge_streaming import ConnectionRequest, Identity, Streaming, hookimpl
+from forge_streaming.testing import open_connection
+
+ALLOW = ["memory-pubsub", "memory-rooms", "demo"]
+
+
+def make(demo: dict[str, Any] | None = None, plugins: tuple[object, ...] = ()) -> Streaming:
+    config: dict[str, Any] = {"plugins": {"allow": ALLOW}}
+    if demo is not None:
+        config["demo"] = demo
+    return Streaming(config, plugins=plugins)
+
+
+def client(streaming: Streaming) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=streaming.asgi_app()), base_url="http://test")
+
+
+def request(query: str) -> ConnectionRequest:
+    return ConnectionRequest(transport="websocket", path="/ws", query_string=query)
+
+
+async def test_page_script_and_client_are_served() -> None:
+    streaming = make()
+    async with streaming.running(), client(streaming) as http:
+        page = await http.get("/")
+        assert page.status_code == 200
+        assert '<script type="module" src="/demo/app.js">' in page.text
+        config = json.loads(re.search(r'id="demo-config">(.*?)</script>', page.text).group(1))  # type: ignore[union-attr]
+        assert config["defaultRoom"] == "lobby"
+        assert config["transports"] == sorted(streaming.transports)
+        script = await http.get("/demo/app.js")
+        assert script.headers["content-type"].startswith("text/javascript")
+        assert 'from "/forge-streaming.js"' in script.text
+        library = await http.get("/forge-streaming.js")
+        assert library.status_code == 200
+        assert "export class ForgeStreamingClient" in library.text
+        assert (await http.get("/demo/secrets.txt")).status_code == 404
+
+
+async def test_stats_count_open_connections_by_transport() -> None:
+    streaming = make()
+    async with streaming.running(), client(streaming) as http:
+        assert (await http.get("/demo/stats")).json() == {"connections": 0, "by_transport": {}}
+        conn = await open_connection(streaming)
+        assert (await http.get("/demo/stats")).json() == {"connections": 1, "by_transport": {"fake": 1}}
+        await conn.close()
+        assert (await http.get("/demo/stats")).json()["connections"] == 0
+
+
+async def test_page_can_be_turned_off_for_the_kernel_status_page() -> None:
+    streaming = make({"page": False})
+    async with streaming.running(), client(streaming) as http:
+        page = await http.get("/")
+        assert "demo-config" not in page.text
+        assert "<h1>forge-streaming" in page.text
+        assert (await http.get("/demo/stats")).status_code == 200
+
+
+async def test_guest_names_only_anonymous_connections() -> None:
+    streaming = make()
+    async with streaming.running():
+        identity = await streaming.authenticate(request("guest=Ada%20L."))
+        assert identity == Identity("guest:Ada L.", {"name": "Ada L.", "guest": True})
+        assert await streaming.authenticate(request("guest=%3Cscript%3E")) == Identity(
+            "guest:script", {"name": "script", "guest": True})
+        assert await streaming.authenticate(request("")) is None
+        assert await streaming.authenticate(request("guest=%3C%3E")) is None
+
+
+async def test_a_real_identity_wins_over_the_guest_name() -> None:
+    class Auth:
+        @hookimpl
+        def streaming_authenticate(self, request: ConnectionRequest) -> Identity | None:
+            token = request.query.get("token")
+            return Identity("user-42") if token == "ok" else None
+
+    streaming = make(plugins=(Auth(),))
+    async with streaming.running():
+        assert await streaming.authenticate(request("token=ok&guest=mallory")) == Identity("user-42")
+        assert (await streaming.authenticate(request("guest=mallory"))).user_id == "guest:mallory"  # type: ignore[union-attr]
+
+
+async def test_guest_names_can_be_turned_off() -> None:
+    streaming = make({"guest_names": False})
+    async with streaming.running():
+        assert await streaming.authenticate(request("guest=ada")) is None
