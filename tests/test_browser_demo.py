@@ -22,17 +22,15 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from forge_streaming.testing import ServerProcess as Server
 from forge_streaming.testing import free_port
 
 pytest.importorskip("playwright")
@@ -63,46 +61,6 @@ NETWORK_ERRORS = re.compile(
 # -- servers ------------------------------------------------------------------------------
 
 
-class Server:
-    """`forge-streaming serve` on a given port, so a restart comes back where pages expect it."""
-
-    def __init__(self, tmp_path: Path, port: int, config: str | None = None) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tmp_path / f"server-{port}-{uuid.uuid4().hex[:6]}.log"
-        command = [str(BIN / "forge-streaming"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-        if config is not None:
-            path = tmp_path / f"config-{port}.yaml"
-            path.write_text(config)
-            command += ["--config", str(path)]
-        self.proc = subprocess.Popen(
-            command,
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path,
-            env={**os.environ, "FORGE_STREAMING_CONFIG": ""},
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        self.stop(signal.SIGKILL)
-        raise TimeoutError(f"server not ready:\n{self.log.read_text()}")
-
-    def stop(self, sig: int = signal.SIGINT) -> None:
-        """Stop by PID; SIGINT drains (clients are told `server.shutdown`)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[list[Server]]:
     started: list[Server] = []
@@ -113,7 +71,7 @@ def servers(tmp_path: Path) -> Iterator[list[Server]]:
 
 
 def start(servers: list[Server], tmp_path: Path, port: int | None = None, config: str | None = None) -> Server:
-    server = Server(tmp_path, port or free_port(), config)
+    server = Server(tmp_path, port=port, config=config)
     servers.append(server)
     return server
 

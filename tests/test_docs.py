@@ -6,9 +6,8 @@ import re
 import types
 from pathlib import Path
 
-import pytest
-
 import forge_streaming
+import pytest
 from forge_streaming import hookspecs
 from forge_streaming.plugins import make_plugin_manager
 

@@ -12,7 +12,6 @@ import time
 import httpx
 import pytest
 import websockets
-
 from forge_streaming import Streaming
 from forge_streaming.testing import serve
 
@@ -100,7 +99,7 @@ async def test_soak_thousands_of_connections_open_chat_close():
                     while True:
                         frame = json.loads(await asyncio.wait_for(ws.recv(), 0.3))
                         got += frame.get("type") == "message"
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 return got
 

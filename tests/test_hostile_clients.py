@@ -12,12 +12,11 @@ import struct
 import httpx
 import pytest
 import websockets
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from forge_streaming import Streaming
 from forge_streaming.frames import ProtocolError, parse_client_frame
 from forge_streaming.testing import serve
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("forge_streaming_websocket")
 pytest.importorskip("forge_streaming_sse")
@@ -163,7 +162,7 @@ async def test_flood_is_rate_limited_without_slowing_the_room(server):
     while True:
         try:
             frame = json.loads(await asyncio.wait_for(flooder.recv(), 2))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             break
         if frame.get("type") == "error":
             assert frame["data"]["code"] == "rate_limited" and frame["data"]["retry_after_ms"] >= 1

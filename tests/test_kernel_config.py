@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from forge_streaming import ConfigError, ConfigSection, Duration, Streaming, hookimpl, load_config
 from forge_streaming.config import build_config, parse_duration, parse_size
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-
 from forge_streaming import PluginLoadError, Streaming, hookimpl
 from forge_streaming.plugins import make_plugin_manager
 

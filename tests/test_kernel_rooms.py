@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
 from forge_streaming import Identity, Refused, Streaming, hookimpl
-
 from forge_streaming.testing import open_connection
 
 

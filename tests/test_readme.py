@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets
-
 from forge_streaming.testing import serve
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -7,7 +7,6 @@ import time
 
 import jwt
 import pytest
-
 from forge_streaming import Refused, Streaming
 from forge_streaming.testing import open_connection
 

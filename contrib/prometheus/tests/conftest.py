@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from forge_streaming.testing import free_port
+from forge_streaming.testing import ServerProcess
 from prometheus_client.parser import text_string_to_metric_families
 
 BIN = Path(sys.executable).parent
@@ -52,55 +49,15 @@ async def scraper() -> AsyncIterator[Scraper]:
         yield Scraper(client)
 
 
-class ServerProcess:
-    """A ``forge-streaming serve`` subprocess on a free loopback port; stopped by its PID."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.proc = proc
-        self.url = f"http://127.0.0.1:{port}"
-        self.ws_url = f"ws://127.0.0.1:{port}"
-        self.log = log
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 15) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
-
-
 @pytest.fixture
 def cli_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start ``forge-streaming serve ARGS`` with a YAML config; every process is killed by PID at the end."""
     started: list[ServerProcess] = []
 
     def start(*args: str, config: str = "", ready_timeout: float = 20) -> ServerProcess:
-        port = free_port()
-        path = tmp_path / f"config-{port}.yaml"
-        path.write_text(config)
-        log = tmp_path / f"server-{port}.log"
-        command = [str(BIN / "forge-streaming"), "serve", "--host", "127.0.0.1", "--port", str(port),
-                   "--config", str(path), *args]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-        server = ServerProcess(proc, port, log)
+        server = ServerProcess(tmp_path, *args, config=config, ready_timeout=ready_timeout)
         started.append(server)
-        deadline = time.monotonic() + ready_timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()}")
-            try:
-                with urllib.request.urlopen(server.url + "/healthz", timeout=1):
-                    return server
-            except OSError:
-                time.sleep(0.1)
-        raise TimeoutError(f"server not ready in {ready_timeout}s:\n{server.output()}")
+        return server
 
     yield start
     for server in started:

@@ -207,7 +207,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forge-streaming", description="Real-time rooms over WebSocket, SSE and WebTransport.")
+    parser = argparse.ArgumentParser(
+        prog="forge-streaming", description="Real-time rooms over WebSocket, SSE and WebTransport.")
     parser.add_argument("--version", action="version", version=f"forge-streaming {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

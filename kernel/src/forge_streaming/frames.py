@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 CLIENT_FRAME_TYPES = frozenset({"join", "leave", "message", "typing"})
 MAX_ROOM_ID_LENGTH = 128

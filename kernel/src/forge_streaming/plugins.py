@@ -49,7 +49,9 @@ class PluginManager:
     def hook(self) -> Any:
         return self.pm.hook
 
-    def register(self, plugin: object, name: str | None = None, *, dist: str | None = None, version: str | None = None) -> str:
+    def register(
+        self, plugin: object, name: str | None = None, *, dist: str | None = None, version: str | None = None
+    ) -> str:
         """Register a plugin object (module or instance); validate its hooks at once."""
         label = name or getattr(plugin, "__name__", None) or type(plugin).__name__
         try:

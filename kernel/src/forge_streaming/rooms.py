@@ -8,10 +8,10 @@ a cluster.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
-import time
 
 
 @dataclass(frozen=True, slots=True)

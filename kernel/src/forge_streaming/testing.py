@@ -18,10 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
-
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
 
 from .connection import CloseCode, Connection, ConnectionRequest
 from .errors import ConnectionClosed
@@ -332,7 +340,7 @@ def serve(target: Any, *, host: str = "127.0.0.1", port: int | None = None,
             server.should_exit = True
             try:
                 await asyncio.wait_for(task, 15)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 task.cancel()
 
     return running()
@@ -376,3 +384,68 @@ async def open_connection(streaming: Streaming, **kwargs: Any) -> RecordingConne
     conn.identity = await streaming.authenticate(conn.request)
     await streaming.open(conn)
     return conn
+
+
+# -- `forge-streaming serve` as a subprocess -------------------------------------------
+
+
+class ServerProcess:
+    """``forge-streaming serve`` in a process of its own on loopback, for tests that
+    need a real process: signals, restarts, several nodes. Stopped by its PID.
+
+    ``config`` is YAML text written next to the log in ``workdir``; ``port``
+    defaults to a free one (give the old port to restart "the same" server).
+    """
+
+    def __init__(self, workdir: str | os.PathLike[str], *args: str, port: int | None = None,
+                 config: str | None = None, env: dict[str, str] | None = None,
+                 ready_timeout: float = 20.0) -> None:
+        self.workdir = Path(workdir)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        stamp = f"{self.port}-{uuid.uuid4().hex[:6]}"
+        self.log = self.workdir / f"server-{stamp}.log"
+        command = [str(Path(sys.executable).parent / "forge-streaming"), "serve",
+                   "--host", "127.0.0.1", "--port", str(self.port), *args]
+        if config is not None:
+            path = self.workdir / f"config-{stamp}.yaml"
+            path.write_text(config)
+            command += ["--config", str(path)]
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                         env={**os.environ, "FORGE_STREAMING_CONFIG": "", **(env or {})})
+        self._wait_ready(ready_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1):
+                    return
+            except urllib.error.HTTPError:
+                return  # it answers: up, even if its backend is not
+            except OSError:
+                time.sleep(0.1)
+        self.stop(signal.SIGKILL)
+        raise TimeoutError(f"server not ready in {timeout}s:\n{self.output()}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 15.0) -> int | None:
+        """Send ``sig`` (SIGINT drains), wait, and kill if it does not go; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jwt
-
 from forge_streaming import (
     ClientFrame,
     CloseCode,
