@@ -29,11 +29,11 @@ def test_a_room_emptied_locally_is_unsubscribed_at_the_broker(broker) -> None:
             await a.subscribe("r")
             await b.subscribe("r")
             await b.publish(_envelope("r", 1))
-            await la.wait_for(lambda e: len(e) == 1)
+            await la.wait_for(lambda e: len(e) == 1, timeout=10)
             await a.unsubscribe("r")
             for n in range(2, 12):
                 await b.publish(_envelope("r", n))
-            await lb.wait_for(lambda e: len(e) == 11)
+            await lb.wait_for(lambda e: len(e) == 11, timeout=10)
             await asyncio.sleep(0.2)
             assert len(la.envelopes) == 1
             assert a.counters["unsubscribed_dropped"] == 0, "the broker still sends the room to node a"
@@ -41,7 +41,7 @@ def test_a_room_emptied_locally_is_unsubscribed_at_the_broker(broker) -> None:
             await a.stop()
             await b.stop()
 
-    run(scenario())
+    run(scenario(), timeout=30)
 
 
 def test_outage_buffer_is_bounded_and_drops_the_oldest(own_broker) -> None:
@@ -87,7 +87,7 @@ def test_a_node_starts_degraded_without_a_broker_and_catches_up() -> None:
         finally:
             await backend.stop()
 
-    run(scenario())
+    run(scenario(), timeout=30)
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
@@ -129,4 +129,4 @@ def test_room_ids_with_topic_characters_stay_one_level(broker) -> None:
         finally:
             await backend.stop()
 
-    run(scenario())
+    run(scenario(), timeout=30)

@@ -154,7 +154,7 @@ async def test_broker_killed_and_restarted_mid_stream(own_broker, cluster) -> No
                     return (await http.get(f"{node.url}/healthz")).status_code
 
             status = 200
-            for _ in range(200):
+            for _ in range(500):  # up to ~10 s on a loaded machine; it normally takes milliseconds
                 status = await health(b)
                 if status == 503:
                     break

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -146,9 +147,11 @@ class MqttLink:
             timeout=max(self.settings.connect_timeout, 1.0),
             tls_context=tls_context,
             queue_type=_dispatching_queue(self._on_message),
-            max_inflight_messages=1000,
+            max_inflight_messages=self.settings.max_inflight,
             max_queued_outgoing_messages=max(self.settings.outgoing_buffer, 1000),  # past it: Sent.FULL
             logger=logging.getLogger("forge_streaming.mqtt.paho"),
+            # small packets (PUBACKs, single messages) must not wait for Nagle's algorithm
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         client.pending_calls_threshold = 1_000_000  # we never wait on publishes; subscribes are few
         return client
@@ -172,8 +175,11 @@ class MqttLink:
             except asyncio.CancelledError:
                 self._forget()
                 raise
-            except Exception as exc:  # MqttError, OSError, a failing on_connect: all mean "reconnect"
+            except aiomqtt.MqttError as exc:
                 self.last_error = str(exc) or type(exc).__name__
+            except Exception as exc:  # a bug in on_connect: say so loudly, then retry like any failure
+                log.exception("MQTT %s: setting up the connection to %s failed", self.role, self.url)
+                self.last_error = f"{type(exc).__name__}: {exc}"
             was_up = self.state is LinkState.UP
             self._forget()
             self.state = LinkState.DOWN
@@ -194,7 +200,7 @@ class MqttLink:
     # -- using the connection ------------------------------------------------------
 
     def publish_nowait(self, topic: str, payload: bytes, *, qos: int, retain: bool = False,
-                       properties: Properties | None = None) -> Sent:
+                       properties: Any = None) -> Sent:
         """Hand a message to the connection without waiting for the broker."""
         client = self._paho
         if client is None:
@@ -222,12 +228,6 @@ class MqttLink:
 
 def publish_properties() -> Properties:
     return Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-
-
-def user_properties(pairs: list[tuple[str, str]]) -> Properties:
-    props = publish_properties()
-    props.UserProperty = pairs
-    return props
 
 
 def read_user_properties(message: aiomqtt.Message) -> dict[str, str]:

@@ -27,17 +27,18 @@ from forge_streaming import (
     Streaming,
     StreamingConfig,
 )
-from paho.mqtt.properties import Properties
 
 from .history import RoomLogs
 from .ingest import DevicePayloadError, parse_device_payload
-from .link import MqttLink, Sent, publish_properties, read_user_properties, user_properties
+from .link import MqttLink, Sent, publish_properties, read_user_properties
+from .rooms import MqttRoomStore
 from .settings import SECTION, MqttSettings
 from .topics import PROP_KIND, PROP_NODE, PROP_SENDER, PROP_SEQUENCE, Topics
+from .wire import UserProperties
 
 log = logging.getLogger("forge_streaming.mqtt")
 
-_Outgoing = tuple[str, bytes, Properties]
+_Outgoing = tuple[str, bytes, UserProperties]
 
 
 class MqttPubSub(PubSubBackend):
@@ -62,6 +63,8 @@ class MqttPubSub(PubSubBackend):
         self._max_message_size = max_message_size
         self._ingest_queue: asyncio.Queue[tuple[str, bytes]] | None = None
         self._ingest_task: asyncio.Task[None] | None = None
+        self._ingest_subscribe: asyncio.Task[None] | None = None
+        self._store_health: Callable[[], BackendHealth] | None = None
 
     @classmethod
     def from_config(cls, config: StreamingConfig) -> MqttPubSub:
@@ -95,18 +98,23 @@ class MqttPubSub(PubSubBackend):
 
     def attach(self, streaming: Streaming) -> None:
         """Let device publishes become room messages through ``streaming.publish`` (after start)."""
+        store = streaming.store
+        self._store_health = store.health if isinstance(store, MqttRoomStore) else None
         if self._streaming is not None or not self.settings.ingest:
             return
         self._streaming = streaming
         self._ingest_queue = asyncio.Queue(maxsize=max(self.settings.outgoing_buffer, 1))
         self._ingest_task = asyncio.create_task(self._ingest_loop(), name="forge-mqtt-ingest")
         if self._link is not None and self._link.client is not None:
-            asyncio.create_task(self._subscribe_quietly([self.topics.ingest_shared]))
+            self._ingest_subscribe = asyncio.create_task(self._subscribe_quietly([self.topics.ingest_shared]))
 
     def health(self) -> BackendHealth:
         if self._link is None:
             return super().health()
         health = self._link.health()
+        store = self._store_health() if self._store_health is not None else None
+        if health.ok and store is not None and not store.ok:
+            health = BackendHealth(store.state, f"room store: {store.detail}")
         if self.counters["buffer_dropped"]:
             return BackendHealth(health.state, f"{health.detail}; {self.counters['buffer_dropped']} messages "
                                                "dropped from the outgoing buffer")
@@ -161,7 +169,7 @@ class MqttPubSub(PubSubBackend):
             pairs.append((PROP_SEQUENCE, str(envelope.sequence)))
         if envelope.sender is not None:
             pairs.append((PROP_SENDER, envelope.sender))
-        props = user_properties(pairs)
+        props = UserProperties(pairs)
         while self._ready and self._link is not None:
             sent = self._link.publish_nowait(topic, envelope.payload, qos=self._qos, properties=props)
             if sent is Sent.OK:
@@ -173,7 +181,7 @@ class MqttPubSub(PubSubBackend):
             await asyncio.sleep(0.001)
         self._hold(topic, envelope.payload, props)
 
-    def _hold(self, topic: str, payload: bytes, props: Properties) -> None:
+    def _hold(self, topic: str, payload: bytes, props: UserProperties) -> None:
         limit = self.settings.outgoing_buffer
         if limit == 0:
             self.counters["buffer_dropped"] += 1

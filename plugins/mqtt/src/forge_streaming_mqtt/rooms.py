@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import aiomqtt
-from forge_streaming import Member, RoomStore, StreamingConfig
+from forge_streaming import BackendHealth, BackendState, Member, RoomStore, StreamingConfig
 
 from .link import MqttLink
 from .settings import SECTION, MqttSettings
@@ -95,6 +95,10 @@ class MqttRoomStore(RoomStore):
             await link.stop()
         self._local.clear()
         self._remote.clear()
+
+    def health(self) -> BackendHealth:
+        """The broker connection's state; the MQTT backend reports it in ``/healthz`` too."""
+        return self._link.health() if self._link is not None else BackendHealth(BackendState.CONNECTING)
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
         assert self._link is not None

@@ -42,6 +42,9 @@ class MqttSettings(ConfigSection):
     reconnect_max: Duration = 5.0
     outgoing_buffer: int = Field(10_000, ge=0)
     """Room messages kept while the broker is unreachable; past it the oldest are dropped (and counted)."""
+    max_inflight: int = Field(20, ge=1, le=65535)
+    """Unacknowledged QoS 1/2 publishes in flight; keep it at or below the broker's receive maximum
+    (Mosquitto's ``max_inflight_messages``, 20 by default): paho-mqtt does not read it from the broker."""
     history_timeout: Duration = 1.0
     """How long a resume waits for another node to answer a history request."""
     subscribe_mode: Literal["rooms", "wildcard"] = "rooms"
