@@ -160,3 +160,37 @@ async def test_refused_join_raises_with_the_reason():
         await streaming.handle_client_frame(conn, '{"type":"join","room_id":"vip"}')
         assert conn.frames("error")[-1]["data"] == {"code": "members_only", "message": "members only"}
         assert conn.rooms == set()
+
+
+async def test_a_failing_plugin_is_named_and_closes_only_the_connection_it_served(caplog):
+    class Buggy:
+        @hookimpl
+        async def streaming_message_received(self, connection, frame):
+            if frame.data == "boom":
+                raise ZeroDivisionError("bug in the plugin")
+
+    streaming = Streaming({}, plugins=[Buggy()])
+    async with streaming.running():
+        victim, bystander = await open_connection(streaming), await open_connection(streaming)
+        for conn in (victim, bystander):
+            await conn.join_room("r")
+        await streaming.handle_client_frame(victim, '{"type":"message","room_id":"r","data":"boom"}')
+        assert victim.id not in streaming.connections and victim.close_code == 1011
+        assert bystander.id in streaming.connections
+        await streaming.handle_client_frame(bystander, '{"type":"message","room_id":"r","data":"fine"}')
+        assert bystander.close_code is None
+    failure = [r for r in caplog.records if "failed in streaming_message_received" in r.getMessage()]
+    assert failure and "Buggy" in failure[0].getMessage() and failure[0].levelname == "ERROR"
+
+
+async def test_a_failing_authenticate_hook_refuses_with_500():
+    class Broken:
+        @hookimpl
+        def streaming_authenticate(self, request):
+            raise KeyError("no such header")
+
+    streaming = Streaming({}, plugins=[Broken()])
+    async with streaming.running():
+        with pytest.raises(Refused) as info:
+            await open_connection(streaming)
+        assert (info.value.status, info.value.close_code) == (500, 1011)

@@ -169,3 +169,34 @@ async def test_resync_is_followed_by_what_history_still_holds():
         assert kinds[-4:] == [("system", "resync"), ("message", 3), ("message", 4), ("message", 5)]
         joined = late.frames("system")[0]
         assert joined["event"] == "room.joined" and joined["data"]["sequence"] >= first
+
+
+async def test_connection_and_room_limits_refuse_with_a_status():
+    class ByHeader:
+        @hookimpl
+        def streaming_authenticate(self, request):
+            return Identity(request.headers.get("x-user", "anon"))
+
+    service = Streaming({"limits": {"max_connections": 4, "max_connections_per_ip": 3,
+                                    "max_connections_per_user": 2, "max_rooms_per_connection": 2}},
+                        plugins=[ByHeader()])
+    async with service.running():
+        a1 = await open_connection(service, headers={"x-user": "a"})
+        a2 = await open_connection(service, headers={"x-user": "a"})
+        with pytest.raises(Refused) as per_user:
+            await open_connection(service, headers={"x-user": "a"})
+        assert (per_user.value.status, per_user.value.code) == (429, "too_many_connections")
+        await open_connection(service, headers={"x-user": "b"})
+        with pytest.raises(Refused) as per_ip:
+            await open_connection(service, headers={"x-user": "c"})
+        assert per_ip.value.status == 429
+        await open_connection(service, headers={"x-user": "d"}, client=("127.0.0.2", 1))
+        with pytest.raises(Refused) as full:
+            await open_connection(service, headers={"x-user": "e"}, client=("127.0.0.3", 1))
+        assert (full.value.status, full.value.code) == (503, "server_full")
+        await a1.close()
+        await open_connection(service, headers={"x-user": "e"}, client=("127.0.0.3", 1))
+        await a2.join_room("one")
+        await a2.join_room("two")
+        with pytest.raises(Refused, match="at most 2 rooms"):
+            await a2.join_room("three")

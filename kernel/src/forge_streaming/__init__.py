@@ -16,6 +16,7 @@ from .delivery import BufferedWriter, FlushScheduler
 from .errors import (
     ConfigError,
     ConnectionClosed,
+    HookFailed,
     PluginLoadError,
     Refused,
     StreamingError,
@@ -48,7 +49,7 @@ def get_streaming(app_or_request: Any) -> Streaming:
 __all__ = [
     "BackendHealth", "BackendListener", "BackendState", "BufferedWriter", "ClientFrame", "CloseCode",
     "ConfigError", "ConfigSection", "Connection", "ConnectionClosed", "ConnectionRequest", "ConnectionState",
-    "Duration", "Envelope", "EnvelopeKind", "FlushScheduler", "Handler", "Identity", "Member", "Message",
+    "Duration", "Envelope", "EnvelopeKind", "FlushScheduler", "Handler", "HookFailed", "Identity", "Member", "Message",
     "OutboundFrame", "PluginLoadError", "ProtocolError", "PubSubBackend", "PublishMessage", "Refused",
     "RoomStore", "ServiceState", "Size", "Streaming", "StreamingConfig", "StreamingError", "Transport",
     "UnknownTransport", "__version__", "get_streaming", "hookimpl", "load_config", "new_extension",

@@ -23,6 +23,20 @@ class PluginLoadError(StreamingError):
     """
 
 
+class HookFailed(StreamingError):
+    """A plugin's hook implementation raised; ``plugin`` and ``hook`` say whose and which.
+
+    The kernel logs it with the plugin's name and closes only the connection
+    the hook was serving (1011), or refuses the connection being opened.
+    """
+
+    def __init__(self, plugin: str, hook: str, error: BaseException) -> None:
+        super().__init__(f"plugin {plugin!r} failed in {hook}: {type(error).__name__}: {error}")
+        self.plugin = plugin
+        self.hook = hook
+        self.error = error
+
+
 class Refused(StreamingError):
     """A hook refused a connection or a room join.
 

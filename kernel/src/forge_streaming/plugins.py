@@ -19,7 +19,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginLoadError
+from .errors import HookFailed, PluginLoadError, StreamingError
 
 log = logging.getLogger("forge_streaming.plugins")
 
@@ -114,18 +114,46 @@ class PluginManager:
         return result
 
     def call(self, name: str, **kwargs: Any) -> list[Any]:
-        """Call a synchronous hook; results of every implementation."""
-        return getattr(self.pm.hook, name)(**kwargs)  # type: ignore[no-any-return]
+        """Call a synchronous hook; results of every implementation.
+
+        An implementation that raises (other than the kernel's own errors,
+        such as ``Refused``) comes out as :class:`HookFailed` naming the plugin.
+        """
+        try:
+            return getattr(self.pm.hook, name)(**kwargs)  # type: ignore[no-any-return]
+        except StreamingError:
+            raise
+        except Exception as exc:
+            raise HookFailed(self._culprit(name, exc), name, exc) from exc
 
     async def acall(self, name: str, **kwargs: Any) -> list[Any]:
         """Call a hook whose implementations may be ``async def``; await each in turn."""
-        results = getattr(self.pm.hook, name)(**kwargs)
+        results = self.call(name, **kwargs)
         out = []
-        for result in results:
+        for index, result in enumerate(results):
             if inspect.isawaitable(result):
-                result = await result
+                try:
+                    result = await result
+                except BaseException as exc:
+                    for pending in results[index + 1:]:  # never started: close them quietly
+                        if inspect.iscoroutine(pending):
+                            pending.close()
+                    if isinstance(exc, Exception) and not isinstance(exc, StreamingError):
+                        raise HookFailed(self._culprit(name, exc), name, exc) from exc
+                    raise
             out.append(result)
         return out
+
+    def _culprit(self, hook: str, exc: BaseException) -> str:
+        """The name of the plugin whose implementation is in the traceback."""
+        codes = {getattr(impl.function, "__code__", None): impl.plugin_name
+                 for impl in getattr(self.pm.hook, hook).get_hookimpls()}
+        tb = exc.__traceback__
+        culprit = "unknown"
+        while tb is not None:
+            culprit = codes.get(tb.tb_frame.f_code, culprit)
+            tb = tb.tb_next
+        return culprit
 
 
 def _from(dist: str | None) -> str:

@@ -29,7 +29,7 @@ from . import frames
 from .config import StreamingConfig, build_config, read_yaml
 from .connection import CloseCode, Connection, ConnectionRequest, ConnectionState, Identity
 from .delivery import FlushScheduler
-from .errors import ConfigError, ConnectionClosed, PluginLoadError, Refused, UnknownTransport
+from .errors import ConfigError, ConnectionClosed, HookFailed, PluginLoadError, Refused, UnknownTransport
 from .frames import ClientFrame, OutboundFrame, ProtocolError
 from .history import RoomHistory, Sequencer
 from .limits import TokenBucket
@@ -301,7 +301,14 @@ class Streaming:
         if self.state is not ServiceState.RUNNING:
             raise Refused("server is not accepting connections", status=503, close_code=1013, code="unavailable")
         identity = None
-        for result in await self.plugins.acall("streaming_authenticate", request=request, streaming=self):
+        try:
+            results = await self.plugins.acall("streaming_authenticate", request=request, streaming=self)
+        except HookFailed as exc:
+            log.error("%s; refusing the %s connection to %s", exc, request.transport, request.path,
+                      exc_info=exc.error)
+            raise Refused("internal error", status=500, close_code=CloseCode.INTERNAL_ERROR,
+                          code="internal_error") from exc
+        for result in results:
             if result is not None and identity is None:
                 identity = result
         return identity
@@ -346,7 +353,10 @@ class Streaming:
             except Exception:  # a failing store must not keep a dead connection around
                 log.exception("leaving room %r for closed connection %s failed", room, conn.id)
         conn.log.debug("connection %s closed (%s %s)", conn.id, code, reason)
-        await self.plugins.acall("streaming_disconnected", connection=conn, code=code, reason=reason)
+        try:
+            await self.plugins.acall("streaming_disconnected", connection=conn, code=code, reason=reason)
+        except HookFailed as exc:
+            conn.log.error("%s (connection %s)", exc, conn.id, exc_info=exc.error)
 
     def dropped(self, conn: Connection, reason: str) -> None:
         """A transport or the kernel dropped ``conn`` for cause (slow consumer, ...)."""
@@ -501,7 +511,10 @@ class Streaming:
             return
         started = time.perf_counter()
         await self.backend.publish(envelope)
-        self._published_hook(streaming=self, envelope=envelope, seconds=time.perf_counter() - started)
+        try:
+            self._published_hook(streaming=self, envelope=envelope, seconds=time.perf_counter() - started)
+        except Exception:
+            log.exception("a streaming_published hook failed (room %r)", envelope.room)
 
     async def broadcast(self, room: str, message: Any) -> int | None:
         """Publish ``message`` to everyone in ``room`` (the seed's ``Broadcast``)."""
@@ -532,7 +545,10 @@ class Streaming:
                     delivered += 1
         self.counters["deliveries"] += delivered
         if self._has_deliver_hook:
-            self._deliver_hook(envelope=envelope, recipients=delivered, streaming=self)
+            try:
+                self._deliver_hook(envelope=envelope, recipients=delivered, streaming=self)
+            except Exception:
+                log.exception("a streaming_delivered hook failed (room %r); fan-out goes on", room)
 
     def on_resync(self, reason: str) -> None:
         """The backend may have lost messages: every local member is told to resync."""
@@ -577,6 +593,9 @@ class Streaming:
         except Refused as exc:
             self.rejected(conn, exc.code, exc.reason)
             conn.send_frame(frames.error_frame(exc.code, exc.reason))
+        except HookFailed as exc:
+            conn.log.error("%s while serving connection %s; closing it", exc, conn.id, exc_info=exc.error)
+            await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def rejected(self, conn: Connection, code: str, message: str) -> None:
         """Count a refused client frame and tell the plugins (``streaming_frame_rejected``)."""

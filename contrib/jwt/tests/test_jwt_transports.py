@@ -1,0 +1,53 @@
+"""JWT over real transports: refused before the WebSocket upgrade (403) and the SSE stream (401);
+a live WebSocket is closed with 1008 when its token expires."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import jwt
+import pytest
+import websockets
+
+from forge_streaming import Streaming
+from forge_streaming.testing import serve
+
+pytest.importorskip("forge_streaming_websocket")
+pytest.importorskip("forge_streaming_sse")
+
+SECRET = "test-secret-that-is-long-enough-for-hs256"
+
+
+def token(**claims):
+    claims.setdefault("sub", "alice")
+    claims.setdefault("exp", int(time.time()) + 3600)
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+async def test_refused_before_the_websocket_upgrade_and_the_sse_stream():
+    async with serve(Streaming({"jwt": {"secret": SECRET}})) as server:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(server.ws_url + "/ws?token=garbage")
+        assert refused.value.response.status_code == 401
+        async with httpx.AsyncClient(timeout=5) as client:
+            answer = await client.get(server.url + "/sse?rooms=r")
+            assert answer.status_code == 401 and answer.json()["error"] == "unauthenticated"
+        async with websockets.connect(server.ws_url + "/ws",
+                                      additional_headers={"Authorization": f"Bearer {token()}"}) as ws:
+            await ws.send(json.dumps({"type": "join", "room_id": "r"}))
+            joined = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert joined["data"]["user_id"] == "alice"
+
+
+async def test_expired_token_closes_a_live_websocket_with_1008():
+    async with serve(Streaming({"jwt": {"secret": SECRET}})) as server:
+        async with websockets.connect(server.ws_url + f"/ws?token={token(exp=int(time.time()) + 1)}") as ws:
+            frames = []
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    frames.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
+            assert ws.close_code == 1008 and ws.close_reason == "token expired"
+            assert frames[-1]["event"] == "token.expired"
