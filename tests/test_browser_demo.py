@@ -452,3 +452,28 @@ def test_webtransport_keepalive_outlives_the_idle_timeout(servers: list[Server],
     assert page.page.evaluate(f"window.probes[{quiet}].client.state") == "open"
     page.page.evaluate("window.probes.forEach(p => p.client.close())")
     assert page.unexpected_errors() == []
+
+
+def test_readme_browser_snippet_runs_as_written(servers: list[Server], tmp_path: Path, open_page,
+                                                 browser: Browser) -> None:
+    """The README's <script type="module"> block, in a page of the server's origin, says hello to the lobby."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    snippet = re.search(r'<script type="module">\n(.*?)</script>', readme, flags=re.S)
+    assert snippet, "README.md has no browser snippet"
+    server = start(servers, tmp_path)
+    watcher = open_page(server.url, name="watcher", room="lobby")
+    watcher.expect_state("open")
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error"
+                and not m.location.get("url", "").endswith("/favicon.ico") else None)
+        page.goto(server.url + "/healthz")
+        page.add_script_tag(content=snippet.group(1), type="module")
+        watcher.expect_message("hello")
+        assert errors == []
+    finally:
+        context.close()
+    assert watcher.unexpected_errors() == []
