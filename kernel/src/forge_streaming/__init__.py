@@ -23,6 +23,7 @@ from .errors import (
     UnknownTransport,
 )
 from .frames import ClientFrame, Message, OutboundFrame, ProtocolError
+from .history import RoomHistory
 from .hookspecs import hookimpl
 from .pubsub import BackendHealth, BackendListener, BackendState, Envelope, EnvelopeKind, PubSubBackend
 from .rooms import Member, RoomStore
@@ -51,6 +52,6 @@ __all__ = [
     "ConfigError", "ConfigSection", "Connection", "ConnectionClosed", "ConnectionRequest", "ConnectionState",
     "Duration", "Envelope", "EnvelopeKind", "FlushScheduler", "Handler", "HookFailed", "Identity", "Member", "Message",
     "OutboundFrame", "PluginLoadError", "ProtocolError", "PubSubBackend", "PublishMessage", "Refused",
-    "RoomStore", "ServiceState", "Size", "Streaming", "StreamingConfig", "StreamingError", "Transport",
+    "RoomHistory", "RoomStore", "ServiceState", "Size", "Streaming", "StreamingConfig", "StreamingError", "Transport",
     "UnknownTransport", "__version__", "get_streaming", "hookimpl", "load_config", "new_extension",
 ]

@@ -66,6 +66,10 @@ class RoomHistory:
             self._logs.move_to_end(room)
         return log
 
+    def forget(self, room: str) -> None:
+        """Drop ``room``'s log (this node stopped listening to it)."""
+        self._logs.pop(room, None)
+
     def track(self, room: str) -> None:
         """Start vouching for ``room`` from now on (this node began listening)."""
         log = self._log(room)

@@ -235,6 +235,3 @@ def read_user_properties(message: aiomqtt.Message) -> dict[str, str]:
     pairs = getattr(props, "UserProperty", None) if props is not None else None
     return dict(pairs) if pairs else {}
 
-
-def now_us() -> int:
-    return time.time_ns() // 1000

@@ -24,11 +24,11 @@ from forge_streaming import (
     Envelope,
     EnvelopeKind,
     PubSubBackend,
+    RoomHistory,
     Streaming,
     StreamingConfig,
 )
 
-from .history import RoomLogs
 from .ingest import DevicePayloadError, parse_device_payload
 from .link import MqttLink, Sent, publish_properties, read_user_properties
 from .rooms import MqttRoomStore
@@ -54,7 +54,7 @@ class MqttPubSub(PubSubBackend):
         self._listener: BackendListener | None = None
         self._link: MqttLink | None = None
         self._rooms: set[str] = set()
-        self._logs = RoomLogs(history_size)
+        self._logs = RoomHistory(size=history_size, max_rooms=100_000)
         self._buffer: deque[_Outgoing] = deque()
         self._ready = False  # connected, resubscribed and flushed: publish goes straight out
         self._gap = False  # a connection was lost (or never made): resync on the next connect
@@ -133,7 +133,7 @@ class MqttPubSub(PubSubBackend):
             topics.append(self.topics.ingest_shared)
         await self._link.subscribe(topics, self._qos)
         for room in self._rooms:
-            self._logs.vouch_from_now(room)
+            self._logs.track(room)  # vouch only from the new subscription on
         flushed = 0
         while self._buffer:
             item = self._buffer.popleft()
@@ -243,7 +243,7 @@ class MqttPubSub(PubSubBackend):
         self._logs.track(room)
         if self.settings.subscribe_mode == "rooms":
             await self._subscribe_quietly([self.topics.messages(room)])
-        self._logs.vouch_from_now(room)
+        self._logs.track(room)  # again: vouch only from the acknowledged subscription on
 
     async def unsubscribe(self, room: str) -> None:
         if room not in self._rooms:
@@ -327,7 +327,7 @@ class MqttPubSub(PubSubBackend):
         except (ValueError, KeyError, TypeError):
             log.warning("MQTT pubsub: malformed history request on %s ignored", message.topic.value)
             return
-        if node == self._node or not response_topic or not isinstance(room, str) or not self._logs.tracks(room):
+        if node == self._node or not response_topic or not isinstance(room, str) or room not in self._rooms:
             return
         entries = self._logs.since(room, since)
         body = {"room_id": room, "node": self._node, "complete": entries is not None,
