@@ -24,7 +24,6 @@ import enum
 import logging
 import socket
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
