@@ -11,7 +11,6 @@ import httpx
 import jwt
 import pytest
 import websockets
-
 from forge_streaming import Streaming
 from forge_streaming.testing import serve
 
