@@ -9,8 +9,8 @@ into an error frame (``{"type":"error","event":"message.rejected",...}``).
 from __future__ import annotations
 
 import json
+import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -98,13 +98,23 @@ def encode(frame: dict[str, Any]) -> bytes:
 
 
 def new_message_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as hex, like a UUID4's, at a sixth of uuid4()'s cost (once per message)."""
+    return os.urandom(16).hex()
+
+
+_second: list[Any] = [-1, ""]  # the whole second last formatted, and its text
 
 
 def now_iso() -> str:
-    """RFC 3339 UTC timestamp with milliseconds, as the Forge extension sends."""
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+    """RFC 3339 UTC timestamp with milliseconds, as the Forge extension sends.
+
+    The seconds part is formatted once per second: this runs once per message.
+    """
+    ms = time.time_ns() // 1_000_000
+    second, millis = divmod(ms, 1000)
+    if second != _second[0]:
+        _second[0], _second[1] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second[1]}.{millis:03d}Z"
 
 
 def message_frame(

@@ -129,6 +129,8 @@ class PluginManager:
     async def acall(self, name: str, **kwargs: Any) -> list[Any]:
         """Call a hook whose implementations may be ``async def``; await each in turn."""
         results = self.call(name, **kwargs)
+        if not any(inspect.isawaitable(r) for r in results):
+            return results  # the common case, and the one with no implementations at all
         out = []
         for index, result in enumerate(results):
             if inspect.isawaitable(result):
