@@ -233,7 +233,7 @@ class Streaming:
             cutoff = time.monotonic() - timeout
             for conn in [c for c in self.connections.values() if c.last_activity < cutoff]:
                 self.dropped(conn, "idle timeout")
-                asyncio.ensure_future(conn.close(CloseCode.GOING_AWAY, "idle timeout"))
+                self._background(conn.close(CloseCode.GOING_AWAY, "idle timeout"))
 
     async def stop(self) -> None:
         if self.state is ServiceState.STOPPED:
@@ -245,8 +245,10 @@ class Streaming:
             handle.cancel()
         self._lingering.clear()
         for transport in self.transports.values():
-            with contextlib.suppress(Exception):
+            try:
                 await transport.stop()
+            except Exception:  # one transport failing to stop must not keep the others running
+                log.exception("transport %s failed to stop", transport.name)
         await self.plugins.acall("streaming_shutdown", streaming=self)
         await self.backend.stop()
         await self.store.stop()
