@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from typing import TYPE_CHECKING, Any
@@ -60,6 +60,41 @@ class Identity:
     claims: Mapping[str, Any] = field(default_factory=dict)
 
 
+class ScopeHeaders(Mapping[str, str]):
+    """A read-only view of an ASGI scope's header list, as ``{lower-case name: value}``.
+
+    Names and values are decoded (latin-1) when looked up, not copied at
+    connection time; a repeated header gives its last value, as a dict built
+    from the list would.
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: Sequence[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def __getitem__(self, name: str) -> str:
+        if not isinstance(name, str):
+            raise KeyError(name)
+        size = len(name)
+        for key, value in reversed(self._raw):
+            if len(key) == size and key.decode("latin-1").lower() == name:
+                return value.decode("latin-1")
+        raise KeyError(name)
+
+    def _names(self) -> dict[str, None]:
+        return dict.fromkeys(key.decode("latin-1").lower() for key, _ in self._raw)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self.items())!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionRequest:
     """What a client sent when it opened a connection, on any transport.
@@ -91,7 +126,8 @@ class ConnectionRequest:
 
     @classmethod
     def from_scope(cls, transport: str, scope: Mapping[str, Any]) -> ConnectionRequest:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        raw = scope.get("headers", ())
+        headers = ScopeHeaders(raw if isinstance(raw, (list, tuple)) else tuple(raw))
         client = scope.get("client")
         return cls(
             transport=transport,

@@ -53,7 +53,7 @@ class FlushScheduler:
 class BufferedWriter:
     """Bounded, coalescing writes to one connection's transport."""
 
-    __slots__ = ("_target", "_limit", "_scheduler", "_on_overflow", "_pending", "_pending_size", "closed")
+    __slots__ = ("_target", "_limit", "_scheduler", "_on_overflow", "_pending", "_pending_size", "closed", "_join")
 
     def __init__(
         self,
@@ -62,11 +62,15 @@ class BufferedWriter:
         limit: int,
         scheduler: FlushScheduler,
         on_overflow: Callable[[int], None],
+        join: Callable[[list[bytes], int], bytes] | None = None,
     ) -> None:
+        """``join(pending, size)``, if given, makes the one write of a flush from the pending
+        pieces (it may consume the list), e.g. to frame them as one unit of the wire protocol."""
         self._target = target
         self._limit = limit
         self._scheduler = scheduler
         self._on_overflow = on_overflow
+        self._join = join
         self._pending: list[bytes] = []
         self._pending_size = 0
         self.closed = False
@@ -94,7 +98,10 @@ class BufferedWriter:
         if not self._pending or self.closed:
             return
         pending = self._pending
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        if self._join is not None:
+            data = self._join(pending, self._pending_size)
+        else:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
         self._pending = []
         self._pending_size = 0
         if self._target.is_closing():

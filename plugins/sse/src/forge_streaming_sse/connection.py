@@ -35,7 +35,7 @@ from forge_streaming import (
 )
 
 from . import cursor, events
-from .protocol import DirectWrite
+from .protocol import DirectWrite, chunk_join
 
 if TYPE_CHECKING:
     from .transport import SSETransport
@@ -111,6 +111,13 @@ class SSEConnection(Connection):
     """
 
     transport = "sse"
+    # This class's attributes are slots: with them in the instance dict too, a stream has more
+    # attributes than CPython shares dict keys for (30), which slows every attribute and
+    # method lookup on it, `deliver` included. The kernel's attributes stay in __dict__.
+    __slots__ = ("_sse", "room_endpoint", "token", "send_url", "last_event_id", "closed", "_finished", "_task",
+                 "_writer", "_target", "_direct", "_pump", "_watcher", "_keepalive", "_active", "_prefix",
+                 "_pos", "_pending", "_resuming", "_held", "_one", "_one_seq", "_pinged_seq",
+                 "_inbox", "_inbox_ready")
 
     def __init__(self, request: ConnectionRequest, streaming: Streaming, *, sse: SSETransport,
                  room_endpoint: bool) -> None:
@@ -138,6 +145,11 @@ class SSEConnection(Connection):
         self._pending: set[str] = set()
         self._resuming: set[str] = set()
         self._held: dict[str, list[OutboundFrame]] = {}
+        # the fast path (see deliver): while the cursor is one room and nothing is resumed or
+        # prefixed, that room and its position live here instead of in _pos
+        self._one: str | None = None
+        self._one_seq = 0
+        self._pinged_seq = 0
         self._inbox: deque[str] = deque()
         self._inbox_ready = asyncio.Event()
 
@@ -194,10 +206,17 @@ class SSEConnection(Connection):
         await self.send_event(events.Event(text))
 
     def deliver(self, frame: OutboundFrame) -> None:
+        seq = frame.sequence
+        if seq is not None and seq > self._one_seq and frame.room == self._one:
+            # the fast path: a member of one room (the common case) gets the frame's shared
+            # `id: room:seq` event; its position is the sequence of the last frame it was given
+            self._one_seq = seq
+            self._writer.write(frame.encoded("sse.id1", _single_id))  # type: ignore[union-attr]
+            return
         writer = self._writer
         if writer is None or writer.closed:
             return
-        seq = frame.sequence
+        self._settle()
         if seq is not None:
             room: str = frame.room  # type: ignore[assignment]
             if self._resuming and room in self._resuming:
@@ -226,6 +245,24 @@ class SSEConnection(Connection):
             data, self._prefix = self._prefix + data, b""
         self._active = True
         writer.write(data)
+        if len(self._pos) == 1:
+            self._refresh()
+
+    def _settle(self) -> None:
+        """Leave the fast path: the room's position goes back into ``_pos``."""
+        one = self._one
+        if one is not None:
+            self._pos[one] = self._one_seq
+            self._one = None
+
+    def _refresh(self) -> None:
+        """Take the fast path when the cursor names one room and nothing is being resumed or prefixed."""
+        self._settle()
+        pos = self._pos
+        if (len(pos) == 1 and not self._resuming and not self._pending and not self._prefix
+                and self._writer is not None):
+            for room, seq in pos.items():
+                self._one, self._one_seq = room, seq
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """End the stream, telling the client why; waits until it is cleaned up."""
@@ -242,6 +279,7 @@ class SSEConnection(Connection):
 
     def _sync_rooms(self) -> bool:
         """Bring the cursor's rooms in line with the joined rooms; True if it changed."""
+        self._settle()
         want = self.rooms | self._pending if self._pending else self.rooms
         if want == self._pos.keys():
             return False
@@ -254,6 +292,7 @@ class SSEConnection(Connection):
                 seq = max(latest(room) or 0, time.time_ns() // 1000 - 1)
             positions[room] = seq
         self._pos = positions
+        self._refresh()
         return True
 
     async def join_from(self, raw: str, room: str, since: int | None) -> None:
@@ -266,6 +305,7 @@ class SSEConnection(Connection):
         if since is None:
             await self.streaming.handle_client_frame(self, raw)
             return
+        self._settle()
         have = self._pos.get(room, since) if room in self.rooms else since
         if room not in self.rooms:
             self._pending.add(room)
@@ -279,6 +319,7 @@ class SSEConnection(Connection):
             held = self._held.pop(room, [])
             if room not in self.rooms:
                 self._sync_rooms()
+            self._refresh()
             for frame in sorted(held, key=_sequence):
                 if frame.sequence is not None and frame.sequence > have:
                     have = frame.sequence
@@ -294,14 +335,17 @@ class SSEConnection(Connection):
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         direct = scope.get("extensions", {}).get("forge_streaming.sse") if fast_path else None
         if isinstance(direct, DirectWrite) and direct.usable():
+            # the writer writes to the socket itself, each flush framed as one HTTP chunk
             self._direct = self._target = direct
+            sink: asyncio.Transport | QueueTarget = direct.transport
+            join: Callable[[list[bytes], int], bytes] | None = chunk_join
         else:
-            target = QueueTarget()
-            self._target = target
-            self._pump = asyncio.ensure_future(target.pump(send))
+            sink = self._target = QueueTarget()
+            join = None
+            self._pump = asyncio.ensure_future(sink.pump(send))
         limit = settings.send_buffer or self.streaming.config.limits.send_buffer
-        self._writer = BufferedWriter(self._target, limit=limit, scheduler=self.streaming.flusher,
-                                      on_overflow=self._overflow)
+        self._writer = BufferedWriter(sink, limit=limit, scheduler=self.streaming.flusher,
+                                      on_overflow=self._overflow, join=join)
         self._watcher = asyncio.ensure_future(self._watch(receive))
         if settings.keep_alive_interval > 0:
             self._keepalive = asyncio.get_running_loop().call_later(settings.keep_alive_interval, self._ping)
@@ -310,6 +354,7 @@ class SSEConnection(Connection):
     def _write(self, data: bytes) -> None:
         if self._prefix:
             data, self._prefix = self._prefix + data, b""
+            self._refresh()
         self._active = True
         self._writer.write(data)  # type: ignore[union-attr]
 
@@ -318,9 +363,10 @@ class SSEConnection(Connection):
             return
         if self._writer is not None and self._writer.unsent == 0:
             self.touch()  # the client drained all we sent: a listening stream is not idle
-        if not self._active:
+        if not self._active and self._one_seq == self._pinged_seq:  # nothing sent, not even on the fast path
             self._writer.write(events.KEEP_ALIVE)  # type: ignore[union-attr]
         self._active = False
+        self._pinged_seq = self._one_seq
         self._keepalive = asyncio.get_running_loop().call_later(self._sse.settings.keep_alive_interval, self._ping)
 
     async def _watch(self, receive: Receive) -> None:

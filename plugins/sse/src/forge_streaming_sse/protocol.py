@@ -19,12 +19,23 @@ EXTENSION = "forge_streaming.sse"
 TERMINATOR = b"0\r\n\r\n"
 
 
+def chunk_join(pending: list[bytes], size: int) -> bytes:
+    """A :class:`forge_streaming.BufferedWriter` ``join``: the events of one flush as ONE HTTP/1.1 chunk.
+
+    The chunk header and trailer go in with the events in the one join, so
+    the body bytes are copied once per flush, whatever the number of events.
+    """
+    pending.insert(0, b"%x\r\n" % size)
+    pending.append(b"\r\n")
+    return b"".join(pending)
+
+
 class DirectWrite:
     """The asyncio transport under one request, for writing the chunked body directly.
 
-    Also a ``WriteTarget`` for :class:`forge_streaming.BufferedWriter`: each
-    write becomes one HTTP/1.1 chunk (the writer already joined the events
-    of one loop iteration).
+    :meth:`write` sends one HTTP/1.1 chunk. A stream's
+    :class:`forge_streaming.BufferedWriter` writes to :attr:`transport` itself
+    and frames each flush with :func:`chunk_join`.
     """
 
     __slots__ = ("transport", "cycle")

@@ -8,12 +8,20 @@ flushes the writer's pending bytes first, so control frames never
 overtake or split delivery data. Closes initiated here flush first too,
 and a peer that does not finish the closing handshake is cut after a
 timeout instead of holding its socket open forever.
+
+Idle connections are kept small: the parsed handshake request and the
+handshake response are let go once the handshake is done (the app keeps
+the ASGI scope's header list), uvicorn's ``asyncio.Queue`` and
+``asyncio.Event`` (a deque each, ~760 bytes, four in all) are replaced by
+:class:`_ReceiveQueue` and :class:`_WritableEvent`, which allocate only
+while something is queued or waiting, and uvicorn's attributes live in
+slots (a protocol has more attributes than CPython shares dict keys for).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from forge_streaming import BufferedWriter
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -44,11 +52,144 @@ class _OrderedTransport:
         return getattr(self._transport, name)
 
 
+_T = TypeVar("_T")
+
+
+class _ReceiveQueue(Generic[_T]):
+    """What uvicorn uses of ``asyncio.Queue`` (unbounded, FIFO), allocating only while in use.
+
+    Items live in a list read from ``_head`` (no deque per connection); the
+    list is emptied whenever the reader catches up, so it stays short.
+    """
+
+    __slots__ = ("_items", "_head", "_getters")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._head = 0
+        self._getters: list[asyncio.Future[None]] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) - self._head
+
+    def empty(self) -> bool:
+        return self._head >= len(self._items)
+
+    def full(self) -> bool:
+        return False
+
+    def put_nowait(self, item: _T) -> None:
+        self._items.append(item)
+        if self._getters:
+            self._wake_next()
+
+    async def put(self, item: _T) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> _T:
+        items = self._items
+        head = self._head
+        if head >= len(items):
+            raise asyncio.QueueEmpty
+        item: _T = items[head]
+        head += 1
+        if head >= len(items):
+            items.clear()
+            head = 0
+        else:
+            items[head - 1] = None  # drop the reference now
+        self._head = head
+        return item
+
+    async def get(self) -> _T:
+        while self.empty():
+            if self._getters is None:
+                self._getters = []
+            getter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                getter.cancel()
+                if getter in self._getters:
+                    self._getters.remove(getter)
+                elif not self.empty():
+                    self._wake_next()  # this getter was woken for an item it will not take
+                raise
+        return self.get_nowait()
+
+    def _wake_next(self) -> None:
+        getters = self._getters
+        while getters:
+            getter = getters.pop(0)
+            if not getter.done():
+                getter.set_result(None)
+                return
+
+
+class _WritableEvent(asyncio.Event):
+    """``asyncio.Event`` whose waiter list exists only while someone waits (it is set almost always)."""
+
+    def __init__(self) -> None:  # not super().__init__(): that allocates the deque this class avoids
+        self._value = False
+        self._waiters: list[asyncio.Future[bool]] | None = None  # type: ignore[assignment]
+
+    def is_set(self) -> bool:
+        return self._value
+
+    def set(self) -> None:
+        if not self._value:
+            self._value = True
+            waiters = self._waiters
+            if waiters:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._value = False
+
+    async def wait(self) -> bool:  # type: ignore[override]
+        if self._value:
+            return True
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters
+        if waiters is None:
+            waiters = self._waiters = []
+        waiters.append(waiter)
+        try:
+            return await waiter
+        finally:
+            waiters.remove(waiter)
+            if not waiters and self._waiters is waiters:
+                self._waiters = None
+
+
+# Every instance attribute of uvicorn's protocol and ours: over 30 names, CPython stops sharing
+# the instance dict's keys and each protocol would carry a full dict of its own (~1.6 KB).
+# A name missing here (a newer uvicorn) simply lands in the instance dict.
+_PROTOCOL_SLOTS = (
+    "config", "app", "loop", "logger", "root_path", "asgi_version", "app_state", "connections", "tasks",
+    "default_headers", "transport", "server", "client", "scheme", "queue", "handshake_initiated",
+    "handshake_complete", "close_sent", "disconnected", "close_timer", "close_timeout", "initial_response",
+    "conn", "read_paused", "writable", "ping_interval", "ping_timeout", "ping_timer", "pong_timer",
+    "pending_ping_payload", "ping_sent_at", "last_ping_rtt", "frames", "curr_msg_data_type", "request",
+    "response", "scope",
+    "raw_transport", "writer", "close_record",
+)
+
+
 class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
     """Pass as uvicorn's ``ws=`` (``Transport.server_options`` does)."""
 
+    __slots__ = _PROTOCOL_SLOTS
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.queue = _ReceiveQueue()  # type: ignore[assignment]
+        writable = _WritableEvent()
+        writable.set()
+        self.writable = writable
         self.raw_transport: asyncio.Transport | None = None
         self.writer: BufferedWriter | None = None
         self.close_record: tuple[int, str] | None = None
@@ -61,16 +202,31 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
+        # The request was only needed to build the response and the scope (which has its own copy of
+        # the headers). uvicorn never reads ``self.request`` again, and websockets' parser generator
+        # keeps the Request object alive for the connection's life: drop its headers too.
+        del self.request
+        event.headers.clear()
         scope = getattr(self, "scope", None)
         if scope is not None and not self.close_sent:
             # The app task was created but has not run yet: it will see this.
             scope["extensions"][EXTENSION] = self
 
     async def send(self, message: Any) -> None:
+        handshake_pending = not self.handshake_complete
         await super().send(message)
         if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
             # uvicorn would log "returned without completing handshake" for a deliberate HTTP refusal
             self.handshake_complete = True
+        if handshake_pending and self.handshake_complete:
+            self.release_handshake()
+
+    def release_handshake(self) -> None:
+        """Let go of the handshake response: uvicorn reads it only to send the accept."""
+        try:
+            del self.response
+        except AttributeError:
+            pass
 
     def flush_pending(self) -> None:
         writer = self.writer

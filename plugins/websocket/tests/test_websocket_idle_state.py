@@ -1,0 +1,128 @@
+"""What an open, idle connection keeps: no handshake leftovers, no per-connection deques.
+
+These pin the state, not sizes: the parsed request and the handshake
+response are gone once the handshake is done, the receive queue and the
+``writable`` event are the plugin's light ones, and the kernel's request
+headers are a view over the ASGI scope rather than a second copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from forge_streaming import Streaming
+from forge_streaming.connection import ConnectionRequest, ScopeHeaders
+from forge_streaming.testing import serve
+from forge_streaming_websocket.protocol import ForgeWebSocketProtocol, _ReceiveQueue, _WritableEvent
+from websockets.asyncio.client import connect
+
+
+async def test_open_connection_keeps_no_handshake_leftovers() -> None:
+    streaming = Streaming()
+    seen: dict[str, Any] = {}
+    release = asyncio.Event()
+
+    @streaming.handle_websocket("/idle")
+    async def idle(conn: Any) -> None:
+        seen["conn"] = conn
+        seen["protocol"] = conn._protocol
+        await conn.write_message("ready")
+        await release.wait()
+
+    async with serve(streaming) as server:
+        headers = {"Cookie": "a=1; b=two", "X-Token": "t1"}
+        async with connect(server.ws_url + "/idle?room=k", additional_headers=headers) as ws:
+            assert await asyncio.wait_for(ws.recv(), 5) == "ready"
+            protocol: Any = seen["protocol"]
+            assert isinstance(seen["protocol"], ForgeWebSocketProtocol)
+            assert protocol.handshake_complete
+            # uvicorn's copies of the handshake are released...
+            assert not hasattr(protocol, "request")
+            assert not hasattr(protocol, "response")
+            # ...and so are the headers of the Request websockets' parser generator still refers to
+            frame = protocol.conn.parser.gi_frame
+            request = frame.f_locals.get("request") if frame is not None else None
+            if request is not None:
+                assert not request.headers
+            # light replacements for asyncio.Queue / asyncio.Event, no waiter list while nobody waits
+            assert type(protocol.queue) is _ReceiveQueue
+            assert type(protocol.writable) is _WritableEvent
+            assert protocol.writable.is_set() and protocol.writable._waiters is None
+            # uvicorn's attributes are in slots: the instance dict stays empty
+            assert vars(protocol) == {}, f"add {sorted(vars(protocol))} to _PROTOCOL_SLOTS"
+            # the kernel's request reads the scope's header list instead of copying it
+            conn = seen["conn"]
+            assert isinstance(conn.request.headers, ScopeHeaders)
+            assert conn.request.headers["x-token"] == "t1"
+            assert conn.request.headers["host"] == f"127.0.0.1:{server.port}"
+            assert conn.request.cookies == {"a": "1", "b": "two"}
+            assert conn.query("room") == "k"
+            # the connection still works both ways
+            release.set()
+            await asyncio.wait_for(ws.wait_closed(), 5)
+        assert ws.close_code == 1000
+
+
+def test_scope_headers_view_reads_like_the_dict_it_replaces() -> None:
+    raw = [(b"Host", b"example.org"), (b"x-dup", b"first"), (b"cookie", b"a=1"), (b"X-Dup", b"caf\xe9")]
+    request = ConnectionRequest.from_scope("websocket", {"path": "/ws", "headers": raw})
+    expected = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
+    assert request.headers == expected
+    assert list(request.headers) == list(expected)
+    assert len(request.headers) == 3
+    assert request.headers["x-dup"] == "café"  # the last of a repeated header, as the dict had it
+    assert request.headers.get("Host") is None  # names are lower-case, lookups are exact
+    assert request.headers.get(None) is None  # type: ignore[call-overload]
+    assert "cookie" in request.headers and request.cookies == {"a": "1"}
+    with pytest.raises(KeyError):
+        request.headers["origin"]
+    assert request.origin is None
+    # direct construction with a dict keeps working (other transports and tests build requests)
+    assert ConnectionRequest("fake", "/", headers={"origin": "o"}).origin == "o"
+    # a one-shot iterable of headers is read once, not consumed by the first lookup
+    once = ConnectionRequest.from_scope("websocket", {"headers": iter(raw)})
+    assert once.headers["host"] == "example.org" and once.headers["host"] == "example.org"
+
+
+async def test_receive_queue_is_fifo_and_passes_on_a_cancelled_wakeup() -> None:
+    queue: _ReceiveQueue[int] = _ReceiveQueue()
+    assert queue.empty() and queue.qsize() == 0 and not queue.full()
+    for n in range(5):
+        queue.put_nowait(n)
+    assert queue.qsize() == 5
+    assert [await queue.get() for _ in range(3)] == [0, 1, 2]
+    queue.put_nowait(5)
+    assert [queue.get_nowait() for _ in range(3)] == [3, 4, 5]
+    assert queue.empty() and queue._items == [] and queue._head == 0
+    with pytest.raises(asyncio.QueueEmpty):
+        queue.get_nowait()
+
+    first = asyncio.ensure_future(queue.get())
+    second = asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait(7)  # wakes the first getter, which is cancelled before it runs
+    first.cancel()
+    assert await asyncio.wait_for(second, 1) == 7
+    assert first.cancelled()
+    assert not queue._getters
+
+
+async def test_writable_event_waits_and_wakes_every_waiter() -> None:
+    event = _WritableEvent()
+    assert not event.is_set()
+    waiters = [asyncio.ensure_future(event.wait()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert event._waiters is not None and len(event._waiters) == 3
+    event.set()
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [True, True, True]
+    assert event._waiters is None
+    assert await event.wait() is True  # set: returns at once
+    event.clear()
+    cancelled = asyncio.ensure_future(event.wait())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert event._waiters is None and not event.is_set()
