@@ -47,7 +47,8 @@ lint: test-deps
 	$(BIN)/ruff check kernel plugins contrib tests
 
 bench: test-deps
-	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+	$(BIN)/pip install -q -e 'contrib/bench[peers]'
+	$(BIN)/python -m forge_streaming_bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import json
 import logging
@@ -136,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = DrainingServer(config, streaming)
     print(f"forge-streaming {__version__} serving on http://{host}:{port}", file=sys.stderr, flush=True)
     try:
-        asyncio.run(server.serve())
+        server.run()  # uvicorn's own loop choice: uvloop when installed
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         pass
     return 0

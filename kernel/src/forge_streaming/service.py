@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import frames
+from . import frames, loopguard
 from .config import StreamingConfig, build_config, read_yaml
 from .connection import CloseCode, Connection, ConnectionRequest, ConnectionState, Identity
 from .delivery import FlushScheduler
@@ -193,7 +193,9 @@ class Streaming:
         if self.state is not ServiceState.CREATED:
             return
         self.state = ServiceState.STARTING
-        self.flusher = FlushScheduler(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        loopguard.install(loop)
+        self.flusher = FlushScheduler(loop)
         await self.store.start(self.node_id)
         await self.backend.start(self.node_id, self)
         for transport in self.transports.values():

@@ -126,3 +126,45 @@ async def test_writable_event_waits_and_wakes_every_waiter() -> None:
     with pytest.raises(asyncio.CancelledError):
         await cancelled
     assert event._waiters is None and not event.is_set()
+
+
+async def test_reading_stops_only_when_the_handler_falls_behind() -> None:
+    """No pause per message (two epoll syscalls each): reading stops past READ_AHEAD waiting messages."""
+    from forge_streaming_websocket.protocol import READ_AHEAD
+
+    streaming = Streaming()
+    seen: dict[str, Any] = {}
+    go = asyncio.Event()
+
+    @streaming.handle_websocket("/lazy")
+    async def lazy(conn: Any) -> None:
+        seen["protocol"] = conn._protocol
+        await conn.write_message("ready")
+        await go.wait()
+        while True:
+            seen.setdefault("read", []).append((await conn.read_message()).data)
+
+    async with serve(streaming) as server:
+        async with connect(server.ws_url + "/lazy") as ws:
+            assert await asyncio.wait_for(ws.recv(), 5) == "ready"
+            protocol: Any = seen["protocol"]
+            await ws.send("first")
+            for _ in range(50):
+                if protocol.queue.qsize() == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert protocol.queue.qsize() == 1 and not protocol.read_paused, "one waiting message: keep reading"
+            for n in range(READ_AHEAD * 4):
+                await ws.send(f"m{n}")
+            for _ in range(100):
+                if protocol.read_paused:
+                    break
+                await asyncio.sleep(0.01)
+            assert protocol.read_paused, "past READ_AHEAD waiting messages, reading stops"
+            go.set()
+            for _ in range(200):
+                if len(seen.get("read", [])) == READ_AHEAD * 4 + 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert seen["read"] == ["first"] + [f"m{n}" for n in range(READ_AHEAD * 4)]
+            assert not protocol.read_paused

@@ -179,6 +179,10 @@ _PROTOCOL_SLOTS = (
 )
 
 
+READ_AHEAD = 16
+"""Messages a connection may have waiting for its handler before reading stops."""
+
+
 class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
     """Pass as uvicorn's ``ws=`` (``Transport.server_options`` does)."""
 
@@ -220,6 +224,23 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
             self.handshake_complete = True
         if handshake_pending and self.handshake_complete:
             self.release_handshake()
+
+    def send_receive_event_to_app(self) -> None:
+        """Queue a received message; stop reading only when the app is READ_AHEAD messages behind.
+
+        uvicorn pauses reading after every message and resumes when the app
+        takes it: two epoll syscalls per message. Reading ahead a little keeps
+        memory bounded and saves them (telling uvicorn it is already paused
+        skips its pause).
+        """
+        if self.read_paused or self.queue.qsize() >= READ_AHEAD:
+            super().send_receive_event_to_app()
+            return
+        self.read_paused = True
+        try:
+            super().send_receive_event_to_app()
+        finally:
+            self.read_paused = False
 
     def release_handshake(self) -> None:
         """Let go of the handshake response: uvicorn reads it only to send the accept."""

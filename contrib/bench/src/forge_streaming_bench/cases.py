@@ -1,0 +1,309 @@
+"""The benchmark cases: which servers, which load, which figures.
+
+Each case returns a :class:`Case`: rows of figures per server (the first
+row of a comparison is ours, the ratio base), plus servers that could not
+be measured here and why. Servers are started per case and always killed
+by PID (``with servers.start(...)``), also when a run fails.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import servers
+from .runner import median_run, run_loadgen
+from .servers import KINDS, ServerKind
+
+WS_SERVERS = ["ours", "websockets", "starlette", "socketio", "node-ws"]
+
+
+@dataclass
+class Options:
+    sizes: list[int]
+    deliveries: int
+    repeats: int
+    echo_pairs: int
+    echo_rounds: int
+    idle_connections: int
+    capacity_target: int
+    probe_messages: int
+    servers: list[str]
+    workdir: Path
+    fd_limit: int = 0
+
+
+@dataclass
+class Case:
+    name: str
+    title: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    not_measured: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def messages_for(n: int, deliveries: int) -> int:
+    """Burst size M for N members: about ``deliveries`` deliveries, 10 to 2,000 messages."""
+    return max(10, min(2000, deliveries // n))
+
+
+def _kinds(opts: Options, names: list[str], case: Case) -> list[ServerKind]:
+    chosen = []
+    for name in names:
+        if name not in opts.servers:
+            continue
+        why = KINDS[name].missing()
+        if why:
+            case.not_measured[name] = why
+        else:
+            chosen.append(KINDS[name])
+    return chosen
+
+
+def _fanout_runs(opts: Options, running: list[servers.Running], dialect: str, n: int, m: int,
+                 extra: dict[str, Any] | None = None, pids: list[int] | None = None) -> dict[str, Any]:
+    servers.wait_idle([r.pid for r in running])
+    spec = {"scenario": "fanout", "members": n, "messages": m, "dialect": dialect, "bursts": opts.repeats,
+            "targets": [{"port": r.port} for r in running], "pids": pids or [r.pid for r in running],
+            "setup_timeout": 60 + n // 20, "quiesce_limit": 30 + n // 30, "burst_timeout": 120,
+            "hard_timeout": 400 + n // 20 + 60 * opts.repeats, **(extra or {})}
+    result = run_loadgen(spec)
+    runs = result.get("runs") or [result]
+    return median_run(runs, "server_us_per_delivery")
+
+
+def fanout(opts: Options) -> Case:
+    """(1) One room, N members, a burst of M ~100-byte messages, every WebSocket server.
+
+    The room is filled once per (server, N); the repeated bursts reuse it,
+    since filling a room of 10,000 takes minutes on some servers.
+    """
+    case = Case("fanout", "WebSocket room fan-out")
+    started = time.monotonic()
+    for kind in _kinds(opts, WS_SERVERS, case):
+        try:
+            with servers.start(kind, opts.workdir) as running:
+                for n in opts.sizes:
+                    result = _fanout_runs(opts, [running], kind.dialect, n, messages_for(n, opts.deliveries))
+                    case.rows.append({"server": kind.name, "label": kind.label, "n": n, **result})
+        except Exception as exc:  # a peer that fails to start is reported, the others still run
+            case.rows.append({"server": kind.name, "label": kind.label, "n": 0, "error": str(exc)[:300]})
+    case.seconds = time.monotonic() - started
+    return case
+
+
+def echo(opts: Options) -> Case:
+    """(2) Round trips through the server: P pairs ping-ponging in their own rooms, all at once."""
+    case = Case("echo", "Echo round trip under load")
+    started = time.monotonic()
+    for kind in _kinds(opts, WS_SERVERS, case):
+        try:
+            with servers.start(kind, opts.workdir) as running:
+                runs = []
+                for _ in range(opts.repeats):
+                    servers.wait_idle([running.pid])
+                    runs.append(run_loadgen({
+                        "scenario": "echo", "pairs": opts.echo_pairs, "rounds": opts.echo_rounds,
+                        "dialect": kind.dialect, "targets": [{"port": running.port}], "pids": [running.pid],
+                        "timeout": 120, "hard_timeout": 300}))
+                case.rows.append({"server": kind.name, "label": kind.label,
+                                  **median_run(runs, "server_us_per_round_trip")})
+        except Exception as exc:
+            case.rows.append({"server": kind.name, "label": kind.label, "error": str(exc)[:300]})
+    case.seconds = time.monotonic() - started
+    return case
+
+
+def memory(opts: Options) -> Case:
+    """(3a) Server RSS growth per idle connection at ``idle_connections`` connections."""
+    case = Case("memory", f"Idle memory per connection ({opts.idle_connections:,} connections)")
+    started = time.monotonic()
+    for kind in _kinds(opts, WS_SERVERS, case):
+        try:
+            with servers.start(kind, opts.workdir) as running:
+                servers.wait_idle([running.pid])
+                result = run_loadgen({
+                    "scenario": "idle", "connections": opts.idle_connections, "dialect": kind.dialect,
+                    "targets": [{"port": running.port}], "pids": [running.pid], "hold": 3.0,
+                    "timeout": 300, "hard_timeout": 400})
+                case.rows.append({"server": kind.name, "label": kind.label, **result})
+        except Exception as exc:
+            case.rows.append({"server": kind.name, "label": kind.label, "error": str(exc)[:300]})
+    case.seconds = time.monotonic() - started
+    return case
+
+
+def capacity(opts: Options) -> Case:
+    """(3b) The most concurrent connections one node holds, up to ``capacity_target``.
+
+    Spread over several load processes (each under its own fd limit) and
+    several 127.0.0.x source addresses (the ephemeral ports per address pair).
+    """
+    case = Case("capacity", f"Concurrent connections on one node (target {opts.capacity_target:,})")
+    started = time.monotonic()
+    kinds = _kinds(opts, ["ours"], case)
+    per_process = max(1000, (opts.fd_limit or 20_000) - 500)
+    processes = math.ceil(opts.capacity_target / per_process)
+    for kind in kinds:
+        with servers.start(kind, opts.workdir) as running:
+            share = math.ceil(opts.capacity_target / processes)
+            budget = 30 + opts.capacity_target * 0.004  # seconds to open them all: 230 s for 50,000
+            hold_until = time.time() + budget
+            specs = [{"scenario": "idle", "connections": share, "dialect": kind.dialect,
+                      "targets": [{"port": running.port}], "pids": [running.pid], "hold": 3.0,
+                      "hold_until": hold_until, "hard_timeout": budget + 60, "concurrency": 200,
+                      "connect_timeout": 5, "stop_after_failures": 200, "source_offset": i}
+                     for i in range(processes)]
+            with concurrent.futures.ThreadPoolExecutor(processes) as pool:
+                results = list(pool.map(run_loadgen, specs))
+            held = sum(r.get("held", 0) for r in results)
+            server_fds = max((r.get("server_fds", 0) for r in results), default=0)
+            errors = sorted({r.get("last_error") or r.get("error", "") for r in results} - {""})
+            alive = running.proc.poll() is None
+            case.rows.append({"server": kind.name, "label": kind.label, "target": opts.capacity_target,
+                              "held": held, "server_fds": server_fds, "processes": processes,
+                              "failures": sum(r.get("failures", 0) for r in results),
+                              "errors": errors[:3], "server_alive": alive})
+    case.notes.append(
+        f"Idle WebSocket connections (handshake done, no room) opened by {processes} load-generator process(es) "
+        f"at most 200 handshakes at a time, each process stopping after 200 failed attempts; 'held' is counted "
+        f"by all processes at one instant, 3 s after the opening budget. RLIMIT_NOFILE in force for every "
+        f"process, the server's included: {opts.fd_limit:,}, so one node cannot hold more than about that many "
+        "here; a failed attempt past it is a handshake the server never answered (accept() fails with EMFILE).")
+    case.seconds = time.monotonic() - started
+    return case
+
+
+def sse(opts: Options) -> Case:
+    """(4) SSE members of one room (publisher on WebSocket), ours and sse-starlette, plus ours on WebSocket."""
+    case = Case("sse", "SSE fan-out")
+    started = time.monotonic()
+    sizes = [n for n in opts.sizes if n <= 1000] or opts.sizes[:1]
+    plan = [("ours", "/sse?rooms=bench", "forge-streaming (/sse)"),
+            ("sse-starlette", "/sse", KINDS["sse-starlette"].label),
+            ("ours", None, "forge-streaming (/ws), same run")]
+    available = {k.name for k in _kinds(opts, ["ours", "sse-starlette"], case)}
+    for name, path, label in plan:
+        if name not in available:
+            continue
+        kind = KINDS[name]
+        try:
+            with servers.start(kind, opts.workdir) as running:
+                for n in sizes:
+                    result = _fanout_runs(opts, [running], "room", n, messages_for(n, opts.deliveries),
+                                          {"sse_path": path} if path else None)
+                    case.rows.append({"server": f"{name}{'-ws' if path is None else ''}", "label": label,
+                                      "n": n, **result})
+        except Exception as exc:
+            case.rows.append({"server": name, "label": label, "n": 0, "error": str(exc)[:300]})
+    case.seconds = time.monotonic() - started
+    return case
+
+
+def _mosquitto(workdir: Path) -> servers.Running:
+    port = servers.free_port()
+    return servers.start_process("mosquitto", ["mosquitto", "-p", str(port)], workdir, port=port)
+
+
+def _ours_node(workdir: Path, broker_port: int | None, index: int,
+               extra: dict[str, Any] | None = None) -> servers.Running:
+    port = servers.free_port()
+    extra = dict(extra or {})
+    plugins = None
+    if broker_port is not None:
+        extra |= {"pubsub": {"backend": "mqtt", "mqtt": {"url": f"mqtt://127.0.0.1:{broker_port}"}},
+                 "server": {"node_id": f"bench-{index}"}}
+        plugins = [*servers.FIRST_PARTY, "mqtt"]
+    config = servers.ours_config(workdir / f"node-{index}-{port}.yaml", plugins=plugins, extra=extra)
+    command = [str(Path(sys.executable).parent / "forge-streaming"), "serve", "--host", "127.0.0.1",
+               "--port", str(port), "--config", str(config)]
+    return servers.start_process(f"ours-node{index}", command, workdir, port=port)
+
+
+def mqtt(opts: Options) -> Case:
+    """(6) Two nodes over Mosquitto beside one node (memory backend), same N, same burst; plus a paced probe."""
+    case = Case("mqtt", "Two nodes over Mosquitto")
+    started = time.monotonic()
+    if "ours" not in opts.servers:
+        return case
+    if shutil.which("mosquitto") is None:
+        case.not_measured["two-nodes"] = "mosquitto not installed (apt install mosquitto)"
+        return case
+    for module in ("forge_streaming_mqtt", "forge_streaming_websocket"):
+        if importlib.util.find_spec(module) is None:
+            case.not_measured["two-nodes"] = f"{module} not installed"
+            return case
+    n = max(n for n in opts.sizes if n <= 1000) if any(n <= 1000 for n in opts.sizes) else opts.sizes[0]
+    m = messages_for(n, opts.deliveries)
+    probe = {"pace": 0.005, "sample_every": 1}
+    probe_n, probe_m = 20, opts.probe_messages
+    try:
+        with _ours_node(opts.workdir, None, 0) as single:
+            burst = _fanout_runs(opts, [single], "room", n, m)
+            paced = _fanout_runs(opts, [single], "room", probe_n, probe_m, probe)
+        case.rows.append({"server": "one-node", "label": "one node, memory backend", "n": n, **burst,
+                          "probe_p50_ms": paced.get("p50_ms"), "probe_p99_ms": paced.get("p99_ms")})
+        with _mosquitto(opts.workdir) as broker, _ours_node(opts.workdir, broker.port, 1) as a, \
+                _ours_node(opts.workdir, broker.port, 2) as b:
+            time.sleep(1.0)
+            extra = {"broker_pids": [broker.pid]}
+            burst = _fanout_runs(opts, [a, b], "room", n, m, extra)
+            paced = _fanout_runs(opts, [a, b], "room", probe_n, probe_m, {**probe, **extra})
+        by_node = paced.get("p50_ms_by_target") or [None, None]
+        case.rows.append({"server": "two-nodes", "label": "two nodes + Mosquitto (MQTT backend)", "n": n,
+                          **burst, "probe_p50_ms": paced.get("p50_ms"), "probe_p99_ms": paced.get("p99_ms"),
+                          "probe_p50_by_node": by_node})
+    except Exception as exc:
+        case.rows.append({"server": "two-nodes", "label": "two nodes", "n": n, "error": str(exc)[:300]})
+    case.notes.append(
+        f"Burst: N = {n} members split evenly over the nodes, publisher on node 1, M = {m}. Probe: {probe_n} "
+        f"members, {probe_m} messages paced 5 ms apart, every member sampled: its p50 is the latency without "
+        "burst queueing, so two-node minus one-node probe p50 is the broker hop.")
+    case.seconds = time.monotonic() - started
+    return case
+
+
+def webtransport(opts: Options) -> Case:
+    """(5) WebTransport members (aioquic clients) beside WebSocket members of the same server, same burst."""
+    case = Case("webtransport", "WebTransport fan-out")
+    started = time.monotonic()
+    if "ours" not in opts.servers:
+        return case
+    for module in ("forge_streaming_webtransport", "aioquic", "forge_streaming_websocket"):
+        if importlib.util.find_spec(module) is None:
+            case.not_measured["ours"] = f"{module} not installed"
+            return case
+    sizes = [n for n in opts.sizes if n <= 1000] or opts.sizes[:1]
+    deliveries = max(1000, opts.deliveries // 4)
+    for n in sizes:  # a fresh node per N, WebSocket first: nothing left over from another run
+        m = messages_for(n, deliveries)
+        try:
+            with _ours_node(opts.workdir, None, 0, {"webtransport": {"max_sessions": 100_000, "idle_timeout": 0}}) \
+                    as node:
+                for label, extra in (("forge-streaming (/ws), same node", None),
+                                     ("forge-streaming (/wt)", {"wt_port": node.port})):
+                    result = _fanout_runs(opts, [node], "room", n, m, extra)
+                    case.rows.append({"server": "ours-wt" if extra else "ours", "label": label, "n": n, **result})
+        except Exception as exc:
+            case.rows.append({"server": "ours-wt", "label": "forge-streaming (/wt)", "n": n, "error": str(exc)[:300]})
+    case.notes.append(
+        "Members are aioquic clients (one QUIC connection and session each, all in the one load process); the "
+        "publisher is a WebSocket member of the same room. aioquic is pure Python on both sides, so the client's "
+        "CPU per delivery is of the same order as the server's and bounds deliveries/s; bursts are a quarter of "
+        "the WebSocket case's deliveries. The node runs with `webtransport.max_sessions: 100000` and "
+        "`idle_timeout: 0` (members send nothing after joining, and opening 1,000 aioquic sessions takes longer "
+        "than the default 60 s idle timeout).")
+    case.seconds = time.monotonic() - started
+    return case
+
+
+CASES = {"fanout": fanout, "echo": echo, "memory": memory, "capacity": capacity, "sse": sse,
+         "webtransport": webtransport, "mqtt": mqtt}

@@ -1,0 +1,66 @@
+"""Smoke run of the benchmark code: tiny N and M, our server and the raw websockets peer only.
+
+Not a benchmark and no timing assertions: it checks that the harness still
+starts servers, drives them from its load process, counts every delivery
+and writes the report, so the code does not rot between benchmark runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from forge_streaming_bench import cases, report
+from forge_streaming_bench.__main__ import main
+
+pytestmark = pytest.mark.timeout(120)
+needs_websocket = pytest.mark.skipif(importlib.util.find_spec("forge_streaming_websocket") is None,
+                                     reason="the WebSocket transport plugin is not installed")
+
+
+def _options(tmp_path: Path, servers: list[str]) -> cases.Options:
+    return cases.Options(sizes=[20], deliveries=400, repeats=1, echo_pairs=5, echo_rounds=5, idle_connections=50,
+                         capacity_target=0, probe_messages=10, servers=servers, workdir=tmp_path)
+
+
+@pytest.mark.slow
+@needs_websocket
+def test_fanout_counts_every_delivery_on_ours_and_raw_websockets(tmp_path: Path) -> None:
+    case = cases.fanout(_options(tmp_path, ["ours", "websockets"]))
+    assert not case.not_measured
+    by_server = {row["server"]: row for row in case.rows}
+    assert set(by_server) == {"ours", "websockets"}
+    for row in by_server.values():
+        assert "error" not in row, row
+        assert row["received"] == row["expected"] == 20 * 20
+        assert row["lost"] == 0 and row["out_of_order"] == 0
+        assert row["server_us_per_delivery"] > 0
+        assert row["latency_samples"] > 0
+
+
+@pytest.mark.slow
+@needs_websocket
+def test_echo_and_idle_cases_run(tmp_path: Path) -> None:
+    opts = _options(tmp_path, ["ours"])
+    echo = cases.echo(opts)
+    assert echo.rows[0]["round_trips"] == 25, echo.rows
+    memory = cases.memory(opts)
+    assert memory.rows[0]["held"] == 50, memory.rows
+
+
+@pytest.mark.slow
+@needs_websocket
+def test_command_writes_the_report(tmp_path: Path) -> None:
+    output = tmp_path / "BENCHMARKS.md"
+    code = main(["--cases", "fanout", "--servers", "ours,websockets", "--sizes", "10", "--deliveries", "100",
+                 "--repeats", "1", "--output", str(output), "--workdir", str(tmp_path / "work")])
+    assert code == 0
+    text = output.read_text()
+    assert "WebSocket room fan-out" in text and "websockets.broadcast" in text
+    assert "<= 1.0x raw websockets.broadcast" in text
+    assert report.NOT_MEASURED in text  # the cases not asked for are listed as not measured
+
+
+def test_unknown_case_is_refused(tmp_path: Path) -> None:
+    assert main(["--cases", "nope", "--output", str(tmp_path / "B.md")]) == 2
