@@ -41,3 +41,64 @@ class UserProperties:
 
     def pack(self) -> bytes:
         return self._packed
+
+
+class ReceivedProperties:
+    """The properties of a received PUBLISH that carries only User Properties (what nodes send).
+
+    Read like paho's ``Properties``: ``getattr(props, "UserProperty", None)``; any other
+    property (``ResponseTopic``, ``CorrelationData``, ...) is absent. Packets with other
+    properties are parsed by paho as usual (see :func:`parse_user_properties`).
+    """
+
+    __slots__ = ("UserProperty",)
+
+    def __init__(self, pairs: list[tuple[str, str]] | None) -> None:
+        if pairs:
+            self.UserProperty = pairs
+
+    def __repr__(self) -> str:
+        return f"[UserProperty : {getattr(self, 'UserProperty', [])}]"
+
+
+def parse_user_properties(data: bytes | bytearray, pos: int) -> tuple[ReceivedProperties, int] | None:
+    """Parse the property block at ``data[pos:]`` if it holds only User Properties.
+
+    Returns the properties and the position after the block, or None (any other property,
+    or anything malformed: the caller lets paho parse and judge the packet).
+    """
+    length = shift = 0
+    for _ in range(4):
+        if pos >= len(data):
+            return None
+        byte = data[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    else:
+        return None
+    end = pos + length
+    if end > len(data):
+        return None
+    pairs: list[tuple[str, str]] = []
+    try:
+        while pos < end:
+            if data[pos] != 0x26:
+                return None
+            pos += 1
+            strings = []
+            for _ in range(2):
+                size = (data[pos] << 8) | data[pos + 1]
+                pos += 2
+                if pos + size > end:
+                    return None
+                strings.append(data[pos:pos + size].decode("utf-8"))
+                pos += size
+            pairs.append((strings[0], strings[1]))
+    except (IndexError, UnicodeDecodeError):
+        return None
+    if pos != end:
+        return None
+    return ReceivedProperties(pairs), end
