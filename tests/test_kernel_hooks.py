@@ -194,3 +194,22 @@ async def test_a_failing_authenticate_hook_refuses_with_500():
         with pytest.raises(Refused) as info:
             await open_connection(streaming)
         assert (info.value.status, info.value.close_code) == (500, 1011)
+
+
+async def test_failing_counting_hooks_do_not_break_the_caller(caplog):
+    class Broken:
+        @hookimpl
+        def streaming_connection_dropped(self, connection, reason):
+            raise RuntimeError("metrics down")
+
+        @hookimpl
+        def streaming_frame_rejected(self, connection, code, message):
+            raise RuntimeError("metrics down")
+
+    streaming = Streaming({}, plugins=[Broken()])
+    async with streaming.running():
+        conn = await open_connection(streaming)
+        streaming.dropped(conn, "slow consumer")  # must not raise into a transport's write path
+        await streaming.handle_client_frame(conn, "{")
+        assert conn.frames("error")[-1]["data"]["code"] == "invalid_json"
+    assert sum("metrics down" in r.getMessage() for r in caplog.records) == 2

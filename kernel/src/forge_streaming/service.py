@@ -366,7 +366,10 @@ class Streaming:
         """A transport or the kernel dropped ``conn`` for cause (slow consumer, ...)."""
         self.counters[f"dropped.{reason}"] += 1
         conn.log.warning("connection %s dropped: %s", conn.id, reason)
-        self.plugins.call("streaming_connection_dropped", connection=conn, reason=reason)
+        try:  # called from transports' write paths: a failing plugin must not break fan-out
+            self.plugins.call("streaming_connection_dropped", connection=conn, reason=reason)
+        except HookFailed as exc:
+            conn.log.error("%s (connection %s)", exc, conn.id, exc_info=exc.error)
 
     # -- rooms ------------------------------------------------------------------------------
 
@@ -604,7 +607,10 @@ class Streaming:
     def rejected(self, conn: Connection, code: str, message: str) -> None:
         """Count a refused client frame and tell the plugins (``streaming_frame_rejected``)."""
         self.counters[f"rejected.{code}"] += 1
-        self.plugins.call("streaming_frame_rejected", connection=conn, code=code, message=message)
+        try:
+            self.plugins.call("streaming_frame_rejected", connection=conn, code=code, message=message)
+        except HookFailed as exc:
+            conn.log.error("%s (connection %s)", exc, conn.id, exc_info=exc.error)
 
     async def _act(self, conn: Connection, frame: ClientFrame) -> None:
         for result in await self.plugins.acall("streaming_message_received", connection=conn, frame=frame):
