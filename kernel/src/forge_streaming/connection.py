@@ -197,9 +197,6 @@ class Connection(ABC):
         """Publish ``data`` to the other members of ``room``; return its sequence."""
         return await self.streaming.publish(room, data, sender=self)
 
-    def in_room(self, room: str) -> bool:
-        return room in self.rooms
-
     # -- transport -----------------------------------------------------------
 
     @abstractmethod

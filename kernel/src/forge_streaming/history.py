@@ -35,9 +35,6 @@ class Sequencer:
         if sequence > self._last.get(room, 0):
             self._last[room] = sequence
 
-    def forget(self, room: str) -> None:
-        self._last.pop(room, None)
-
 
 class _RoomLog:
     __slots__ = ("entries", "floor")

@@ -407,20 +407,15 @@ class Streaming:
         await self.notify(room, frames.presence_frame("join", room_id=room, user_id=conn.user_id), sender=conn)
         await self.plugins.acall("streaming_room_joined", connection=conn, room=room)
 
-    def _replay(self, conn: Connection, room: str, since: int) -> None:
-        missed = self.history.since(room, since)
-        if missed is None:
-            # Say there is a gap, then send what history does hold after it.
-            conn.send_frame(frames.system_frame("resync", {
-                "room_id": room, "since": since, "reason": "history no longer holds messages after this sequence",
-                "sequence": self.history.latest(room)}))
-            missed = [e for e in self.history.recent(room) if e.sequence is not None and e.sequence > since]
-        for envelope in missed:
-            conn.deliver(OutboundFrame(payload=envelope.payload, room=room, sequence=envelope.sequence))
-
     async def replay(self, conn: Connection, room: str, since: int) -> None:
-        """Send ``conn`` what ``room`` had after ``since``, asking the cluster if needed."""
-        if self.history.since(room, since) is None:
+        """Send ``conn`` what ``room`` had after ``since``, asking the cluster if needed.
+
+        When nobody can vouch for the gap, the client is told ``resync`` and
+        then sent what history does hold after ``since``.
+        """
+        missed = self.history.since(room, since)
+        live: set[bytes] = set()
+        if missed is None:
             heard = {e.payload for e in self.history.recent(room)}
             fetched = await self.backend.fetch_history(room, since)
             if fetched is not None:
@@ -428,13 +423,14 @@ class Streaming:
                 live = {e.payload for e in self.history.recent(room)} - heard
                 self.history.merge(room, since, fetched)
                 missed = self.history.since(room, since)
-                if missed is not None:
-                    for envelope in missed:
-                        if envelope.payload not in live:
-                            conn.deliver(OutboundFrame(payload=envelope.payload, room=room,
-                                                       sequence=envelope.sequence))
-                    return
-        self._replay(conn, room, since)
+        if missed is None:
+            conn.send_frame(frames.system_frame("resync", {
+                "room_id": room, "since": since, "reason": "history no longer holds messages after this sequence",
+                "sequence": self.history.latest(room)}))
+            missed = [e for e in self.history.recent(room) if e.sequence is not None and e.sequence > since]
+        for envelope in missed:
+            if envelope.payload not in live:
+                conn.deliver(OutboundFrame(payload=envelope.payload, room=room, sequence=envelope.sequence))
 
     async def leave(self, conn: Connection, room: str) -> None:
         if room not in conn.rooms:

@@ -14,8 +14,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .connection import Connection
-
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
@@ -59,13 +57,3 @@ class Transport(ABC):
         """What the status page and ``/api/stats`` show of this transport."""
         return {}
 
-
-def serve_connection_error(connection: Connection, exc: BaseException) -> None:
-    """Log a handler failure with the path and connection id (for transports)."""
-    connection.log.error(
-        "handler for %s failed on connection %s: %r",
-        connection.request.path,
-        connection.id,
-        exc,
-        exc_info=exc,
-    )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,21 @@ async def ws_frame(ws: Any, kind: str) -> dict[str, Any]:
             return frame  # type: ignore[no-any-return]
 
 
+@contextlib.asynccontextmanager
+async def chromium_page(url: str, problems: list[str]) -> AsyncIterator[Any]:
+    """Headless Chromium on ``url``; console errors and page errors go to ``problems``."""
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+        try:
+            tab = await browser.new_page()
+            tab.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            tab.on("pageerror", lambda e: problems.append(str(e)))
+            await tab.goto(url)
+            yield tab
+        finally:
+            await browser.close()
+
+
 @pytest.mark.browser
 async def test_chromium_and_websocket_members_share_a_room(make_streaming) -> None:
     streaming = make_streaming()
@@ -63,42 +80,34 @@ async def test_chromium_and_websocket_members_share_a_room(make_streaming) -> No
     app = page_app(streaming, PAGE)
     problems: list[str] = []
 
-    async with serve(app) as srv, playwright_api.async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
-        try:
-            tab = await browser.new_page()
-            tab.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            tab.on("pageerror", lambda e: problems.append(str(e)))
-            await tab.goto(f"{srv.url}/page")
-            await tab.wait_for_function("window.received.some(f => f.event === 'room.joined')", timeout=15_000)
-            assert await tab.evaluate("window.status") == "open"
-            (wt_conn,) = [c for c in streaming.connections.values() if c.transport == "webtransport"]
+    async with serve(app) as srv, chromium_page(f"{srv.url}/page", problems) as tab:
+        await tab.wait_for_function("window.received.some(f => f.event === 'room.joined')", timeout=15_000)
+        assert await tab.evaluate("window.status") == "open"
+        (wt_conn,) = [c for c in streaming.connections.values() if c.transport == "webtransport"]
 
-            async with websockets.connect(f"{srv.ws_url}/ws") as ws:
-                await ws.send(json.dumps({"type": "join", "room_id": "lobby"}))
-                await ws_frame(ws, "system")
-                await tab.wait_for_function("window.received.some(f => f.type === 'join')", timeout=10_000)
+        async with websockets.connect(f"{srv.ws_url}/ws") as ws:
+            await ws.send(json.dumps({"type": "join", "room_id": "lobby"}))
+            await ws_frame(ws, "system")
+            await tab.wait_for_function("window.received.some(f => f.type === 'join')", timeout=10_000)
 
-                await tab.evaluate("window.sendFrame({type: 'message', room_id: 'lobby', data: 'from chromium'})")
-                got = await ws_frame(ws, "message")
-                assert got["data"] == "from chromium" and got["user_id"] == wt_conn.user_id
+            await tab.evaluate("window.sendFrame({type: 'message', room_id: 'lobby', data: 'from chromium'})")
+            got = await ws_frame(ws, "message")
+            assert got["data"] == "from chromium" and got["user_id"] == wt_conn.user_id
 
-                await ws.send(json.dumps({"type": "message", "room_id": "lobby", "data": {"n": 1, "s": "ws ✓"}}))
-                await tab.wait_for_function("window.received.some(f => f.type === 'message')", timeout=10_000)
-                messages = await tab.evaluate("window.received.filter(f => f.type === 'message')")
-                assert [m["data"] for m in messages] == [{"n": 1, "s": "ws ✓"}]
+            await ws.send(json.dumps({"type": "message", "room_id": "lobby", "data": {"n": 1, "s": "ws ✓"}}))
+            await tab.wait_for_function("window.received.some(f => f.type === 'message')", timeout=10_000)
+            messages = await tab.evaluate("window.received.filter(f => f.type === 'message')")
+            assert [m["data"] for m in messages] == [{"n": 1, "s": "ws ✓"}]
 
-                await tab.evaluate("window.closeTransport()")
-                left = await ws_frame(ws, "leave")
-                assert left["user_id"] == wt_conn.user_id
-            for _ in range(100):
-                if not streaming.connections:
-                    break
-                await asyncio.sleep(0.05)
-            assert streaming.connections == {}
-            assert wt_conn.close_code == 4000 and wt_conn.close_reason == "page done"
-        finally:
-            await browser.close()
+            await tab.evaluate("window.closeTransport()")
+            left = await ws_frame(ws, "leave")
+            assert left["user_id"] == wt_conn.user_id
+        for _ in range(100):
+            if not streaming.connections:
+                break
+            await asyncio.sleep(0.05)
+        assert streaming.connections == {}
+        assert wt_conn.close_code == 4000 and wt_conn.close_reason == "page done"
     assert problems == [], problems
 
 
@@ -153,16 +162,8 @@ async def test_chromium_streams_datagrams_and_server_close(make_streaming) -> No
 
     app = page_app(streaming, ECHO_PAGE)
     problems: list[str] = []
-    async with serve(app) as srv, playwright_api.async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
-        try:
-            tab = await browser.new_page()
-            tab.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            tab.on("pageerror", lambda e: problems.append(str(e)))
-            await tab.goto(f"{srv.url}/page")
-            result = await asyncio.wait_for(tab.evaluate("main()"), 20)
-        finally:
-            await browser.close()
+    async with serve(app) as srv, chromium_page(f"{srv.url}/page", problems) as tab:
+        result = await asyncio.wait_for(tab.evaluate("main()"), 20)
     assert result == {"bidi": "bidi hello", "uni": "UNI HELLO", "datagram": "margd",
                       "closed": {"closeCode": 4100, "reason": "echo done"}}
     assert problems == [], problems
