@@ -9,12 +9,14 @@ import uuid
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 from forge_streaming import Envelope
 from forge_streaming.testing import RecordingListener, run
 from forge_streaming_mqtt import MqttPubSub, MqttSettings
 from forge_streaming_mqtt.batching import BatchingSocket
+from forge_streaming_mqtt.link import MqttLink, Sent
 from forge_streaming_mqtt.topics import PROP_KIND, PROP_NODE, PROP_SEQUENCE, Topics
-from forge_streaming_mqtt.wire import UserProperties, parse_user_properties
+from forge_streaming_mqtt.wire import UserProperties, parse_user_properties, qos0_publish_packet
 from paho.mqtt.enums import CallbackAPIVersion
 
 
@@ -140,3 +142,39 @@ def test_user_properties_parse_back_and_anything_else_falls_back_to_paho() -> No
     assert getattr(parse_user_properties(b"\x00", 0)[0], "UserProperty", None) is None  # type: ignore[index]
     assert parse_user_properties(b"\x03\x08\x00\x01", 0) is None  # a Response Topic: paho parses it
     assert parse_user_properties(packed[:-1], 0) is None  # truncated
+
+
+@pytest.mark.parametrize("size", [0, 100, 200, 20_000, 3_000_000])  # remaining length in 1, 2, 3 and 4 bytes
+def test_our_qos0_publish_packet_is_the_one_paho_builds(size: int) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    captured: list[bytes] = []
+    client._sock = object()  # type: ignore[assignment]  # _send_publish only checks that it is set
+    client._packet_queue = lambda command, packet, mid, qos, info=None: captured.append(bytes(packet))  # type: ignore[method-assign]
+    topic, payload = "forge/rooms/caf\u00e9/messages".encode(), bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    props = UserProperties([(PROP_KIND, "message"), (PROP_NODE, "n\u00f6de"), (PROP_SEQUENCE, "12345")])
+    try:
+        client._send_publish(0, topic, payload, 0, False, False, None, props)  # type: ignore[arg-type]
+    finally:
+        client._sock = None
+    assert qos0_publish_packet(topic, props, payload) == captured[0]
+
+
+class _StubPaho:
+    def __init__(self, sock: object | None, queued: int) -> None:
+        self._sock = sock
+        self._out_packet = [{}] * queued
+        self.queued: list[tuple[int, bytes]] = []
+
+    def _packet_queue(self, command: int, packet: bytes, mid: int, qos: int, info: object) -> None:
+        self.queued.append((command, packet))
+
+
+def test_qos0_publishes_are_bounded_like_paho_bounds_qos1() -> None:
+    link = MqttLink(MqttSettings(outgoing_buffer=0), client_id="x", role="test", on_message=lambda m: None,
+                    on_connect=lambda c: asyncio.sleep(0))
+    props = UserProperties([(PROP_KIND, "message")])
+    for sock, queued, expected in ((None, 0, Sent.DOWN), (object(), 999, Sent.OK), (object(), 1000, Sent.FULL)):
+        stub = _StubPaho(sock, queued)
+        link._paho = stub  # type: ignore[assignment]
+        assert link.publish_nowait("t", b"p", qos=0, properties=props) is expected
+        assert len(stub.queued) == (expected is Sent.OK)

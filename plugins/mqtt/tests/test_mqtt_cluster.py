@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import pytest
 from forge_streaming import BackendState, Streaming
 from forge_streaming.testing import RecordingConnection, open_connection
 
@@ -45,8 +46,9 @@ def data_of(conn: RecordingConnection) -> list[Any]:
     return [m["data"] for m in conn.frames("message")]
 
 
-async def test_message_on_one_node_reaches_every_member_once(broker) -> None:
-    async with nodes(broker.url, "a", "b") as (a, b):
+@pytest.mark.parametrize("qos", [0, 1])
+async def test_message_on_one_node_reaches_every_member_once(broker, qos: int) -> None:
+    async with nodes(broker.url, "a", "b", qos=qos) as (a, b):
         alice, carol = await open_connection(a), await open_connection(a)
         bob = await open_connection(b)
         for conn in (alice, carol, bob):
@@ -183,3 +185,14 @@ async def test_healthz_state_covers_the_room_store_connection(broker) -> None:
         await link.stop()
         health = a.health()
         assert not health.ok and health.detail.startswith("room store:")
+
+
+async def test_a_node_that_stops_announces_itself_offline(broker) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    async with Streaming(node_config(broker.url, "leaving", prefix)).running():
+        pass
+    # the status is retained: a subscriber that comes later reads the node's last word
+    read = await asyncio.to_thread(subprocess.run, [
+        "mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", f"{prefix}/nodes/leaving/status",
+        "-C", "1", "-W", "5"], capture_output=True, timeout=10)
+    assert json.loads(read.stdout)["state"] == "offline", read

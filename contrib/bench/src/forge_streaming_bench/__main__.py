@@ -3,7 +3,7 @@
 Presets (every figure can also be set alone):
 
 - ``--quick``: N = 100, small bursts, one run each, 1,000 idle connections (about 2 minutes);
-- default: N = 100 and 1,000, three runs each, 10,000 idle connections (the ``make bench`` run);
+- default: N = 100 and 1,000, five runs each, 10,000 idle connections (the ``make bench`` run);
 - ``--full``: adds N = 10,000 and the 50,000-connection capacity case.
 """
 
@@ -22,7 +22,7 @@ from . import machine, procstat, report
 PRESETS = {
     "quick": {"sizes": [100], "deliveries": 40_000, "repeats": 1, "echo_pairs": 50, "echo_rounds": 20,
               "idle_connections": 1_000, "capacity_target": 0, "probe_messages": 100},
-    "default": {"sizes": [100, 1000], "deliveries": 200_000, "repeats": 3, "echo_pairs": 200, "echo_rounds": 50,
+    "default": {"sizes": [100, 1000], "deliveries": 200_000, "repeats": 5, "echo_pairs": 200, "echo_rounds": 50,
                 "idle_connections": 10_000, "capacity_target": 0, "probe_messages": 200},
     "full": {"sizes": [100, 1000, 10_000], "deliveries": 400_000, "repeats": 3, "echo_pairs": 500,
              "echo_rounds": 50, "idle_connections": 10_000, "capacity_target": 50_000, "probe_messages": 400},

@@ -208,6 +208,7 @@ async def _burst(spec: dict[str, Any], stats: Stats, members: list[Any], pub: Ws
     stats.last_receive = 0.0
     stats.latencies.clear()
     broker0 = _cpu(spec.get("broker_pids") or [])
+    by_pid0 = [procstat.cpu_seconds(pid) for pid in pids]
     cpu0, self0, t0 = _cpu(pids), procstat.self_cpu_seconds(), time.monotonic()
     batch, pace = spec.get("batch", 100), spec.get("pace", 0)
     for i in range(first, first + m if pace else first):  # a paced probe: one message every ``pace`` seconds
@@ -225,6 +226,7 @@ async def _burst(spec: dict[str, Any], stats: Stats, members: list[Any], pub: Ws
         elif time.monotonic() - last_progress > spec.get("stall", 5):
             break
     cpu1, self1 = _cpu(pids), procstat.self_cpu_seconds()
+    by_pid = [procstat.cpu_seconds(pid) - before for pid, before in zip(pids, by_pid0, strict=True)]
     broker_cpu = _cpu(spec["broker_pids"]) - broker0 if spec.get("broker_pids") else None
     elapsed = max(1e-9, (stats.last_receive or time.monotonic()) - t0)
     received = stats.received
@@ -232,7 +234,8 @@ async def _burst(spec: dict[str, Any], stats: Stats, members: list[Any], pub: Ws
     return {
         "members": len(members), "messages": m, "expected": expected, "received": received,
         "lost": expected - received, "out_of_order": stats.out_of_order,
-        "server_cpu": cpu1 - cpu0, "client_cpu": self1 - self0, "broker_cpu": broker_cpu, "seconds": elapsed,
+        "server_cpu": cpu1 - cpu0, "server_cpu_by_process": by_pid, "client_cpu": self1 - self0,
+        "broker_cpu": broker_cpu, "seconds": elapsed,
         "server_busy": (cpu1 - cpu0) / elapsed, "client_busy": (self1 - self0) / elapsed,
         "server_us_per_delivery": (cpu1 - cpu0) / max(1, received) * 1e6,
         "client_us_per_delivery": (self1 - self0) / max(1, received) * 1e6,

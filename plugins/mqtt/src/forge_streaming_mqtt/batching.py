@@ -30,15 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
-import time
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
 
 from .wire import parse_user_properties
+
+log = logging.getLogger("forge_streaming.mqtt")
 
 READ_SIZE = 64 * 1024  # one recv() takes what the kernel holds, up to this
 MAX_PACKETS_PER_READ = 512  # packets handed to paho in one loop iteration, at most
@@ -148,7 +150,7 @@ class BatchingClient(aiomqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         paho_client = self._client
-        paho_client._handle_publish = _fast_publish_handler(paho_client)  # type: ignore[method-assign]  # noqa: SLF001
+        paho_client._handle_publish = _fast_publish_handler(paho_client, self._queue)  # type: ignore[method-assign]  # noqa: SLF001
 
     def _fail(self, exc: BaseException) -> None:
         disconnected: asyncio.Future[None] = self._disconnected
@@ -252,12 +254,17 @@ class BatchingClient(aiomqtt.Client):
         super()._on_socket_close(client, userdata, sock)
 
 
-def _fast_publish_handler(client: paho.Client) -> Any:
-    """paho's ``_handle_publish`` for QoS 0/1 v5 PUBLISHes with only User Properties; paho's for the rest."""
+def _fast_publish_handler(client: paho.Client, queue: asyncio.Queue[aiomqtt.Message]) -> Any:
+    """paho's ``_handle_publish`` for QoS 0/1 v5 PUBLISHes with only User Properties; paho's for the rest.
+
+    The message goes straight into aiomqtt's queue (the plugin's dispatching queue) as an
+    ``aiomqtt.Message``: no paho ``MQTTMessage`` (whose receipt holds a ``threading.Condition``),
+    no topic matching against per-topic callbacks (aiomqtt registers none), no conversion.
+    """
     original = client._handle_publish  # noqa: SLF001
     v5 = client._protocol == paho.MQTTv5  # noqa: SLF001
     success = paho.MQTT_ERR_SUCCESS
-    monotonic = time.monotonic  # paho's own clock for message timestamps
+    message_type = aiomqtt.Message
 
     def handle() -> Any:
         packet = client._in_packet  # noqa: SLF001
@@ -267,6 +274,10 @@ def _fast_publish_handler(client: paho.Client) -> Any:
         if not v5 or qos == 2 or len(data) < 2:
             return original()
         pos = 2 + ((data[0] << 8) | data[1])
+        try:
+            topic = data[2:pos].decode("utf-8")
+        except UnicodeDecodeError:
+            return original()
         if qos:
             if pos + 2 > len(data):
                 return original()
@@ -278,14 +289,15 @@ def _fast_publish_handler(client: paho.Client) -> Any:
         if parsed is None:
             return original()  # other properties, or malformed: paho decides
         properties, pos = parsed
-        message = paho.MQTTMessage(mid=mid, topic=bytes(data[2:2 + ((data[0] << 8) | data[1])]))
-        message.dup = bool(header & 0x08)
-        message.qos = qos
-        message.retain = bool(header & 0x01)
-        message.properties = properties  # type: ignore[assignment]
-        message.payload = bytes(data[pos:])
-        message.timestamp = monotonic()
-        client._handle_on_message(message)  # noqa: SLF001
+        try:
+            message = message_type(topic, bytes(data[pos:]), qos, bool(header & 0x01), mid,
+                                   properties)  # type: ignore[arg-type]
+        except ValueError:  # a topic aiomqtt refuses (empty, wildcards): paho's path reports it
+            return original()
+        try:
+            queue.put_nowait(message)
+        except asyncio.QueueFull:
+            log.warning("MQTT message queue is full; discarding a message on %r", topic)
         if qos == 1 and not client._manual_ack:  # noqa: SLF001
             return client._send_puback(mid)  # noqa: SLF001
         return success

@@ -39,6 +39,7 @@ from paho.mqtt.properties import Properties
 
 from .batching import BatchingClient
 from .settings import MqttSettings
+from .wire import UserProperties, qos0_publish_packet
 
 log = logging.getLogger("forge_streaming.mqtt")
 
@@ -50,6 +51,18 @@ class Sent(enum.Enum):
     OK = "ok"  # handed to paho: it goes out in call order, QoS flow tracked by paho
     FULL = "full"  # paho's bounded queue is full (the broker is slower than us): wait and retry
     DOWN = "down"  # not connected
+
+
+class _NoReceipt:
+    """Stands in for paho's ``MQTTMessageInfo`` on our QoS 0 publishes: paho marks it published."""
+
+    __slots__ = ()
+
+    def _set_as_published(self) -> None:
+        pass
+
+
+_NO_RECEIPT = _NoReceipt()
 
 
 class LinkState(enum.StrEnum):
@@ -92,6 +105,7 @@ class MqttLink:
         self._on_disconnect = on_disconnect
         self._will = will
         self._broker = settings.broker()
+        self._max_queued = max(settings.outgoing_buffer, 1000)  # paho's outgoing queue, in messages
         self.state = LinkState.CONNECTING
         self.last_error = ""
         self.connects = 0
@@ -152,13 +166,17 @@ class MqttLink:
             tls_context=tls_context,
             queue_type=_dispatching_queue(self._on_message),
             max_inflight_messages=self.settings.max_inflight,
-            max_queued_outgoing_messages=max(self.settings.outgoing_buffer, 1000),  # past it: Sent.FULL
+            max_queued_outgoing_messages=self._max_queued,  # past it: Sent.FULL
             logger=logging.getLogger("forge_streaming.mqtt.paho"),
             properties=_connect_properties(),
             # small packets (PUBACKs, single messages) must not wait for Nagle's algorithm
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         client.pending_calls_threshold = 1_000_000  # we never wait on publishes; subscribes are few
+        # Nothing here uses aiomqtt's publish() (it waits a broker round trip per message; see
+        # publish_and_wait), so its on_publish callback is off: paho would otherwise build a
+        # reason code and a properties object for every QoS 0 packet it sends.
+        client._client.on_publish = None  # noqa: SLF001
         return client
 
     async def _run(self) -> None:
@@ -210,10 +228,43 @@ class MqttLink:
         client = self._paho
         if client is None:
             return Sent.DOWN
+        if qos == 0 and not retain and isinstance(properties, UserProperties):
+            return self._publish_qos0(client, topic, payload, properties)
         rc = client.publish(topic, payload, qos, retain, properties).rc
         if rc == paho.MQTT_ERR_SUCCESS:
             return Sent.OK
         return Sent.FULL if rc == paho.MQTT_ERR_QUEUE_SIZE else Sent.DOWN
+
+    def _publish_qos0(self, client: paho.Client, topic: str, payload: bytes, properties: UserProperties) -> Sent:
+        """What paho's ``publish`` does for QoS 0, minus its receipt object, plus a bound on its queue.
+
+        The packet joins paho's outgoing queue like any other, so it leaves in call order with
+        everything paho sends. paho bounds QoS 1/2 messages only; a QoS 0 publish counts the packets
+        waiting in that queue (they wait only while the socket and our 4 MiB write buffer are full).
+        """
+        if client._sock is None:  # noqa: SLF001
+            return Sent.DOWN
+        if len(client._out_packet) >= self._max_queued:  # noqa: SLF001
+            return Sent.FULL
+        packet = qos0_publish_packet(topic.encode(), properties, payload)
+        client._packet_queue(paho.PUBLISH, packet, 0, 0, _NO_RECEIPT)  # type: ignore[arg-type]  # noqa: SLF001
+        return Sent.OK
+
+    async def publish_and_wait(self, topic: str, payload: bytes, *, qos: int, retain: bool = False,
+                               timeout: float = 2.0) -> bool:
+        """Publish and wait until the broker has it (QoS 1/2) or it is sent (QoS 0); False if not in time."""
+        client = self._paho
+        if client is None:
+            return False
+        info = client.publish(topic, payload, qos, retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            return False
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not info.is_published():
+            if asyncio.get_running_loop().time() >= deadline or self._paho is not client:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     async def subscribe(self, topics: list[str], qos: int) -> None:
         """Subscribe now if connected (waiting for the broker's SUBACK); otherwise on_connect will."""

@@ -84,13 +84,11 @@ class MqttRoomStore(RoomStore):
             self._flush_handle = None
         link = self._link
         if link is not None and link.client is not None:
-            try:
-                for room in self._local:
-                    link.publish_nowait(self.topics.presence(self._node, room), b"", qos=1, retain=True)
-                await link.client.publish(self.topics.status(self._node), _status("offline"), qos=1, retain=True,
-                                          timeout=2)
-            except aiomqtt.MqttError as exc:
-                log.warning("MQTT rooms: could not announce this node offline (%s); its will will", exc)
+            for room in self._local:
+                link.publish_nowait(self.topics.presence(self._node, room), b"", qos=1, retain=True)
+            if not await link.publish_and_wait(self.topics.status(self._node), _status("offline"), qos=1,
+                                               retain=True, timeout=2):
+                log.warning("MQTT rooms: could not announce this node offline in 2s; its last will will")
         if link is not None:
             await link.stop()
         self._local.clear()

@@ -31,7 +31,10 @@ class MqttSettings(ConfigSection):
     client_id: str | None = None
     """Base of the MQTT client ids; default ``{topic_prefix}-{node_id}``. Suffixed ``-pubsub`` / ``-rooms``."""
     topic_prefix: str = "forge"
-    qos: Literal[0, 1, 2] = 1
+    qos: Literal[0, 1, 2] = 0
+    """QoS of room messages and room subscriptions. 0 by default: a node's session is not kept across
+    reconnects (clean start), so QoS 1 adds acknowledgements and the broker's in-flight window
+    (Mosquitto: 20) without a guarantee QoS 0 lacks; a lost connection is covered by ``resync``."""
     keepalive: Duration = 10.0
     """MQTT keep-alive; a node that dies silently leaves presence within 1.5x this."""
     tls: bool = False

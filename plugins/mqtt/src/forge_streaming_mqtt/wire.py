@@ -1,14 +1,17 @@
-"""MQTT v5 user properties packed in a few microseconds, for the publish hot path.
+"""MQTT v5 packets and user properties in a few microseconds, for the hot path.
 
 paho-mqtt's ``Properties`` costs tens of microseconds to build and pack
 per message (it scans its property table by name); on publish paho only
 calls ``properties.pack()``, so this packs the one property kind we send
 (User Property, identifier 0x26: a UTF-8 string pair) directly, following
-the MQTT 5.0 wire format (section 2.2.2). Received properties are still
-parsed by paho.
+the MQTT 5.0 wire format (section 2.2.2). A QoS 0 room message is encoded
+here whole (:func:`qos0_publish_packet`): paho's ``publish`` would add a
+``threading.Condition`` per message for a delivery receipt nobody waits on.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 _USER_PROPERTY = b"\x26"
 
@@ -29,6 +32,12 @@ def _utf8(text: str) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
+@lru_cache(maxsize=4096)
+def _user_property(key: str, value: str) -> bytes:
+    """One encoded pair; cached, since most pairs (kind, node, sender) repeat from message to message."""
+    return _USER_PROPERTY + _utf8(key) + _utf8(value)
+
+
 class UserProperties:
     """What paho needs of a properties object to publish: ``pack()``."""
 
@@ -36,11 +45,20 @@ class UserProperties:
 
     def __init__(self, pairs: list[tuple[str, str]]) -> None:
         self.UserProperty = pairs
-        body = b"".join(_USER_PROPERTY + _utf8(key) + _utf8(value) for key, value in pairs)
+        body = b"".join([_user_property(key, value) for key, value in pairs])
         self._packed = _varint(len(body)) + body
 
     def pack(self) -> bytes:
         return self._packed
+
+
+def qos0_publish_packet(topic: bytes, properties: UserProperties, payload: bytes) -> bytes:
+    """A QoS 0, not retained, MQTT v5 PUBLISH packet (MQTT 5.0 section 3.3)."""
+    if len(topic) > 0xFFFF:
+        raise ValueError(f"an MQTT topic holds at most 65535 bytes, got {len(topic)}")
+    props = properties.pack()
+    body_length = 2 + len(topic) + len(props) + len(payload)
+    return b"".join((b"\x30", _varint(body_length), len(topic).to_bytes(2, "big"), topic, props, payload))
 
 
 class ReceivedProperties:
