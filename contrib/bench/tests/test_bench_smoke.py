@@ -64,3 +64,30 @@ def test_command_writes_the_report(tmp_path: Path) -> None:
 
 def test_unknown_case_is_refused(tmp_path: Path) -> None:
     assert main(["--cases", "nope", "--output", str(tmp_path / "B.md")]) == 2
+
+
+@pytest.mark.slow
+@needs_websocket
+def test_sse_case_pairs_ours_on_sse_with_ours_on_websocket(tmp_path: Path) -> None:
+    case = cases.sse(_options(tmp_path, ["ours"]))
+    by_server = {row["server"]: row for row in case.rows}
+    assert set(by_server) == {"ours", "ours-ws"}, case.rows
+    for row in by_server.values():
+        assert row["received"] == row["expected"] == 20 * 20 and row["lost"] == 0, row
+    assert len(by_server["ours"]["vs_ws_rounds"]) == cases.SSE_ROUNDS
+    assert any("alternating runs" in note for note in case.notes)
+
+
+@pytest.mark.slow
+@needs_websocket
+@pytest.mark.skipif(importlib.util.find_spec("forge_streaming_mqtt") is None, reason="the MQTT plugin is not installed")
+def test_mqtt_case_measures_two_nodes_beside_one(tmp_path: Path) -> None:
+    case = cases.mqtt(_options(tmp_path, ["ours"]))
+    if case.not_measured:
+        pytest.skip(str(case.not_measured))
+    by_server = {row["server"]: row for row in case.rows}
+    assert set(by_server) == {"one-node", "two-nodes"}, case.rows
+    two = by_server["two-nodes"]
+    assert two["received"] == two["expected"] == 20 * 20 and two["lost"] == 0, two
+    assert len(two["server_cpu_by_process"]) == 2 and two["probe_p50_ms"] > 0
+    assert "two nodes" in "\n".join(report.mqtt_section(case))

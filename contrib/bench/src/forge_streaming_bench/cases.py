@@ -182,28 +182,52 @@ def capacity(opts: Options) -> Case:
     return case
 
 
+SSE_ROUNDS = 3  # alternating SSE and WebSocket runs on one server: the SSE/WS ratio is paired per round
+
+
 def sse(opts: Options) -> Case:
-    """(4) SSE members of one room (publisher on WebSocket), ours and sse-starlette, plus ours on WebSocket."""
+    """(4) SSE members of one room (publisher on WebSocket), ours and sse-starlette, plus ours on WebSocket.
+
+    Ours on SSE and on WebSocket share one server process and alternate (SSE run, WebSocket run, three
+    rounds), so both see the same machine state; the SSE/WebSocket ratio is the median of the rounds' ratios.
+    """
     case = Case("sse", "SSE fan-out")
     started = time.monotonic()
     sizes = [n for n in opts.sizes if n <= 1000] or opts.sizes[:1]
-    plan = [("ours", "/sse?rooms=bench", "forge-streaming (/sse)"),
-            ("sse-starlette", "/sse", KINDS["sse-starlette"].label),
-            ("ours", None, "forge-streaming (/ws), same run")]
     available = {k.name for k in _kinds(opts, ["ours", "sse-starlette"], case)}
-    for name, path, label in plan:
-        if name not in available:
-            continue
-        kind = KINDS[name]
+    if "ours" in available:
+        try:
+            with servers.start(KINDS["ours"], opts.workdir) as running:
+                for n in sizes:
+                    m = messages_for(n, opts.deliveries)
+                    rounds = [(_fanout_runs(opts, [running], "room", n, m, {"sse_path": "/sse?rooms=bench"}),
+                               _fanout_runs(opts, [running], "room", n, m)) for _ in range(SSE_ROUNDS)]
+                    ratios = sorted(s["server_us_per_delivery"] / w["server_us_per_delivery"]
+                                    for s, w in rounds if "error" not in s and "error" not in w)
+                    paired = {"vs_ws_paired": ratios[len(ratios) // 2], "vs_ws_rounds": ratios} if ratios else {}
+                    for index, (server, label) in enumerate((("ours", "forge-streaming (/sse)"),
+                                                             ("ours-ws", "forge-streaming (/ws), same server"))):
+                        row = median_run([r[index] for r in rounds], "server_us_per_delivery")
+                        row["runs"] = sum(r[index].get("runs", 0) for r in rounds)
+                        case.rows.append({"server": server, "label": label, "n": n, **row,
+                                          **(paired if server == "ours" else {})})
+        except Exception as exc:
+            case.rows.append({"server": "ours", "label": "forge-streaming (/sse)", "n": 0, "error": str(exc)[:300]})
+    if "sse-starlette" in available:
+        kind = KINDS["sse-starlette"]
         try:
             with servers.start(kind, opts.workdir) as running:
                 for n in sizes:
                     result = _fanout_runs(opts, [running], "room", n, messages_for(n, opts.deliveries),
-                                          {"sse_path": path} if path else None)
-                    case.rows.append({"server": f"{name}{'-ws' if path is None else ''}", "label": label,
-                                      "n": n, **result})
+                                          {"sse_path": "/sse"})
+                    case.rows.append({"server": kind.name, "label": kind.label, "n": n, **result})
         except Exception as exc:
-            case.rows.append({"server": name, "label": label, "n": 0, "error": str(exc)[:300]})
+            case.rows.append({"server": kind.name, "label": kind.label, "n": 0, "error": str(exc)[:300]})
+    for row in case.rows:
+        if row.get("vs_ws_rounds"):
+            rounds_text = ", ".join(f"{r:.2f}x" for r in row["vs_ws_rounds"])
+            case.notes.append(f"N = {row['n']:,}: ours on SSE / ours on WebSocket, same server, alternating runs: "
+                              f"{rounds_text} (median {row['vs_ws_paired']:.2f}x, the target's figure).")
     case.seconds = time.monotonic() - started
     return case
 
