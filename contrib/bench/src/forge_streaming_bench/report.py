@@ -210,8 +210,22 @@ def targets(cases: dict[str, Case]) -> list[list[str]]:
     return rows
 
 
+def _transport_bars(cases: dict[str, Case]) -> list[tuple[str, float, bool]]:
+    """(label, server CPU µs/delivery, ours?) for every transport and setup at its headline N."""
+    bars: list[tuple[str, float, bool]] = []
+    for name, servers in (("sse", ("ours", "sse-starlette")), ("webtransport", ("ours-wt",)),
+                          ("mqtt", ("one-node", "two-nodes"))):
+        case = cases.get(name)
+        n = headline_n(case)
+        for server in servers:
+            row = _ours([r for r in case.rows if r.get("n") == n], server=server) if case else None
+            if row:
+                bars.append((f"{row['label']}, N = {n:,}", row["server_us_per_delivery"], server != "sse-starlette"))
+    return bars
+
+
 def plot(cases: dict[str, Case], path: Path) -> str | None:
-    """Bar chart of server CPU per delivery at the headline N; None when done, else why not."""
+    """WebSocket fan-out against the peers, and every other transport and setup; None when done, else why not."""
     fan = cases.get("fanout")
     n = headline_n(fan)
     rows = [r for r in fan.rows if r.get("n") == n and "error" not in r] if fan else []
@@ -224,17 +238,31 @@ def plot(cases: dict[str, Case], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib not installed (pip install -e 'contrib/bench[peers]')"
-    labels = [r["label"] for r in rows]
+    others = _transport_bars(cases)
+    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(14 if others else 8, 4.6), dpi=110, squeeze=False)
+    ax = axes[0][0]
     values = [r["server_us_per_delivery"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
-    bars = ax.bar(labels, values, color=["#d9480f" if r["server"] == "ours" else "#868e96" for r in rows])
+    bars = ax.bar([r["label"] for r in rows], values,
+                  color=["#d9480f" if r["server"] == "ours" else "#868e96" for r in rows])
     for bar, value in zip(bars, values, strict=True):
         ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                     va="bottom", fontsize=9)
     ax.set_ylabel("server CPU µs per delivery (lower is better)")
     m = rows[0].get("messages")
-    ax.set_title(f"WebSocket room fan-out: N = {n:,} members, bursts of M = {m:,} messages (median run)")
+    ax.set_title(f"WebSocket room fan-out: N = {n:,}, bursts of M = {m:,} (median run)", fontsize=10)
     ax.tick_params(axis="x", labelrotation=15, labelsize=8)
+    if others:
+        ax = axes[0][1]
+        labels, values, ours = zip(*others, strict=True)
+        bars = ax.barh(labels, values, color=["#d9480f" if o else "#868e96" for o in ours])
+        for bar, value in zip(bars, values, strict=True):
+            ax.annotate(f" {value:.2f}", (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center",
+                        fontsize=9)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel("server CPU µs per delivery, log scale (lower is better)")
+        ax.set_title("SSE, WebTransport and two nodes over Mosquitto", fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
