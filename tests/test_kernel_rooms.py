@@ -200,3 +200,22 @@ async def test_connection_and_room_limits_refuse_with_a_status():
         await a2.join_room("two")
         with pytest.raises(Refused, match="at most 2 rooms"):
             await a2.join_room("three")
+
+
+async def test_a_resync_for_one_room_reaches_that_room_only(streaming):
+    alice = await open_connection(streaming)
+    await alice.join_room("hole")
+    await alice.join_room("fine")
+    hole = await streaming.broadcast("hole", 1)
+    fine = await streaming.broadcast("fine", 1)
+    streaming.on_resync("the backend noticed a hole", rooms=["hole", "not-here"])
+    resyncs = [f["data"] for f in alice.frames("system") if f["event"] == "resync"]
+    assert [(r["room_id"], r["reason"]) for r in resyncs] == [("hole", "the backend noticed a hole")]
+    # a resume across the hole is a resync; in the other room history still vouches
+    for room, since, expected in (("hole", hole, "resync"), ("fine", fine, "room.joined")):
+        late = await open_connection(streaming)
+        await late.join_room(room, since=since - 1)
+        assert late.frames("system")[-1]["event"] == expected, room
+    streaming.on_resync("broker reconnected")
+    resynced = sorted(f["data"]["room_id"] for f in alice.frames("system") if f["event"] == "resync")
+    assert resynced == ["fine", "hole", "hole"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
+from collections.abc import Collection
 
 from .pubsub import Envelope
 
@@ -98,10 +99,11 @@ class RoomHistory:
         """Where a member joining now stands: resuming from here replays only what comes next."""
         return max(self.latest(room) or 0, time.time_ns() // 1000 - 1)
 
-    def gap(self) -> None:
-        """Messages may have been lost just now (broker outage): vouch only from here on."""
+    def gap(self, rooms: Collection[str] | None = None) -> None:
+        """Messages of ``rooms`` (None: of every room) may have been lost just now: vouch only from here on."""
         floor = time.time_ns() // 1000
-        for log in self._logs.values():
+        logs = self._logs.values() if rooms is None else [self._logs[r] for r in rooms if r in self._logs]
+        for log in logs:
             log.floor = max(log.floor, floor)
 
     def merge(self, room: str, since: int, envelopes: list[Envelope]) -> None:

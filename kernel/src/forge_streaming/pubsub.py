@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -59,8 +60,12 @@ class BackendListener(Protocol):
     def on_envelope(self, envelope: Envelope) -> None:
         """Deliver an envelope to this node's members (synchronous, no await)."""
 
-    def on_resync(self, reason: str) -> None:
-        """Messages may have been lost (broker outage): tell members to resync."""
+    def on_resync(self, reason: str, rooms: Collection[str] | None = None) -> None:
+        """Messages of ``rooms`` (None: of every room) may have been lost: tell their members to resync.
+
+        A broker outage concerns every room; a hole a backend noticed in one room's stream
+        (e.g. a broker that dropped messages for a slow subscriber) only that room.
+        """
 
 
 class PubSubBackend(ABC):

@@ -21,7 +21,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -553,10 +553,11 @@ class Streaming:
             except Exception:
                 log.exception("a streaming_delivered hook failed (room %r); fan-out goes on", room)
 
-    def on_resync(self, reason: str) -> None:
-        """The backend may have lost messages: every local member is told to resync."""
-        self.history.gap()  # a resume across the outage must get resync, not a silent hole
-        for room, members in self._local.items():
+    def on_resync(self, reason: str, rooms: Collection[str] | None = None) -> None:
+        """The backend may have lost messages of ``rooms`` (None: every room): their members are told to resync."""
+        self.history.gap(rooms)  # a resume across the hole must get resync, not a silent hole
+        affected = self._local.items() if rooms is None else [(r, self._local[r]) for r in rooms if r in self._local]
+        for room, members in affected:
             payload = frames.encode(frames.system_frame("resync", {
                 "room_id": room, "reason": reason, "sequence": self.history.latest(room)}))
             frame = OutboundFrame(payload=payload, room=room)

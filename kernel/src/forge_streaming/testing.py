@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +52,16 @@ class RecordingListener:
     def __init__(self) -> None:
         self.envelopes: list[Envelope] = []
         self.resyncs: list[str] = []
+        self.resynced_rooms: list[list[str] | None] = []  # per resync: its rooms, None for every room
         self._changed = asyncio.Event()
 
     def on_envelope(self, envelope: Envelope) -> None:
         self.envelopes.append(envelope)
         self._changed.set()
 
-    def on_resync(self, reason: str) -> None:
+    def on_resync(self, reason: str, rooms: Collection[str] | None = None) -> None:
         self.resyncs.append(reason)
+        self.resynced_rooms.append(None if rooms is None else sorted(rooms))
         self._changed.set()
 
     async def wait_for(self, predicate: Callable[[list[Envelope]], bool], timeout: float = 5.0) -> None:
