@@ -274,21 +274,45 @@ class RoomStoreContract:
 # -- running real servers in tests -----------------------------------------------------
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default start
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port number free on ``host`` for both TCP and UDP (HTTP and HTTP/3 share it)."""
+    """A port number free on ``host`` for both TCP and UDP (HTTP and HTTP/3 share it).
+
+    Drawn below the kernel's ephemeral range: a port the OS picked (bind to 0) can be taken by any
+    outgoing connection's local end before the server that was meant to use it binds it, which made
+    "address already in use" a flake. Ports already handed out by this process are not reused.
+    """
+    import random
     import socket
 
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = int(tcp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no port free for both TCP and UDP")
+    high = min(_ephemeral_start(), 65536) - 1
+    low = max(1024, high - 12_000)
+    for _ in range(200):
+        # an ephemeral range that starts too low leaves no room below it: let the OS pick, as before
+        port = random.randint(low, high) if high - low >= 1000 else 0
+        if port in _handed_out:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                tcp.bind((host, port))
+                port = int(tcp.getsockname()[1])
+                udp.bind((host, port))
+        except OSError:
+            continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no port free for both TCP and UDP on {host} between {low} and {high}")
 
 
 class RunningServer:
