@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
+import paho.mqtt.client as paho
 import pytest
 from forge_streaming import BackendState, ConfigError, Envelope, EnvelopeKind, Streaming
 from forge_streaming.testing import RecordingListener, run
 from forge_streaming_mqtt import MqttPubSub, MqttSettings
+from forge_streaming_mqtt.continuity import DUPLICATE, Continuity, Numbering
+from forge_streaming_mqtt.pubsub import MARK_DELAY
+from forge_streaming_mqtt.topics import PROP_COUNT, PROP_KIND, PROP_NODE, Topics
+from forge_streaming_mqtt.wire import UserProperties
+from paho.mqtt.enums import CallbackAPIVersion
 
 
 def _envelope(room: str, n: int) -> Envelope:
@@ -42,6 +49,118 @@ def test_a_room_emptied_locally_is_unsubscribed_at_the_broker(broker) -> None:
             await b.stop()
 
     run(scenario(), timeout=30)
+
+
+def _publish_as_node(port: int, prefix: str, room: str, node: str, counts: list[str],
+                     marks: dict[str, str] | None = None) -> None:
+    """Publish room messages numbered ``counts`` as node ``node`` would (then its ``marks``), with plain paho."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        infos = [client.publish(Topics(prefix).messages(room), f'{{"count":"{count}"}}'.encode(), 1,
+                                properties=UserProperties([(PROP_KIND, "message"), (PROP_NODE, node),  # type: ignore[arg-type]
+                                                           (PROP_COUNT, count)])) for count in counts]
+        if marks is not None:
+            infos.append(client.publish(Topics(prefix).marks(node), json.dumps(marks).encode(), 1))
+        for info in infos:
+            info.wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_a_mark_reveals_the_lost_end_of_a_burst(broker) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> None:
+        backend, listener = MqttPubSub(MqttSettings(url=broker.url, topic_prefix=prefix)), RecordingListener()
+        await backend.start("a", listener)
+        try:
+            await backend.subscribe("r")
+            await backend.subscribe("quiet")
+            # b's numbers 3 and 4 never arrive; its mark says 4 was its last. "quiet" was never heard from b.
+            await asyncio.to_thread(_publish_as_node, broker.port, prefix, "r", "b", ["s1:1", "s1:2"],
+                                    {"r": "s1:4", "quiet": "s9:7", "not-subscribed": "s1:1"})
+            await listener.wait_for(lambda e: len(e) >= 2, timeout=10)
+            deadline = asyncio.get_running_loop().time() + 10
+            while not listener.resyncs and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+            assert listener.resynced_rooms == [["r"]]
+            assert (backend.counters["holes"], backend.counters["missed"]) == (1, 2)
+        finally:
+            await backend.stop()
+
+    run(scenario(), timeout=30)
+
+
+def test_nodes_in_step_see_no_holes_in_each_others_marks(broker) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> None:
+        a, b = (MqttPubSub(MqttSettings(url=broker.url, topic_prefix=prefix)) for _ in range(2))
+        la, lb = RecordingListener(), RecordingListener()
+        await a.start("a", la)
+        await b.start("b", lb)
+        try:
+            for backend in (a, b):
+                await backend.subscribe("r")
+            for n in range(50):
+                await a.publish(_envelope("r", n))
+            await lb.wait_for(lambda e: len(e) == 50, timeout=10)
+            await asyncio.sleep(MARK_DELAY + 0.5)  # a's mark has come and gone
+            assert a.counters["marks_sent"] >= 1
+            assert (a.counters["holes"], b.counters["holes"], la.resyncs, lb.resyncs) == (0, 0, [], [])
+        finally:
+            await a.stop()
+            await b.stop()
+
+    run(scenario(), timeout=30)
+
+
+def test_a_hole_in_a_rooms_numbers_resyncs_that_room_and_a_duplicate_is_dropped(broker) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> None:
+        backend, listener = MqttPubSub(MqttSettings(url=broker.url, topic_prefix=prefix)), RecordingListener()
+        await backend.start("a", listener)
+        try:
+            await backend.subscribe("r")
+            await backend.subscribe("other")
+            counts = ["s1:1", "s1:2", "s1:4", "s1:4", "s1:3", "s2:1", "s2:2"]  # 3 lost, 4 twice, then a restart
+            await asyncio.to_thread(_publish_as_node, broker.port, prefix, "r", "b", counts)
+            await listener.wait_for(lambda e: len(e) >= 5, timeout=10)
+            await asyncio.sleep(0.2)
+            assert [e.payload for e in listener.envelopes] == [
+                f'{{"count":"{c}"}}'.encode() for c in ("s1:1", "s1:2", "s1:4", "s2:1", "s2:2")]
+            assert listener.resynced_rooms == [["r"]]
+            assert (backend.counters["holes"], backend.counters["missed"], backend.counters["duplicates_dropped"]) \
+                == (1, 1, 2)
+            assert "1 messages lost between the broker and this node" in backend.health().detail
+        finally:
+            await backend.stop()
+
+    run(scenario(), timeout=30)
+
+
+def test_numbering_and_continuity() -> None:
+    numbering = Numbering(max_rooms=2)
+    first = [numbering.next("a") for _ in range(3)]
+    stream = first[0].split(":")[0]
+    assert first == [f"{stream}:1", f"{stream}:2", f"{stream}:3"]
+    numbering.next("b")
+    numbering.next("c")  # "a" is the least recently used of three: forgotten, its next number starts a new stream
+    again = numbering.next("a")
+    assert again.endswith(":1") and not again.startswith(stream)
+    assert numbering.last("a") == again and numbering.last("never") is None
+    seen = Continuity()
+    assert [seen.check("r", "n", c) for c in ("x:5", "x:6", "x:9", "x:7", "y:1", "junk")] == [0, 0, 2, DUPLICATE, 0, 0]
+    assert seen.check("r", "other", "x:1") == 0  # numbers are per origin node
+    seen.forget("r")
+    assert seen.check("r", "n", "y:5") == 0  # a room subscribed again counts afresh
+    assert [seen.check_mark("r", "n", c) for c in ("y:5", "y:8", "y:8", "z:20", "y:x")] == [0, 3, 0, 0, 0]
+    assert seen.check("r", "n", "y:9") == 0, "a mark moves the count on"
+    assert seen.check_mark("fresh", "n", "y:3") == 0, "nothing heard yet: not ours to judge"
 
 
 def test_outage_buffer_is_bounded_and_drops_the_oldest(own_broker) -> None:

@@ -29,16 +29,19 @@ from forge_streaming import (
     StreamingConfig,
 )
 
+from .continuity import DUPLICATE, Continuity, Numbering
 from .ingest import DevicePayloadError, parse_device_payload
 from .link import MqttLink, Sent, publish_properties, read_user_properties
 from .rooms import MqttRoomStore
 from .settings import SECTION, MqttSettings
-from .topics import PROP_KIND, PROP_NODE, PROP_SENDER, PROP_SEQUENCE, Topics
+from .topics import PROP_COUNT, PROP_KIND, PROP_NODE, PROP_SENDER, PROP_SEQUENCE, Topics
 from .wire import UserProperties
 
 log = logging.getLogger("forge_streaming.mqtt")
 
 _Outgoing = tuple[str, bytes, UserProperties]
+MARK_DELAY = 0.5  # seconds after a node's publishes to a room until it announces the room's last number
+MARK_ROOMS = 500  # rooms per mark message, at most
 
 
 class MqttPubSub(PubSubBackend):
@@ -55,6 +58,10 @@ class MqttPubSub(PubSubBackend):
         self._link: MqttLink | None = None
         self._rooms: set[str] = set()
         self._logs = RoomHistory(size=history_size, max_rooms=100_000)
+        self._numbering = Numbering()
+        self._continuity = Continuity()
+        self._unmarked: set[str] = set()  # rooms published to since the last marks
+        self._mark_timer: asyncio.TimerHandle | None = None
         self._buffer: deque[_Outgoing] = deque()
         self._ready = False  # connected, resubscribed and flushed: publish goes straight out
         self._gap = False  # a connection was lost (or never made): resync on the next connect
@@ -84,6 +91,9 @@ class MqttPubSub(PubSubBackend):
             self._gap = True
 
     async def stop(self) -> None:
+        if self._mark_timer is not None:
+            self._mark_timer.cancel()
+            self._mark_timer = None
         if self._ingest_task is not None:
             self._ingest_task.cancel()
             self._ingest_task = None
@@ -115,16 +125,19 @@ class MqttPubSub(PubSubBackend):
         store = self._store_health() if self._store_health is not None else None
         if health.ok and store is not None and not store.ok:
             health = BackendHealth(store.state, f"room store: {store.detail}")
+        losses = []
         if self.counters["buffer_dropped"]:
-            return BackendHealth(health.state, f"{health.detail}; {self.counters['buffer_dropped']} messages "
-                                               "dropped from the outgoing buffer")
-        return health
+            losses.append(f"{self.counters['buffer_dropped']} messages dropped from the outgoing buffer")
+        if self.counters["missed"]:
+            losses.append(f"{self.counters['missed']} messages lost between the broker and this node "
+                          f"({self.counters['holes']} holes, members resynced)")
+        return BackendHealth(health.state, "; ".join([health.detail, *losses])) if losses else health
 
     # -- connection events ------------------------------------------------------------
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
         assert self._link is not None
-        topics = [self.topics.history_request, self.topics.history_response(self._node)]
+        topics = [self.topics.history_request, self.topics.history_response(self._node), self.topics.all_marks]
         if self.settings.subscribe_mode == "wildcard":
             topics.append(self.topics.all_room_messages)
         else:
@@ -132,6 +145,7 @@ class MqttPubSub(PubSubBackend):
         if self._streaming is not None:
             topics.append(self.topics.ingest_shared)
         await self._link.subscribe(topics, self._qos)
+        self._continuity.reset()
         for room in self._rooms:
             self._logs.track(room)  # vouch only from the new subscription on
         flushed = 0
@@ -164,12 +178,16 @@ class MqttPubSub(PubSubBackend):
 
     async def publish(self, envelope: Envelope) -> None:
         topic = self.topics.messages(envelope.room)
-        pairs = [(PROP_KIND, envelope.kind.value), (PROP_NODE, envelope.node or self._node)]
+        pairs = [(PROP_KIND, envelope.kind.value), (PROP_NODE, envelope.node or self._node),
+                 (PROP_COUNT, self._numbering.next(envelope.room))]
         if envelope.sequence is not None:
             pairs.append((PROP_SEQUENCE, str(envelope.sequence)))
         if envelope.sender is not None:
             pairs.append((PROP_SENDER, envelope.sender))
         props = UserProperties(pairs)
+        self._unmarked.add(envelope.room)
+        if self._mark_timer is None:
+            self._mark_timer = asyncio.get_running_loop().call_later(MARK_DELAY, self._send_marks)
         while self._ready and self._link is not None:
             sent = self._link.publish_nowait(topic, envelope.payload, qos=self._qos, properties=props)
             if sent is Sent.OK:
@@ -180,6 +198,35 @@ class MqttPubSub(PubSubBackend):
             self.counters["publish_waits"] += 1
             await asyncio.sleep(0.001)
         self._hold(topic, envelope.payload, props)
+
+    def _send_marks(self) -> None:
+        """Announce the last number of every room published to since the last marks (continuity.py)."""
+        self._mark_timer = None
+        rooms, self._unmarked = sorted(self._unmarked), set()
+        marks = {room: last for room in rooms if (last := self._numbering.last(room)) is not None}
+        if not self._ready or self._link is None or not marks:
+            return  # disconnected: the reconnect resyncs everyone anyway
+        items = list(marks.items())
+        for start in range(0, len(items), MARK_ROOMS):
+            payload = json.dumps(dict(items[start:start + MARK_ROOMS]), ensure_ascii=False).encode()
+            self._link.publish_nowait(self.topics.marks(self._node), payload, qos=self._qos)
+        self.counters["marks_sent"] += 1
+
+    def _on_marks(self, node: str, message: aiomqtt.Message) -> None:
+        if self._listener is None:
+            return
+        try:
+            marks = json.loads(message.payload) if isinstance(message.payload, bytes) else None
+        except ValueError:
+            marks = None
+        if not isinstance(marks, dict):
+            self.counters["marks_ignored"] += 1
+            return
+        for room, count in marks.items():
+            if room in self._rooms and isinstance(count, str):
+                missing = self._continuity.check_mark(room, node, count)
+                if missing:
+                    self._on_hole(room, node, missing)
 
     def _hold(self, topic: str, payload: bytes, props: UserProperties) -> None:
         limit = self.settings.outgoing_buffer
@@ -203,6 +250,8 @@ class MqttPubSub(PubSubBackend):
                 self._on_room_message(room, message)
             elif leaf == "publish":
                 self._on_device_publish(room, message)
+        elif (node := self.topics.node_of_marks(topic)) is not None:
+            self._on_marks(node, message)
         elif topic == self.topics.history_request:
             self._answer_history(message)
         elif topic == self.topics.history_response(self._node):
@@ -221,6 +270,14 @@ class MqttPubSub(PubSubBackend):
                 log.warning("MQTT pubsub: ignoring a publish without forge metadata on %s; devices should "
                             "publish to %s", message.topic.value, self.topics.publish(room))
             return
+        count = props.get(PROP_COUNT)
+        if count is not None:
+            missing = self._continuity.check(room, node, count)
+            if missing == DUPLICATE:
+                self.counters["duplicates_dropped"] += 1
+                return
+            if missing:
+                self._on_hole(room, node, missing)
         sequence = props.get(PROP_SEQUENCE)
         envelope = Envelope(
             room=room,
@@ -233,6 +290,19 @@ class MqttPubSub(PubSubBackend):
         if envelope.sequence is not None:
             self._logs.record(envelope)
         self._listener.on_envelope(envelope)
+
+    def _on_hole(self, room: str, node: str, missing: int) -> None:
+        """Messages of ``room`` from ``node`` never arrived: its members resync, history stops vouching."""
+        self.counters["holes"] += 1
+        self.counters["missed"] += missing
+        if self.counters["holes"] in (1, 10, 100, 1000) or self.counters["holes"] % 10_000 == 0:
+            log.warning("MQTT pubsub: %d message(s) from node %r in room %r never arrived (%d such holes so "
+                        "far; the broker drops messages for a subscriber that falls behind: raise Mosquitto's "
+                        "max_queued_messages); the room's members get resync", missing, node, room,
+                        self.counters["holes"])
+        self._logs.gap([room])
+        assert self._listener is not None
+        self._listener.on_resync("messages lost between the broker and this node", rooms=[room])
 
     # -- subscriptions -------------------------------------------------------------------
 
@@ -250,6 +320,7 @@ class MqttPubSub(PubSubBackend):
             return
         self._rooms.discard(room)
         self._logs.forget(room)
+        self._continuity.forget(room)
         if self.settings.subscribe_mode == "rooms" and self._link is not None:
             await self._link.unsubscribe([self.topics.messages(room)])
 

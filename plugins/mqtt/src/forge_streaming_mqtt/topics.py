@@ -18,6 +18,7 @@ PROP_KIND = "forge-kind"
 PROP_SEQUENCE = "forge-sequence"
 PROP_SENDER = "forge-sender"
 PROP_NODE = "forge-node"
+PROP_COUNT = "forge-count"  # "{stream}:{number}", numbered per room by the publishing node (continuity.py)
 
 
 @lru_cache(maxsize=65_536)
@@ -45,6 +46,8 @@ class Topics:
         self.all_presence = f"{prefix}/presence/#"
         self.all_status = f"{prefix}/nodes/+/status"
         self.ingest_shared = f"$share/{prefix}-ingest/{prefix}/rooms/+/publish"
+        self.marks_root = f"{prefix}/marks/"
+        self.all_marks = f"{prefix}/marks/+"
 
     def messages(self, room: str) -> str:
         return f"{self.rooms_root}{encode_level(room)}/messages"
@@ -57,6 +60,13 @@ class Topics:
 
     def status(self, node: str) -> str:
         return f"{self.nodes_root}{encode_level(node)}/status"
+
+    def marks(self, node: str) -> str:
+        return f"{self.marks_root}{encode_level(node)}"
+
+    def node_of_marks(self, topic: str) -> str | None:
+        level = topic[len(self.marks_root):] if topic.startswith(self.marks_root) else "/"
+        return None if "/" in level else decode_level(level)
 
     def history_response(self, node: str) -> str:
         return f"{self.prefix}/history/response/{encode_level(node)}"

@@ -11,8 +11,6 @@ here whole (:func:`qos0_publish_packet`): paho's ``publish`` would add a
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 _USER_PROPERTY = b"\x26"
 
 
@@ -32,12 +30,6 @@ def _utf8(text: str) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-@lru_cache(maxsize=4096)
-def _user_property(key: str, value: str) -> bytes:
-    """One encoded pair; cached, since most pairs (kind, node, sender) repeat from message to message."""
-    return _USER_PROPERTY + _utf8(key) + _utf8(value)
-
-
 class UserProperties:
     """What paho needs of a properties object to publish: ``pack()``."""
 
@@ -45,7 +37,7 @@ class UserProperties:
 
     def __init__(self, pairs: list[tuple[str, str]]) -> None:
         self.UserProperty = pairs
-        body = b"".join([_user_property(key, value) for key, value in pairs])
+        body = b"".join([_USER_PROPERTY + _utf8(key) + _utf8(value) for key, value in pairs])
         self._packed = _varint(len(body)) + body
 
     def pack(self) -> bytes:

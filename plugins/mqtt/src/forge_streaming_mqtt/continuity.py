@@ -1,0 +1,96 @@
+"""Per-room publish numbers, so that a node notices messages the broker dropped instead of losing them silently.
+
+A broker drops messages for a subscriber that falls too far behind
+(Mosquitto: ``max_queued_messages``), at any QoS, and tells nobody. So each
+node numbers what it publishes to a room, 1, 2, 3, ..., within a *stream*:
+a random id drawn when the node starts numbering that room (at start, or
+after it forgot the room). The pair travels in the ``forge-count`` user
+property as ``{stream}:{number}``.
+
+A receiving node remembers, per room and origin node, the last number. The
+next one must be one more: a larger one means messages were lost in between
+(the room's members get ``resync``), a smaller or equal one is a duplicate
+(dropped). A new stream, or a room just subscribed, starts counting afresh.
+
+The last messages of a burst are the likeliest to be dropped (the broker's
+queue for a busy node is longest then), and no later message would reveal
+them. So a node also publishes *marks*: half a second after it published to
+some rooms, the last number of each (``{prefix}/marks/{node}``). A mark
+above what a node received is a hole too.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+
+DUPLICATE = -1
+
+
+class Numbering:
+    """The sending side: the next ``forge-count`` value for a room."""
+
+    def __init__(self, max_rooms: int = 100_000) -> None:
+        self.max_rooms = max_rooms
+        self._rooms: OrderedDict[str, list[str | int]] = OrderedDict()
+
+    def next(self, room: str) -> str:
+        entry = self._rooms.get(room)
+        if entry is None:
+            # past max_rooms the least recently used room is forgotten; its next message starts a new stream
+            entry = self._rooms[room] = [secrets.token_hex(4), 0]
+            if len(self._rooms) > self.max_rooms:
+                self._rooms.popitem(last=False)
+        else:
+            self._rooms.move_to_end(room)
+        number = int(entry[1]) + 1
+        entry[1] = number
+        return f"{entry[0]}:{number}"
+
+    def last(self, room: str) -> str | None:
+        """The last value given for ``room`` (what a mark announces), None if forgotten."""
+        entry = self._rooms.get(room)
+        return None if entry is None else f"{entry[0]}:{entry[1]}"
+
+
+class Continuity:
+    """The receiving side: how many messages went missing before this one."""
+
+    def __init__(self) -> None:
+        self._rooms: dict[str, dict[str, tuple[str, int]]] = {}
+
+    def check(self, room: str, origin: str, count: str) -> int:
+        """Messages missing between the origin's last one and this one: 0 in order, DUPLICATE to drop it."""
+        stream, _, text = count.partition(":")
+        try:
+            number = int(text)
+        except ValueError:
+            return 0  # not ours to judge: deliver it
+        seen = self._rooms.setdefault(room, {})
+        last = seen.get(origin)
+        if last is not None and last[0] == stream:
+            if number <= last[1]:
+                return DUPLICATE
+            seen[origin] = (stream, number)
+            return number - last[1] - 1
+        seen[origin] = (stream, number)
+        return 0
+
+    def check_mark(self, room: str, origin: str, count: str) -> int:
+        """Messages missing according to a mark: the origin's last number in its stream is ``count``."""
+        stream, _, text = count.partition(":")
+        seen = self._rooms.get(room)
+        last = seen.get(origin) if seen is not None else None
+        if last is None or last[0] != stream or not text.isdigit() or int(text) <= last[1]:
+            return 0  # in step, or nothing of that stream heard since subscribing: not ours to judge
+        assert seen is not None
+        seen[origin] = (stream, int(text))
+        return int(text) - last[1]
+
+    def forget(self, room: str) -> None:
+        """This node stopped listening to ``room``: the next subscription counts afresh."""
+        self._rooms.pop(room, None)
+
+    def reset(self) -> None:
+        """A new connection: what was lost meanwhile is covered by the reconnect's own resync."""
+        self._rooms.clear()
