@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -9,14 +10,19 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import paho.mqtt.client as paho
 import pytest
 import yaml
 from forge_streaming.testing import free_port
+from forge_streaming_mqtt.topics import PROP_COUNT, PROP_KIND, PROP_NODE, Topics
+from forge_streaming_mqtt.wire import UserProperties
+from paho.mqtt.enums import CallbackAPIVersion
 
 VENV_BIN = Path(sys.executable).parent
 API_KEY = "test-key"
@@ -43,15 +49,21 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
 class Broker:
     """A mosquitto process that a test may kill and restart on the same port."""
 
-    def __init__(self, port: int, log_path: Path) -> None:
+    def __init__(self, port: int, log_path: Path, config: list[str] | None = None) -> None:
         self.port = port
         self.url = f"mqtt://127.0.0.1:{port}"
         self.log_path = log_path
+        self.config = config  # mosquitto.conf lines beyond the loopback listener
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        command = [mosquitto_path(), "-p", str(self.port)]
+        if self.config is not None:
+            conf = self.log_path.with_suffix(".conf")
+            conf.write_text("\n".join([f"listener {self.port} 127.0.0.1", "allow_anonymous true", *self.config]) + "\n")
+            command = [mosquitto_path(), "-c", str(conf)]
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([mosquitto_path(), "-p", str(self.port)], stdout=out, stderr=out)
+            self.proc = subprocess.Popen(command, stdout=out, stderr=out)
         _wait_port(self.port)
 
     def kill(self) -> None:
@@ -65,6 +77,44 @@ class Broker:
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """One broker for the session (contract suites); tests that kill it use ``own_broker``."""
     b = Broker(free_port(), tmp_path_factory.mktemp("mosquitto") / "broker.log")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.kill()
+
+
+def _publish_as_node(port: int, prefix: str, room: str, node: str, counts: list[str],
+                     marks: dict[str, str] | None = None, padding: int = 0) -> None:
+    """Publish room messages numbered ``counts`` as node ``node`` would (then its ``marks``), with plain paho."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        topics = Topics(prefix)
+        infos = [client.publish(topics.messages(room), json.dumps({"count": count, "pad": "x" * padding}).encode(), 1,
+                                properties=UserProperties([(PROP_KIND, "message"), (PROP_NODE, node),  # type: ignore[arg-type]
+                                                           (PROP_COUNT, count)])) for count in counts]
+        if marks is not None:
+            infos.append(client.publish(topics.marks(node), json.dumps(marks).encode(), 1))
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.fixture
+def publish_as_node() -> Any:
+    """``publish_as_node(port, prefix, room, node, counts)``: room messages as a node would publish them."""
+    return _publish_as_node
+
+
+@pytest.fixture
+def small_queue_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A broker that queues at most one message per subscriber: any burst overflows it."""
+    b = Broker(free_port(), tmp_path / "broker.log", config=["max_queued_messages 1"])
     b.start()
     try:
         yield b
@@ -92,6 +142,7 @@ class Node:
         self.ws_url = f"ws://127.0.0.1:{self.port}"
         self.config_path = workdir / f"{name}.yaml"
         self.log_path = workdir / f"{name}.log"
+        limits = mqtt.pop("limits", None)  # the kernel's limits section; everything else is pubsub.mqtt
         settings = {"url": broker.url, "keepalive": "2s", "reconnect_min": "50ms", "reconnect_max": "500ms",
                     "connect_timeout": "3s", **mqtt}
         config = {
@@ -100,6 +151,7 @@ class Node:
             "rooms": {"store": "mqtt"},
             "api": {"key": API_KEY},
             "logging": {"level": "info"},
+            **({"limits": limits} if limits else {}),
         }
         self.config_path.write_text(yaml.safe_dump(config))
         self.proc: subprocess.Popen[bytes] | None = None

@@ -6,16 +6,12 @@ import asyncio
 import json
 import uuid
 
-import paho.mqtt.client as paho
 import pytest
 from forge_streaming import BackendState, ConfigError, Envelope, EnvelopeKind, Streaming
 from forge_streaming.testing import RecordingListener, run
 from forge_streaming_mqtt import MqttPubSub, MqttSettings
 from forge_streaming_mqtt.continuity import DUPLICATE, Continuity, Numbering
 from forge_streaming_mqtt.pubsub import MARK_DELAY
-from forge_streaming_mqtt.topics import PROP_COUNT, PROP_KIND, PROP_NODE, Topics
-from forge_streaming_mqtt.wire import UserProperties
-from paho.mqtt.enums import CallbackAPIVersion
 
 
 def _envelope(room: str, n: int) -> Envelope:
@@ -51,26 +47,7 @@ def test_a_room_emptied_locally_is_unsubscribed_at_the_broker(broker) -> None:
     run(scenario(), timeout=30)
 
 
-def _publish_as_node(port: int, prefix: str, room: str, node: str, counts: list[str],
-                     marks: dict[str, str] | None = None) -> None:
-    """Publish room messages numbered ``counts`` as node ``node`` would (then its ``marks``), with plain paho."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        infos = [client.publish(Topics(prefix).messages(room), f'{{"count":"{count}"}}'.encode(), 1,
-                                properties=UserProperties([(PROP_KIND, "message"), (PROP_NODE, node),  # type: ignore[arg-type]
-                                                           (PROP_COUNT, count)])) for count in counts]
-        if marks is not None:
-            infos.append(client.publish(Topics(prefix).marks(node), json.dumps(marks).encode(), 1))
-        for info in infos:
-            info.wait_for_publish(10)
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
-def test_a_mark_reveals_the_lost_end_of_a_burst(broker) -> None:
+def test_a_mark_reveals_the_lost_end_of_a_burst(broker, publish_as_node) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> None:
@@ -80,7 +57,7 @@ def test_a_mark_reveals_the_lost_end_of_a_burst(broker) -> None:
             await backend.subscribe("r")
             await backend.subscribe("quiet")
             # b's numbers 3 and 4 never arrive; its mark says 4 was its last. "quiet" was never heard from b.
-            await asyncio.to_thread(_publish_as_node, broker.port, prefix, "r", "b", ["s1:1", "s1:2"],
+            await asyncio.to_thread(publish_as_node, broker.port, prefix, "r", "b", ["s1:1", "s1:2"],
                                     {"r": "s1:4", "quiet": "s9:7", "not-subscribed": "s1:1"})
             await listener.wait_for(lambda e: len(e) >= 2, timeout=10)
             deadline = asyncio.get_running_loop().time() + 10
@@ -118,7 +95,7 @@ def test_nodes_in_step_see_no_holes_in_each_others_marks(broker) -> None:
     run(scenario(), timeout=30)
 
 
-def test_a_hole_in_a_rooms_numbers_resyncs_that_room_and_a_duplicate_is_dropped(broker) -> None:
+def test_a_hole_in_a_rooms_numbers_resyncs_that_room_and_a_duplicate_is_dropped(broker, publish_as_node) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> None:
@@ -128,11 +105,11 @@ def test_a_hole_in_a_rooms_numbers_resyncs_that_room_and_a_duplicate_is_dropped(
             await backend.subscribe("r")
             await backend.subscribe("other")
             counts = ["s1:1", "s1:2", "s1:4", "s1:4", "s1:3", "s2:1", "s2:2"]  # 3 lost, 4 twice, then a restart
-            await asyncio.to_thread(_publish_as_node, broker.port, prefix, "r", "b", counts)
+            await asyncio.to_thread(publish_as_node, broker.port, prefix, "r", "b", counts)
             await listener.wait_for(lambda e: len(e) >= 5, timeout=10)
             await asyncio.sleep(0.2)
             assert [e.payload for e in listener.envelopes] == [
-                f'{{"count":"{c}"}}'.encode() for c in ("s1:1", "s1:2", "s1:4", "s2:1", "s2:2")]
+                json.dumps({"count": c, "pad": ""}).encode() for c in ("s1:1", "s1:2", "s1:4", "s2:1", "s2:2")]
             assert listener.resynced_rooms == [["r"]]
             assert (backend.counters["holes"], backend.counters["missed"], backend.counters["duplicates_dropped"]) \
                 == (1, 1, 2)

@@ -13,7 +13,7 @@ import pytest
 from forge_streaming import Envelope
 from forge_streaming.testing import RecordingListener, run
 from forge_streaming_mqtt import MqttPubSub, MqttSettings
-from forge_streaming_mqtt.batching import BatchingSocket
+from forge_streaming_mqtt.batching import MAX_PACKETS_PER_READ, BatchingSocket
 from forge_streaming_mqtt.link import MqttLink, Sent
 from forge_streaming_mqtt.topics import PROP_KIND, PROP_NODE, PROP_SEQUENCE, Topics
 from forge_streaming_mqtt.wire import UserProperties, parse_user_properties, qos0_publish_packet
@@ -178,3 +178,23 @@ def test_qos0_publishes_are_bounded_like_paho_bounds_qos1() -> None:
         link._paho = stub  # type: ignore[assignment]
         assert link.publish_nowait("t", b"p", qos=0, properties=props) is expected
         assert len(stub.queued) == (expected is Sent.OK)
+
+
+def test_a_burst_larger_than_one_iterations_share_is_read_to_its_end(broker: Any) -> None:
+    """Past MAX_PACKETS_PER_READ the rest waits in our buffer: it must be read on, not wait for the next packet."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    count = 5 * MAX_PACKETS_PER_READ
+
+    async def scenario() -> None:
+        backend, listener = MqttPubSub(MqttSettings(url=broker.url, topic_prefix=prefix)), IterationListener()
+        await backend.start("b", listener)
+        try:
+            await backend.subscribe("r")
+            _publish_burst_blocking(broker.port, prefix, "r", count)  # the loop is blocked: it all waits
+            time.sleep(0.3)
+            await listener.wait_for(lambda e: len(e) == count, timeout=5)  # nothing comes after it (keepalive: 10 s)
+            assert listener.iterations >= 2, "fairness: not all of it in one iteration"
+        finally:
+            await backend.stop()
+
+    run(scenario(), timeout=30)

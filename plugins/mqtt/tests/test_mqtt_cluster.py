@@ -196,3 +196,4 @@ async def test_a_node_that_stops_announces_itself_offline(broker) -> None:
         "mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", f"{prefix}/nodes/leaving/status",
         "-C", "1", "-W", "5"], capture_output=True, timeout=10)
     assert json.loads(read.stdout)["state"] == "offline", read
+

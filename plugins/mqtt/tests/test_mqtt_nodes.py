@@ -201,3 +201,26 @@ async def test_mosquitto_pub_into_a_room_reaches_a_websocket_client(broker, clus
         await until(lambda: member.data() == [{"temp": 21}], what="the device message")
         frame = member.of("message")[0]
         assert frame["user_id"] == "thermo-1" and isinstance(frame["sequence"], int)
+
+
+async def test_a_node_that_stalls_past_the_brokers_queue_tells_its_members_to_resync(
+        small_queue_broker, cluster, publish_as_node) -> None:
+    (b,) = cluster(small_queue_broker, "b", limits={"send_buffer": "64MiB"})  # bob takes the whole burst
+    async with ws_member(b, "burst") as bob:
+        # b stops reading; the broker keeps one message queued for it, its socket buffers fill, the rest is dropped
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.to_thread(publish_as_node, small_queue_broker.port, "forge", "burst", "x",
+                                    [f"s:{n}" for n in range(1, 3001)], padding=4000)
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        settled, last = 0, -1
+        while settled < 10:  # b has read its backlog when bob's count stays put for half a second
+            await asyncio.sleep(0.05)
+            settled, last = (settled + 1, last) if len(bob.frames) == last else (0, len(bob.frames))
+        await asyncio.to_thread(publish_as_node, small_queue_broker.port, "forge", "burst", "x", ["s:3001"])
+        await until(lambda: "resync" in bob.events(), timeout=15, what="resync after the broker dropped messages")
+        counts = [m["data"]["count"] for m in bob.of("message")] if bob.of("message") else []
+        assert len(counts) < 3001 and counts == sorted(counts, key=lambda c: int(c[2:])), "a hole, in order"
+        _, health = await asyncio.to_thread(b.health)
+        assert "lost between the broker and this node" in health["backend"]["detail"], health

@@ -181,6 +181,10 @@ class BatchingClient(aiomqtt.Client):
                         return
                     if wrapped.buffered <= 0:
                         break  # nothing more without a syscall: the next readiness event brings it
+                else:
+                    # This iteration's share is done but packets wait in our buffer, where no readiness
+                    # event will announce them (the socket may be empty): read on in the next iteration.
+                    self._loop.call_soon(on_readable)
                 # PUBACKs, and publishes the broker's PUBACKs released, go out now, before this
                 # iteration's fan-out is flushed to the members: the broker works meanwhile.
                 if client.want_write():
