@@ -90,4 +90,5 @@ def test_mqtt_case_measures_two_nodes_beside_one(tmp_path: Path) -> None:
     two = by_server["two-nodes"]
     assert two["received"] == two["expected"] == 20 * 20 and two["lost"] == 0, two
     assert len(two["server_cpu_by_process"]) == 2 and two["probe_p50_ms"] > 0
+    assert len(two["vs_one_rounds"]) == cases.MQTT_ROUNDS
     assert "two nodes" in "\n".join(report.mqtt_section(case))
