@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 from forge_streaming import BackendState, ConfigError, Envelope, EnvelopeKind, Streaming
@@ -19,16 +21,24 @@ def _envelope(room: str, n: int) -> Envelope:
                     node="b")
 
 
+@contextlib.asynccontextmanager
+async def started(url: str, prefix: str, *nodes: str) -> AsyncIterator[list[tuple[MqttPubSub, RecordingListener]]]:
+    """One started backend, with the listener recording what it hands over, per node name."""
+    pairs = [(MqttPubSub(MqttSettings(url=url, topic_prefix=prefix)), RecordingListener()) for _ in nodes]
+    try:
+        for node, (backend, listener) in zip(nodes, pairs, strict=True):
+            await backend.start(node, listener)
+        yield pairs
+    finally:
+        for backend, _ in pairs:
+            await backend.stop()
+
+
 def test_a_room_emptied_locally_is_unsubscribed_at_the_broker(broker) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> None:
-        a, b = MqttPubSub(MqttSettings(url=broker.url, topic_prefix=prefix)), MqttPubSub(
-            MqttSettings(url=broker.url, topic_prefix=prefix))
-        la, lb = RecordingListener(), RecordingListener()
-        await a.start("a", la)
-        await b.start("b", lb)
-        try:
+        async with started(broker.url, prefix, "a", "b") as [(a, la), (b, lb)]:
             await a.subscribe("r")
             await b.subscribe("r")
             await b.publish(_envelope("r", 1))
@@ -40,9 +50,6 @@ def test_a_room_emptied_locally_is_unsubscribed_at_the_broker(broker) -> None:
             await asyncio.sleep(0.2)
             assert len(la.envelopes) == 1
             assert a.counters["unsubscribed_dropped"] == 0, "the broker still sends the room to node a"
-        finally:
-            await a.stop()
-            await b.stop()
 
     run(scenario(), timeout=30)
 
@@ -51,9 +58,7 @@ def test_a_mark_reveals_the_lost_end_of_a_burst(broker, publish_as_node) -> None
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> None:
-        backend, listener = MqttPubSub(MqttSettings(url=broker.url, topic_prefix=prefix)), RecordingListener()
-        await backend.start("a", listener)
-        try:
+        async with started(broker.url, prefix, "a") as [(backend, listener)]:
             await backend.subscribe("r")
             await backend.subscribe("quiet")
             # b's numbers 3 and 4 never arrive; its mark says 4 was its last. "quiet" was never heard from b.
@@ -65,8 +70,6 @@ def test_a_mark_reveals_the_lost_end_of_a_burst(broker, publish_as_node) -> None
                 await asyncio.sleep(0.02)
             assert listener.resynced_rooms == [["r"]]
             assert (backend.counters["holes"], backend.counters["missed"]) == (1, 2)
-        finally:
-            await backend.stop()
 
     run(scenario(), timeout=30)
 
@@ -75,11 +78,7 @@ def test_nodes_in_step_see_no_holes_in_each_others_marks(broker) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> None:
-        a, b = (MqttPubSub(MqttSettings(url=broker.url, topic_prefix=prefix)) for _ in range(2))
-        la, lb = RecordingListener(), RecordingListener()
-        await a.start("a", la)
-        await b.start("b", lb)
-        try:
+        async with started(broker.url, prefix, "a", "b") as [(a, la), (b, lb)]:
             for backend in (a, b):
                 await backend.subscribe("r")
             for n in range(50):
@@ -88,9 +87,6 @@ def test_nodes_in_step_see_no_holes_in_each_others_marks(broker) -> None:
             await asyncio.sleep(MARK_DELAY + 0.5)  # a's mark has come and gone
             assert a.counters["marks_sent"] >= 1
             assert (a.counters["holes"], b.counters["holes"], la.resyncs, lb.resyncs) == (0, 0, [], [])
-        finally:
-            await a.stop()
-            await b.stop()
 
     run(scenario(), timeout=30)
 
@@ -99,9 +95,7 @@ def test_a_hole_in_a_rooms_numbers_resyncs_that_room_and_a_duplicate_is_dropped(
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> None:
-        backend, listener = MqttPubSub(MqttSettings(url=broker.url, topic_prefix=prefix)), RecordingListener()
-        await backend.start("a", listener)
-        try:
+        async with started(broker.url, prefix, "a") as [(backend, listener)]:
             await backend.subscribe("r")
             await backend.subscribe("other")
             counts = ["s1:1", "s1:2", "s1:4", "s1:4", "s1:3", "s2:1", "s2:2"]  # 3 lost, 4 twice, then a restart
@@ -114,8 +108,6 @@ def test_a_hole_in_a_rooms_numbers_resyncs_that_room_and_a_duplicate_is_dropped(
             assert (backend.counters["holes"], backend.counters["missed"], backend.counters["duplicates_dropped"]) \
                 == (1, 1, 2)
             assert "1 messages lost between the broker and this node" in backend.health().detail
-        finally:
-            await backend.stop()
 
     run(scenario(), timeout=30)
 
