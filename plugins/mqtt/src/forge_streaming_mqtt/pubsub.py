@@ -44,6 +44,11 @@ MARK_DELAY = 0.5  # seconds after a node's publishes to a room until it announce
 MARK_ROOMS = 500  # rooms per mark message, at most
 
 
+def _milestone(count: int) -> bool:
+    """Log a recurring loss at its 1st, 10th, 100th, 1000th and every 10,000th time, not each time."""
+    return count in (1, 10, 100, 1000) or count % 10_000 == 0
+
+
 class MqttPubSub(PubSubBackend):
     name: ClassVar[str] = "mqtt"
 
@@ -202,7 +207,7 @@ class MqttPubSub(PubSubBackend):
     def _send_marks(self) -> None:
         """Announce the last number of every room published to since the last marks (continuity.py)."""
         self._mark_timer = None
-        rooms, self._unmarked = sorted(self._unmarked), set()
+        rooms, self._unmarked = self._unmarked, set()
         marks = {room: last for room in rooms if (last := self._numbering.last(room)) is not None}
         if not self._ready or self._link is None or not marks:
             return  # disconnected: the reconnect resyncs everyone anyway
@@ -236,7 +241,7 @@ class MqttPubSub(PubSubBackend):
         if len(self._buffer) >= limit:
             self._buffer.popleft()
             self.counters["buffer_dropped"] += 1
-            if self.counters["buffer_dropped"] in (1, 10, 100, 1000) or self.counters["buffer_dropped"] % 10_000 == 0:
+            if _milestone(self.counters["buffer_dropped"]):
                 log.warning("MQTT pubsub: outgoing buffer full (pubsub.mqtt.outgoing_buffer=%d); "
                             "%d oldest messages dropped so far", limit, self.counters["buffer_dropped"])
         self._buffer.append((topic, payload, props))
@@ -295,7 +300,7 @@ class MqttPubSub(PubSubBackend):
         """Messages of ``room`` from ``node`` never arrived: its members resync, history stops vouching."""
         self.counters["holes"] += 1
         self.counters["missed"] += missing
-        if self.counters["holes"] in (1, 10, 100, 1000) or self.counters["holes"] % 10_000 == 0:
+        if _milestone(self.counters["holes"]):
             log.warning("MQTT pubsub: %d message(s) from node %r in room %r never arrived (%d such holes so "
                         "far; the broker drops messages for a subscriber that falls behind: raise Mosquitto's "
                         "max_queued_messages); the room's members get resync", missing, node, room,
