@@ -74,7 +74,7 @@ def test_sse_case_pairs_ours_on_sse_with_ours_on_websocket(tmp_path: Path) -> No
     assert set(by_server) == {"ours", "ours-ws"}, case.rows
     for row in by_server.values():
         assert row["received"] == row["expected"] == 20 * 20 and row["lost"] == 0, row
-    assert len(by_server["ours"]["vs_ws_rounds"]) == cases.SSE_ROUNDS
+    assert len(by_server["ours"]["paired_rounds"]) == cases.SSE_ROUNDS
     assert any("alternating runs" in note for note in case.notes)
 
 
@@ -90,5 +90,5 @@ def test_mqtt_case_measures_two_nodes_beside_one(tmp_path: Path) -> None:
     two = by_server["two-nodes"]
     assert two["received"] == two["expected"] == 20 * 20 and two["lost"] == 0, two
     assert len(two["server_cpu_by_process"]) == 2 and two["probe_p50_ms"] > 0
-    assert len(two["vs_one_rounds"]) == cases.MQTT_ROUNDS
+    assert len(two["paired_rounds"]) == cases.MQTT_ROUNDS
     assert "two nodes" in "\n".join(report.mqtt_section(case))

@@ -183,6 +183,29 @@ def capacity(opts: Options) -> Case:
 
 
 SSE_ROUNDS = 3  # alternating SSE and WebSocket runs on one server: the SSE/WS ratio is paired per round
+_Round = tuple[dict[str, Any], dict[str, Any]]
+
+
+def _paired(rounds: list[_Round]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The median row of each side over alternating rounds, and the paired ratio first/second.
+
+    ``paired_ratio`` is the median of the rounds' own ratios (``paired_rounds``, sorted): both sides of a
+    round saw the same machine state, so machine noise mostly cancels out of it.
+    """
+    key = "server_us_per_delivery"
+    ratios = sorted(a[key] / b[key] for a, b in rounds if "error" not in a and "error" not in b)
+    rows = []
+    for side in (0, 1):
+        row = median_run([r[side] for r in rounds], key)
+        row["runs"] = sum(r[side].get("runs", 0) for r in rounds)
+        rows.append(row)
+    paired = {"paired_ratio": ratios[len(ratios) // 2], "paired_rounds": ratios} if ratios else {}
+    return rows[0], rows[1], paired
+
+
+def _paired_note(what: str, paired: dict[str, Any]) -> str:
+    rounds = ", ".join(f"{r:.2f}x" for r in paired["paired_rounds"])
+    return f"{what}, alternating runs: {rounds} (median {paired['paired_ratio']:.2f}x, the target's figure)."
 
 
 def sse(opts: Options) -> Case:
@@ -202,15 +225,13 @@ def sse(opts: Options) -> Case:
                     m = messages_for(n, opts.deliveries)
                     rounds = [(_fanout_runs(opts, [running], "room", n, m, {"sse_path": "/sse?rooms=bench"}),
                                _fanout_runs(opts, [running], "room", n, m)) for _ in range(SSE_ROUNDS)]
-                    ratios = sorted(s["server_us_per_delivery"] / w["server_us_per_delivery"]
-                                    for s, w in rounds if "error" not in s and "error" not in w)
-                    paired = {"vs_ws_paired": ratios[len(ratios) // 2], "vs_ws_rounds": ratios} if ratios else {}
-                    for index, (server, label) in enumerate((("ours", "forge-streaming (/sse)"),
-                                                             ("ours-ws", "forge-streaming (/ws), same server"))):
-                        row = median_run([r[index] for r in rounds], "server_us_per_delivery")
-                        row["runs"] = sum(r[index].get("runs", 0) for r in rounds)
-                        case.rows.append({"server": server, "label": label, "n": n, **row,
-                                          **(paired if server == "ours" else {})})
+                    sse_row, ws_row, paired = _paired(rounds)
+                    case.rows.append({"server": "ours", "label": "forge-streaming (/sse)", "n": n, **sse_row, **paired})
+                    case.rows.append({"server": "ours-ws", "label": "forge-streaming (/ws), same server", "n": n,
+                                      **ws_row})
+                    if paired:
+                        case.notes.append(_paired_note(f"N = {n:,}: ours on SSE / ours on WebSocket, same server",
+                                                       paired))
         except Exception as exc:
             case.rows.append({"server": "ours", "label": "forge-streaming (/sse)", "n": 0, "error": str(exc)[:300]})
     if "sse-starlette" in available:
@@ -223,11 +244,6 @@ def sse(opts: Options) -> Case:
                     case.rows.append({"server": kind.name, "label": kind.label, "n": n, **result})
         except Exception as exc:
             case.rows.append({"server": kind.name, "label": kind.label, "n": 0, "error": str(exc)[:300]})
-    for row in case.rows:
-        if row.get("vs_ws_rounds"):
-            rounds_text = ", ".join(f"{r:.2f}x" for r in row["vs_ws_rounds"])
-            case.notes.append(f"N = {row['n']:,}: ours on SSE / ours on WebSocket, same server, alternating runs: "
-                              f"{rounds_text} (median {row['vs_ws_paired']:.2f}x, the target's figure).")
     case.seconds = time.monotonic() - started
     return case
 
@@ -292,20 +308,15 @@ def mqtt(opts: Options) -> Case:
             paced_one = _fanout_runs(opts, [single], "room", probe_n, probe_m, probe)
             servers.wait_idle(everyone)
             paced_two = _fanout_runs(opts, [a, b], "room", probe_n, probe_m, {**probe, **extra})
-        ratios = sorted(one["server_us_per_delivery"] / two["server_us_per_delivery"]
-                        for one, two in rounds if "error" not in one and "error" not in two)
-        one_row = median_run([r[0] for r in rounds], "server_us_per_delivery")
-        two_row = median_run([r[1] for r in rounds], "server_us_per_delivery")
+        one_row, two_row, paired = _paired(rounds)
         case.rows.append({"server": "one-node", "label": "one node, memory backend", "n": n, **one_row,
                           "probe_p50_ms": paced_one.get("p50_ms"), "probe_p99_ms": paced_one.get("p99_ms")})
         case.rows.append({"server": "two-nodes", "label": "two nodes + Mosquitto (MQTT backend)", "n": n,
                           **two_row, "probe_p50_ms": paced_two.get("p50_ms"), "probe_p99_ms": paced_two.get("p99_ms"),
                           "probe_p50_by_node": paced_two.get("p50_ms_by_target") or [None, None],
-                          **({"vs_one_paired": ratios[len(ratios) // 2], "vs_one_rounds": ratios} if ratios else {})})
-        if ratios:
-            case.notes.append("Per-node throughput, two nodes / one node, alternating runs on the same machine state: "
-                              + ", ".join(f"{r:.2f}x" for r in ratios)
-                              + f" (median {ratios[len(ratios) // 2]:.2f}x, the target's figure).")
+                          **paired})
+        if paired:
+            case.notes.append(_paired_note("Per-node throughput, two nodes / one node", paired))
     except Exception as exc:
         case.rows.append({"server": "two-nodes", "label": "two nodes", "n": n, "error": str(exc)[:300]})
     case.notes.append(

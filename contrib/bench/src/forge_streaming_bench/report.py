@@ -179,7 +179,7 @@ def targets(cases: dict[str, Case]) -> list[list[str]]:
     sn = headline_n(sse)
     srows = [r for r in sse.rows if r.get("n") == sn] if sse else []
     ours_sse, peer = _ours(srows), _ours(srows, server="sse-starlette")
-    r3 = ours_sse.get("vs_ws_paired") if ours_sse else None
+    r3 = ours_sse.get("paired_ratio") if ours_sse else None
     add("SSE CPU/delivery <= 1.3x our WebSocket figure", r3, f"{r3:.2f}x" if r3 else "", r3 is not None and r3 <= 1.3,
         f"N = {sn}, same server, median of {SSE_ROUNDS} alternating rounds")
     r4 = peer["server_us_per_delivery"] / ours_sse["server_us_per_delivery"] if ours_sse and peer else None
@@ -201,7 +201,7 @@ def targets(cases: dict[str, Case]) -> list[list[str]]:
     mq = cases.get("mqtt")
     one = _ours(mq.rows, server="one-node") if mq else None
     two = _ours(mq.rows, server="two-nodes") if mq else None
-    r5 = two.get("vs_one_paired") if two else None
+    r5 = two.get("paired_ratio") if two else None
     add("Two nodes: per-node throughput >= 0.8x single node", r5, f"{r5:.2f}x" if r5 else "",
         r5 is not None and r5 >= 0.8, f"deliveries per node CPU-second, median of {MQTT_ROUNDS} alternating rounds")
     hop = (two["probe_p50_ms"] - one["probe_p50_ms"]) if one and two and two.get("probe_p50_ms") else None
