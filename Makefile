@@ -41,10 +41,11 @@ test: test-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 typecheck: test-deps
-	$(BIN)/mypy kernel/src
+	$(BIN)/mypy $(addsuffix /src,$(DISTS)) conftest.py
+	for tests in tests $(wildcard plugins/*/tests contrib/*/tests); do $(BIN)/mypy $$tests || exit 1; done
 
 lint: test-deps
-	$(BIN)/ruff check kernel plugins contrib tests
+	$(BIN)/ruff check kernel plugins contrib tests conftest.py
 
 bench: test-deps
 	$(BIN)/pip install -q -e 'contrib/bench[peers]'

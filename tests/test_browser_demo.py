@@ -28,13 +28,22 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 from forge_streaming.testing import ServerProcess as Server
 from forge_streaming.testing import free_port
 
 pytest.importorskip("playwright")
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import (  # noqa: E402
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Locator,
+    Page,
+    expect,
+    sync_playwright,
+)
 
 CHROMIUM = os.environ.get("FORGE_STREAMING_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -188,7 +197,7 @@ class DemoPage:
         self.page.fill("#message-input", text)
         self.page.press("#message-input", "Enter")
 
-    def message(self, text: str, user: str | None = None):  # noqa: ANN201 - a Playwright Locator
+    def message(self, text: str, user: str | None = None) -> Locator:
         selector = f'#messages li[data-text="{text}"]'
         if user is not None:
             selector += f'[data-user="{user}"]'
@@ -204,9 +213,15 @@ class DemoPage:
         return [e for e in self.errors if not (allow_network and NETWORK_ERRORS.search(e))]
 
 
+class OpenPage(Protocol):
+    """The ``open_page`` fixture: a new page of the demo at ``base_url``."""
+
+    def __call__(self, base_url: str, *, name: str, room: str, transport: str = "auto") -> DemoPage: ...
+
+
 @pytest.fixture
-def open_page(browser: Browser) -> Iterator[object]:
-    contexts = []
+def open_page(browser: Browser) -> Iterator[OpenPage]:
+    contexts: list[BrowserContext] = []
     pages: list[DemoPage] = []
 
     def opener(base_url: str, *, name: str, room: str, transport: str = "auto") -> DemoPage:
@@ -243,7 +258,7 @@ def new_room() -> str:
 # -- tests ----------------------------------------------------------------------------------
 
 
-def test_websocket_and_sse_pages_see_each_other(servers: list[Server], tmp_path: Path, open_page) -> None:
+def test_websocket_and_sse_pages_see_each_other(servers: list[Server], tmp_path: Path, open_page: OpenPage) -> None:
     server = start(servers, tmp_path)
     room = new_room()
     alice = open_page(server.url, name="alice", room=room, transport="websocket")
@@ -283,7 +298,7 @@ def test_websocket_and_sse_pages_see_each_other(servers: list[Server], tmp_path:
     assert bob.unexpected_errors() == []
 
 
-def test_webtransport_page_joins_the_same_room(servers: list[Server], tmp_path: Path, open_page) -> None:
+def test_webtransport_page_joins_the_same_room(servers: list[Server], tmp_path: Path, open_page: OpenPage) -> None:
     """`auto` picks WebTransport in Chromium (pinning the dev certificate's hash); all three transports meet."""
     server = start(servers, tmp_path)
     room = "lobby"
@@ -321,7 +336,7 @@ def test_webtransport_page_joins_the_same_room(servers: list[Server], tmp_path: 
     (["webtransport"], "websocket"),
     (["webtransport", "websocket"], "sse"),
 ])
-def test_auto_falls_back_to_what_the_server_offers(servers: list[Server], tmp_path: Path, open_page,
+def test_auto_falls_back_to_what_the_server_offers(servers: list[Server], tmp_path: Path, open_page: OpenPage,
                                                    denied: list[str], expected: str) -> None:
     """Without a transport plugin the page still connects, with the next best, and logs no error."""
     server = start(servers, tmp_path, config=f"plugins:\n  deny: {denied}\n")
@@ -339,7 +354,7 @@ def test_auto_falls_back_to_what_the_server_offers(servers: list[Server], tmp_pa
 
 @pytest.mark.parametrize("transport", ["websocket", "sse"])
 def test_short_disconnect_replays_missed_messages(servers: list[Server], proxies: list[Proxy], tmp_path: Path,
-                                                  open_page, transport: str) -> None:
+                                                  open_page: OpenPage, transport: str) -> None:
     """A page cut off for a few seconds, server still up: what it missed is replayed, what it sent is delivered."""
     server = start(servers, tmp_path)
     proxy = Proxy(server.port)
@@ -375,7 +390,7 @@ def test_short_disconnect_replays_missed_messages(servers: list[Server], proxies
 
 
 def test_server_restart_pages_reconnect_resync_and_deliver_buffered(servers: list[Server], proxies: list[Proxy],
-                                                                    tmp_path: Path, open_page) -> None:
+                                                                    tmp_path: Path, open_page: OpenPage) -> None:
     """The server process is replaced: pages come back by themselves, learn `resync`, and nothing queued is lost.
 
     The new process has no history, so what was published while a page was
@@ -428,7 +443,8 @@ def test_server_restart_pages_reconnect_resync_and_deliver_buffered(servers: lis
         assert demo.unexpected_errors(allow_network=True) == [], demo.name
 
 
-def test_webtransport_keepalive_outlives_the_idle_timeout(servers: list[Server], tmp_path: Path, open_page) -> None:
+def test_webtransport_keepalive_outlives_the_idle_timeout(servers: list[Server], tmp_path: Path,
+                                                          open_page: OpenPage) -> None:
     """A quiet WebTransport reader is not cut by `webtransport.idle_timeout`: the client's datagrams keep it."""
     server = start(servers, tmp_path, config="webtransport:\n  idle_timeout: 1.5\n")
     page = open_page(server.url, name="host", room=new_room(), transport="websocket")
@@ -454,7 +470,7 @@ def test_webtransport_keepalive_outlives_the_idle_timeout(servers: list[Server],
     assert page.unexpected_errors() == []
 
 
-def test_readme_browser_snippet_runs_as_written(servers: list[Server], tmp_path: Path, open_page,
+def test_readme_browser_snippet_runs_as_written(servers: list[Server], tmp_path: Path, open_page: OpenPage,
                                                  browser: Browser) -> None:
     """The README's <script type="module"> block, in a page of the server's origin, says hello to the lobby."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()

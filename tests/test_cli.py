@@ -6,9 +6,11 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from forge_streaming.testing import ServerProcess
 
 BIN = Path(sys.executable).parent / "forge-streaming"
 
@@ -17,7 +19,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=60, env=env)
 
 
-def test_plugins_lists_installed_plugins_as_json():
+def test_plugins_lists_installed_plugins_as_json() -> None:
     result = run("plugins", "--json")
     assert result.returncode == 0, result.stderr
     plugins = {p["name"]: p for p in json.loads(result.stdout)}
@@ -27,7 +29,7 @@ def test_plugins_lists_installed_plugins_as_json():
     assert "memory-rooms  (forge-streaming-memory 0.1.0)" in text
 
 
-def test_check_config_prints_effective_config_and_refuses_bad_values(tmp_path):
+def test_check_config_prints_effective_config_and_refuses_bad_values(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text("server:\n  port: 9001\nlimits:\n  idle_timeout: 2m\n")
     result = run("check-config", str(good))
@@ -41,7 +43,7 @@ def test_check_config_prints_effective_config_and_refuses_bad_values(tmp_path):
     assert "limits.max_message_size" in result.stderr and "'lots'" in result.stderr
 
 
-def test_serve_healthz_publish_stats_and_clean_exit(server_factory):
+def test_serve_healthz_publish_stats_and_clean_exit(server_factory: Callable[..., ServerProcess]) -> None:
     server = server_factory(config="api:\n  key: test-key\n")
     health = httpx.get(server.url + "/healthz").json()
     assert health["status"] == "ok" and health["backend"]["name"] == "memory"
@@ -61,7 +63,7 @@ def test_serve_healthz_publish_stats_and_clean_exit(server_factory):
     assert "stopped" in server.output()
 
 
-def test_serve_refuses_a_bad_config_with_the_key(tmp_path):
+def test_serve_refuses_a_bad_config_with_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("server:\n  drain_timeout: forever\n")
     result = run("serve", "--config", str(bad), "--port", "1")
@@ -69,7 +71,7 @@ def test_serve_refuses_a_bad_config_with_the_key(tmp_path):
     assert "server.drain_timeout" in result.stderr
 
 
-def test_serve_a_users_module(tmp_path, server_factory):
+def test_serve_a_users_module(tmp_path: Path, server_factory: Callable[..., ServerProcess]) -> None:
     (tmp_path / "myapp.py").write_text(
         "from forge_streaming import Streaming\nstreaming = Streaming({'api': {'key': 'k'}})\n")
     server = server_factory("myapp:streaming")

@@ -8,18 +8,22 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
 import websockets
 from forge_streaming import Streaming
-from forge_streaming.testing import serve
+from forge_streaming.testing import ServerProcess, serve
+from websockets.asyncio.client import ClientConnection
 
 pytest.importorskip("forge_streaming_websocket")
 pytest.importorskip("forge_streaming_sse")
 
 
-async def recv_json(ws, predicate=lambda f: True, timeout=5.0):
+async def recv_json(ws: ClientConnection, predicate: Callable[[Any], bool] = lambda f: True,
+                    timeout: float = 5.0) -> Any:
     while True:
         frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
         if predicate(frame):
@@ -27,7 +31,8 @@ async def recv_json(ws, predicate=lambda f: True, timeout=5.0):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-async def test_shutdown_tells_clients_flushes_then_closes(server_factory, sig):
+async def test_shutdown_tells_clients_flushes_then_closes(server_factory: Callable[..., ServerProcess],
+                                                          sig: signal.Signals) -> None:
     from httpx_sse import aconnect_sse
 
     server = server_factory(config="server:\n  drain_timeout: 3s\n  reconnect_hint: 2s\n")
@@ -52,7 +57,8 @@ async def test_shutdown_tells_clients_flushes_then_closes(server_factory, sig):
     assert server.proc.returncode in (0, -signal.SIGTERM)
 
 
-async def test_restarted_server_clients_reconnect_and_learn_of_the_gap(server_factory):
+async def test_restarted_server_clients_reconnect_and_learn_of_the_gap(
+        server_factory: Callable[..., ServerProcess]) -> None:
     first = server_factory()
     ws = await websockets.connect(first.ws_url + "/ws")
     await ws.send(json.dumps({"type": "join", "room_id": "r"}))
@@ -80,7 +86,7 @@ def resources() -> tuple[int, int]:
 
 
 @pytest.mark.slow
-async def test_soak_thousands_of_connections_open_chat_close():
+async def test_soak_thousands_of_connections_open_chat_close() -> None:
     """2,000 WebSocket connections in waves of 100: join, chat, leave. Nothing may be left behind."""
     streaming = Streaming({})
     async with serve(streaming) as server:

@@ -8,15 +8,18 @@ import json
 import os
 import socket
 import struct
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 import pytest
 import websockets
 from forge_streaming import Streaming
 from forge_streaming.frames import ProtocolError, parse_client_frame
-from forge_streaming.testing import serve
+from forge_streaming.testing import RunningServer, eventually, serve
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from websockets.asyncio.client import ClientConnection
 
 pytest.importorskip("forge_streaming_websocket")
 pytest.importorskip("forge_streaming_sse")
@@ -35,7 +38,7 @@ json_values = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=300), st.binary(max_size=300), json_values.map(json.dumps)))
-def test_parser_refuses_anything_with_a_protocol_error_only(raw):
+def test_parser_refuses_anything_with_a_protocol_error_only(raw: str | bytes) -> None:
     try:
         frame = parse_client_frame(raw, max_size=MAX)
     except ProtocolError as exc:
@@ -48,13 +51,13 @@ def test_parser_refuses_anything_with_a_protocol_error_only(raw):
 @given(st.sampled_from(["join", "leave", "message", "typing"]),
        st.text(min_size=1, max_size=40).filter(str.isprintable), json_values,
        st.none() | st.integers(min_value=0, max_value=2**53))
-def test_parser_accepts_every_valid_frame_unchanged(kind, room, data, since):
+def test_parser_accepts_every_valid_frame_unchanged(kind: str, room: str, data: Any, since: int | None) -> None:
     raw = json.dumps({"type": kind, "room_id": room, "data": data, "since": since})
     frame = parse_client_frame(raw, max_size=1 << 20)
     assert (frame.type, frame.room_id, frame.data, frame.since) == (kind, room, data, since)
 
 
-def test_deep_nesting_is_refused_not_crashed():
+def test_deep_nesting_is_refused_not_crashed() -> None:
     with pytest.raises(ProtocolError) as info:
         parse_client_frame("[" * 3000 + "]" * 3000, max_size=1 << 20)
     assert info.value.code in {"invalid_json", "invalid_frame"}
@@ -67,14 +70,15 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def recv_json(ws, predicate=lambda f: True, timeout=5.0):
+async def recv_json(ws: ClientConnection, predicate: Callable[[Any], bool] = lambda f: True,
+                    timeout: float = 5.0) -> Any:
     while True:
         frame = json.loads(await asyncio.wait_for(ws.recv(), timeout))
         if predicate(frame):
             return frame
 
 
-async def joined(url: str, room: str):
+async def joined(url: str, room: str) -> ClientConnection:
     ws = await websockets.connect(url)
     await ws.send(json.dumps({"type": "join", "room_id": room}))
     await recv_json(ws, lambda f: f.get("event") == "room.joined")
@@ -82,7 +86,7 @@ async def joined(url: str, room: str):
 
 
 @pytest.fixture
-async def server():
+async def server() -> AsyncIterator[RunningServer]:
     streaming = Streaming({"limits": {"max_message_size": MAX, "messages_per_second": 200, "message_burst": 50}})
     async with serve(streaming) as running:
         yield running
@@ -101,7 +105,7 @@ BAD_TEXT = [
 ]
 
 
-async def test_websocket_bad_frames_get_error_frames_and_others_are_served(server):
+async def test_websocket_bad_frames_get_error_frames_and_others_are_served(server: RunningServer) -> None:
     fds_before = open_fds()
     url = server.ws_url + "/ws"
     good_a, good_b = await joined(url, "calm"), await joined(url, "calm")
@@ -118,11 +122,11 @@ async def test_websocket_bad_frames_get_error_frames_and_others_are_served(serve
         assert (await recv_json(ws, lambda f: f.get("type") == "message"))["data"] == "still here"
     for ws in (good_a, good_b, hostile):
         await ws.close()
-    await wait_until(lambda: not server.streaming.connections)
-    await wait_until(lambda: open_fds() <= fds_before + 2)
+    await eventually(lambda: not server.streaming.connections, timeout=10)
+    await eventually(lambda: open_fds() <= fds_before + 2, timeout=10)
 
 
-async def test_websocket_oversize_and_invalid_utf8_close_with_codes(server):
+async def test_websocket_oversize_and_invalid_utf8_close_with_codes(server: RunningServer) -> None:
     url = server.ws_url + "/ws"
     witness = await joined(url, "r")
     big = await websockets.connect(url, max_size=None)
@@ -153,7 +157,7 @@ async def raw_invalid_utf8_close_code(port: int) -> int:
     return int(struct.unpack("!H", body[:2])[0])
 
 
-async def test_flood_is_rate_limited_without_slowing_the_room(server):
+async def test_flood_is_rate_limited_without_slowing_the_room(server: RunningServer) -> None:
     url = server.ws_url + "/ws"
     flooder, listener, speaker = [await joined(url, "busy") for _ in range(3)]
     for n in range(400):
@@ -174,8 +178,8 @@ async def test_flood_is_rate_limited_without_slowing_the_room(server):
         await ws.close()
 
 
-async def test_half_open_tcp_and_silent_sockets_do_not_block_anyone(server):
-    silent = []
+async def test_half_open_tcp_and_silent_sockets_do_not_block_anyone(server: RunningServer) -> None:
+    silent: list[socket.socket] = []
     for _ in range(20):  # connect and never complete a request or handshake
         sock = socket.create_connection(("127.0.0.1", server.port))
         sock.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0")
@@ -192,7 +196,7 @@ async def test_half_open_tcp_and_silent_sockets_do_not_block_anyone(server):
             sock.close()
 
 
-async def test_sse_bad_posts_are_refused_and_the_stream_stays(server):
+async def test_sse_bad_posts_are_refused_and_the_stream_stays(server: RunningServer) -> None:
     from httpx_sse import aconnect_sse
 
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
@@ -219,15 +223,7 @@ async def test_sse_bad_posts_are_refused_and_the_stream_stays(server):
             assert ok.status_code == 202
 
 
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
-
-
-async def test_idle_timeout_spares_talking_and_listening_clients_only():
+async def test_idle_timeout_spares_talking_and_listening_clients_only() -> None:
     from httpx_sse import aconnect_sse
 
     streaming = Streaming({"limits": {"idle_timeout": "1s"}, "sse": {"keep_alive_interval": "200ms"}})

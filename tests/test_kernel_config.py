@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 from forge_streaming import ConfigError, ConfigSection, Duration, Streaming, hookimpl, load_config
 from forge_streaming.config import build_config, parse_duration, parse_size
 
 
 @pytest.mark.parametrize("text,seconds", [("15s", 15), ("1m", 60), ("500ms", 0.5), ("2h", 7200), (3, 3), ("1.5s", 1.5)])
-def test_durations(text, seconds):
+def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text,size", [(65536, 65536), ("64KiB", 65536), ("1MiB", 1 << 20), ("10kb", 10_000)])
-def test_sizes(text, size):
+def test_sizes(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
 
-def test_yaml_file_and_env_override(tmp_path):
+def test_yaml_file_and_env_override(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("server:\n  port: 9000\nlimits:\n  max_message_size: 32KiB\n  idle_timeout: 1m\n")
     config = load_config(path, environ={"FORGE_STREAMING__SERVER__PORT": "9100",
@@ -36,14 +39,14 @@ def test_yaml_file_and_env_override(tmp_path):
     ({"pubsub": {"mqtt": {"url": "x"}}}, ["pubsub.mqtt", "no installed plugin"]),
     ({"server": {"port": 70000}}, ["server.port", "65535"]),
 ])
-def test_bad_values_name_the_key_value_and_expectation(raw, needles):
+def test_bad_values_name_the_key_value_and_expectation(raw: dict[str, Any], needles: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
         build_config(raw, environ={})
     for needle in needles:
         assert needle in str(info.value)
 
 
-def test_bad_file_is_named(tmp_path):
+def test_bad_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("server: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml"):
@@ -52,14 +55,14 @@ def test_bad_file_is_named(tmp_path):
         load_config(tmp_path / "missing.yaml", environ={})
 
 
-def test_plugin_sections_are_validated_with_their_key():
+def test_plugin_sections_are_validated_with_their_key() -> None:
     class Settings(ConfigSection):
         url: str = "mqtt://127.0.0.1:1883"
         keepalive: Duration = 10.0
 
     class Plugin:
         @hookimpl
-        def streaming_config_sections(self):
+        def streaming_config_sections(self) -> dict[str, type[ConfigSection]]:
             return {"pubsub.example": Settings}
 
     streaming = Streaming({"pubsub": {"example": {"keepalive": "30s"}}}, plugins=[Plugin()])
@@ -69,6 +72,6 @@ def test_plugin_sections_are_validated_with_their_key():
         Streaming({"pubsub": {"example": {"keepalive": "never"}}}, plugins=[Plugin()])
 
 
-def test_unknown_backend_names_what_is_available():
+def test_unknown_backend_names_what_is_available() -> None:
     with pytest.raises(ConfigError, match=r"pubsub.backend: 'redis' .*available: \['memory'"):
         Streaming({"pubsub": {"backend": "redis"}})

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+
 import pytest
 from forge_streaming import (
+    ClientFrame,
     ConfigError,
     ConfigSection,
+    Connection,
+    ConnectionRequest,
     Duration,
     Envelope,
+    Handler,
+    Identity,
     PubSubBackend,
     Refused,
     RoomStore,
     Streaming,
+    StreamingConfig,
     Transport,
     hookimpl,
 )
 from forge_streaming.testing import open_connection
 from forge_streaming_memory import MemoryPubSub, MemoryRoomStore
+from starlette.routing import BaseRoute
 
 
 class RecorderSettings(ConfigSection):
@@ -29,7 +38,7 @@ class NullTransport(Transport):
     default_path = "/null"
     started = False
 
-    def routes(self, handlers, *, room_endpoint):
+    def routes(self, endpoints: Mapping[str, Handler | None]) -> list[BaseRoute]:
         return []
 
     async def start(self) -> None:
@@ -43,68 +52,69 @@ class Recorder:
         self.calls: list[tuple[str, object]] = []
 
     @hookimpl
-    def streaming_config_sections(self):
+    def streaming_config_sections(self) -> dict[str, type[ConfigSection]]:
         return {"recorder": RecorderSettings}
 
     @hookimpl
-    def streaming_configure(self, config):
+    def streaming_configure(self, config: StreamingConfig) -> None:
         self.calls.append(("configure", config.section("recorder", RecorderSettings).greeting))
 
     @hookimpl
-    def streaming_register_transports(self):
+    def streaming_register_transports(self) -> Sequence[type[Transport]]:
         return [NullTransport]
 
     @hookimpl
-    def streaming_register_pubsub_backends(self):
+    def streaming_register_pubsub_backends(self) -> dict[str, Callable[[StreamingConfig], PubSubBackend]]:
         return {"recorded": lambda config: MemoryPubSub()}
 
     @hookimpl
-    def streaming_register_room_stores(self):
+    def streaming_register_room_stores(self) -> dict[str, Callable[[StreamingConfig], RoomStore]]:
         return {"recorded": lambda config: MemoryRoomStore()}
 
     @hookimpl
-    async def streaming_startup(self, streaming):
+    async def streaming_startup(self, streaming: Streaming) -> None:
         self.calls.append(("startup", streaming.state.value))
 
     @hookimpl
-    async def streaming_shutdown(self, streaming):
+    async def streaming_shutdown(self, streaming: Streaming) -> None:
         self.calls.append(("shutdown", None))
 
     @hookimpl
-    def streaming_connected(self, connection):
+    def streaming_connected(self, connection: Connection) -> None:
         self.calls.append(("connected", connection.id))
 
     @hookimpl
-    def streaming_disconnected(self, connection, code, reason):
+    def streaming_disconnected(self, connection: Connection, code: int, reason: str) -> None:
         self.calls.append(("disconnected", (connection.id, code, reason)))
 
     @hookimpl
-    def streaming_room_joined(self, connection, room):
+    def streaming_room_joined(self, connection: Connection, room: str) -> None:
         self.calls.append(("joined", room))
 
     @hookimpl
-    def streaming_room_left(self, connection, room):
+    def streaming_room_left(self, connection: Connection, room: str) -> None:
         self.calls.append(("left", room))
 
     @hookimpl
-    async def streaming_message_received(self, connection, frame):
+    async def streaming_message_received(self, connection: Connection, frame: ClientFrame) -> bool | None:
         self.calls.append(("received", frame.type))
         if frame.data == "secret":
             return False
+        return None
 
     @hookimpl
-    def streaming_delivered(self, envelope: Envelope, recipients: int):
+    def streaming_delivered(self, envelope: Envelope, recipients: int) -> None:
         self.calls.append(("delivered", recipients))
 
     @hookimpl
-    def streaming_connection_dropped(self, connection, reason):
+    def streaming_connection_dropped(self, connection: Connection, reason: str) -> None:
         self.calls.append(("dropped", reason))
 
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]
 
 
-async def test_every_hook_fires_in_order():
+async def test_every_hook_fires_in_order() -> None:
     recorder = Recorder()
     config = {"recorder": {"greeting": "hi", "every": "2s"}, "pubsub": {"backend": "recorded"},
               "rooms": {"store": "recorded"}}
@@ -117,9 +127,9 @@ async def test_every_hook_fires_in_order():
         a, b = await open_connection(streaming), await open_connection(streaming)
         await a.join_room("r")
         await b.join_room("r")
-        await streaming.handle_client_frame(a, '{"type":"message","room_id":"r","data":"x"}')
-        await streaming.handle_client_frame(a, '{"type":"message","room_id":"r","data":"secret"}')
-        streaming.dropped(b, "slow consumer")
+        await streaming.room_protocol_frame(a, '{"type":"message","room_id":"r","data":"x"}')
+        await streaming.room_protocol_frame(a, '{"type":"message","room_id":"r","data":"secret"}')
+        b.drop("slow consumer")
         await b.close(1008, "slow consumer")
     names = recorder.names()
     assert recorder.calls[0] == ("configure", "hi")
@@ -135,81 +145,84 @@ async def test_every_hook_fires_in_order():
     assert sum(1 for n in names if n == "joined") == 2
 
 
-async def test_configure_can_refuse():
+async def test_configure_can_refuse() -> None:
     class Strict:
         @hookimpl
-        def streaming_configure(self, config):
+        def streaming_configure(self, config: StreamingConfig) -> None:
             raise ConfigError("limits.send_buffer: too small for this plugin")
 
     with pytest.raises(ConfigError, match="send_buffer"):
         Streaming({}, plugins=[Strict()])
 
 
-async def test_refused_join_raises_with_the_reason():
+async def test_refused_join_raises_with_the_reason() -> None:
     class Gate:
         @hookimpl
-        def streaming_join_room(self, connection, room):
+        def streaming_join_room(self, connection: Connection, room: str) -> bool | None:
             if room == "vip":
                 raise Refused("members only", code="members_only")
+            return None
 
     streaming = Streaming({}, plugins=[Gate()])
     async with streaming.running():
         conn = await open_connection(streaming)
         with pytest.raises(Refused, match="members only"):
             await conn.join_room("vip")
-        await streaming.handle_client_frame(conn, '{"type":"join","room_id":"vip"}')
+        await streaming.room_protocol_frame(conn, '{"type":"join","room_id":"vip"}')
         assert conn.frames("error")[-1]["data"] == {"code": "members_only", "message": "members only"}
         assert conn.rooms == set()
 
 
-async def test_a_failing_plugin_is_named_and_closes_only_the_connection_it_served(caplog):
+async def test_a_failing_plugin_is_named_and_closes_only_the_connection_it_served(
+        caplog: pytest.LogCaptureFixture) -> None:
     class Buggy:
         @hookimpl
-        async def streaming_message_received(self, connection, frame):
+        async def streaming_message_received(self, connection: Connection, frame: ClientFrame) -> bool | None:
             if frame.data == "boom":
                 raise ZeroDivisionError("bug in the plugin")
+            return None
 
     streaming = Streaming({}, plugins=[Buggy()])
     async with streaming.running():
         victim, bystander = await open_connection(streaming), await open_connection(streaming)
         for conn in (victim, bystander):
             await conn.join_room("r")
-        await streaming.handle_client_frame(victim, '{"type":"message","room_id":"r","data":"boom"}')
+        await streaming.room_protocol_frame(victim, '{"type":"message","room_id":"r","data":"boom"}')
         assert victim.id not in streaming.connections and victim.close_code == 1011
         assert bystander.id in streaming.connections
-        await streaming.handle_client_frame(bystander, '{"type":"message","room_id":"r","data":"fine"}')
+        await streaming.room_protocol_frame(bystander, '{"type":"message","room_id":"r","data":"fine"}')
         assert bystander.close_code is None
     failure = [r for r in caplog.records if "failed in streaming_message_received" in r.getMessage()]
     assert failure and "Buggy" in failure[0].getMessage() and failure[0].levelname == "ERROR"
 
 
-async def test_a_failing_authenticate_hook_refuses_with_500():
+async def test_a_failing_authenticate_hook_refuses_with_500() -> None:
     class Broken:
         @hookimpl
-        def streaming_authenticate(self, request):
+        def streaming_authenticate(self, request: ConnectionRequest) -> Identity | None:
             raise KeyError("no such header")
 
     streaming = Streaming({}, plugins=[Broken()])
     async with streaming.running():
         with pytest.raises(Refused) as info:
             await open_connection(streaming)
-        assert (info.value.status, info.value.close_code) == (500, 1011)
+        assert (info.value.status, info.value.code) == (500, "internal_error")
 
 
-async def test_failing_counting_hooks_do_not_break_the_caller(caplog):
+async def test_failing_counting_hooks_do_not_break_the_caller(caplog: pytest.LogCaptureFixture) -> None:
     class Broken:
         @hookimpl
-        def streaming_connection_dropped(self, connection, reason):
+        def streaming_connection_dropped(self, connection: Connection, reason: str) -> None:
             raise RuntimeError("metrics down")
 
         @hookimpl
-        def streaming_frame_rejected(self, connection, code, message):
+        def streaming_frame_rejected(self, connection: Connection, code: str, message: str) -> None:
             raise RuntimeError("metrics down")
 
     streaming = Streaming({}, plugins=[Broken()])
     async with streaming.running():
-        conn = await open_connection(streaming)
-        streaming.dropped(conn, "slow consumer")  # must not raise into a transport's write path
-        await streaming.handle_client_frame(conn, "{")
+        conn, dropped = await open_connection(streaming), await open_connection(streaming)
+        dropped.drop("slow consumer")  # must not raise into a transport's write path
+        await streaming.room_protocol_frame(conn, "{")
         assert conn.frames("error")[-1]["data"]["code"] == "invalid_json"
     assert sum("metrics down" in r.getMessage() for r in caplog.records) == 2

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import pytest
 from forge_streaming.loopguard import ThrottledExceptionHandler, install
 
 
-async def test_repeated_loop_errors_are_throttled(caplog):
+async def test_repeated_loop_errors_are_throttled(caplog: pytest.LogCaptureFixture) -> None:
     loop = asyncio.get_running_loop()
     handler = ThrottledExceptionHandler(interval=60)
     with caplog.at_level(logging.ERROR):
@@ -20,7 +21,7 @@ async def test_repeated_loop_errors_are_throttled(caplog):
     assert any(r.getMessage() == "something else" for r in caplog.records)
 
 
-async def test_an_application_handler_is_left_alone():
+async def test_an_application_handler_is_left_alone() -> None:
     loop = asyncio.get_running_loop()
     mine = lambda loop, context: None  # noqa: E731
     loop.set_exception_handler(mine)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
-from forge_streaming import Identity, Refused, Streaming, hookimpl
+from forge_streaming import Connection, ConnectionRequest, Identity, PublishMessage, Refused, Streaming, hookimpl
 from forge_streaming.testing import open_connection
 
 
 @pytest.fixture
-async def streaming():
+async def streaming() -> AsyncIterator[Streaming]:
     service = Streaming({})
     async with service.running():
         yield service
 
 
-async def test_broadcast_to_room_reaches_the_others_once(streaming):
+async def test_broadcast_to_room_reaches_the_others_once(streaming: Streaming) -> None:
     alice, bob, carol = [await open_connection(streaming) for _ in range(3)]
     for conn in (alice, bob, carol):
         await conn.join_room("lobby")
@@ -25,7 +27,7 @@ async def test_broadcast_to_room_reaches_the_others_once(streaming):
     assert alice.frames("message") == []
 
 
-async def test_presence_and_empty_rooms_removed(streaming):
+async def test_presence_and_empty_rooms_removed(streaming: Streaming) -> None:
     alice, bob = await open_connection(streaming), await open_connection(streaming)
     await alice.join_room("r")
     await bob.join_room("r")
@@ -39,11 +41,15 @@ async def test_presence_and_empty_rooms_removed(streaming):
     assert await streaming.rooms() == []
 
 
-async def test_history_resume_and_resync(streaming):
+async def test_history_resume_and_resync(streaming: Streaming) -> None:
     alice, bob = await open_connection(streaming), await open_connection(streaming)
     await alice.join_room("r")
     await bob.join_room("r")
-    seqs = [await alice.broadcast_to_room("r", n) for n in range(5)]
+    seqs: list[int] = []
+    for n in range(5):
+        seq = await alice.broadcast_to_room("r", n)
+        assert seq is not None
+        seqs.append(seq)
     assert seqs == sorted(seqs) and len(set(seqs)) == 5
     late = await open_connection(streaming)
     await late.join_room("r", since=seqs[1])
@@ -54,32 +60,35 @@ async def test_history_resume_and_resync(streaming):
     assert [m["data"] for m in stale.frames("message")] == [0, 1, 2, 3, 4], "then what history holds"
 
 
-async def test_protocol_errors_are_error_frames(streaming):
+async def test_protocol_errors_are_error_frames(streaming: Streaming) -> None:
     conn = await open_connection(streaming)
-    for raw, code in [("{", "invalid_json"), ("[]", "invalid_frame"), ('{"type":"nope","room_id":"r"}', "unknown_type"),
-                      ('{"type":"join"}', "missing_room"), ('{"type":"message","room_id":"r","data":1}', "not_member"),
-                      (b"\x00", "binary_not_supported"), ("[" * 100000 + "]" * 100000, "too_large")]:
-        await streaming.handle_client_frame(conn, raw)
+    cases: list[tuple[str | bytes, str]] = [
+        ("{", "invalid_json"), ("[]", "invalid_frame"), ('{"type":"nope","room_id":"r"}', "unknown_type"),
+        ('{"type":"join"}', "missing_room"), ('{"type":"message","room_id":"r","data":1}', "not_member"),
+        (b"\x00", "binary_not_supported"), ("[" * 100000 + "]" * 100000, "too_large")]
+    for raw, code in cases:
+        await streaming.room_protocol_frame(conn, raw)
         assert conn.frames("error")[-1]["data"]["code"] == code, raw[:20]
 
 
-async def test_hooks_authenticate_refuse_join_and_transform():
+async def test_hooks_authenticate_refuse_join_and_transform() -> None:
     class Policy:
         @hookimpl
-        def streaming_authenticate(self, request):
+        def streaming_authenticate(self, request: ConnectionRequest) -> Identity:
             if request.headers.get("x-user") == "mallory":
                 raise Refused("no")
             return Identity(request.headers.get("x-user", "anon"))
 
         @hookimpl
-        async def streaming_join_room(self, connection, room):
+        async def streaming_join_room(self, connection: Connection, room: str) -> bool:
             return room != "secret"
 
         @hookimpl
-        def streaming_before_publish(self, message):
+        def streaming_before_publish(self, message: PublishMessage) -> bool | None:
             if message.data == "drop":
                 return False
             message.data = str(message.data).upper()
+            return None
 
     service = Streaming({}, plugins=[Policy()])
     async with service.running():
@@ -88,7 +97,7 @@ async def test_hooks_authenticate_refuse_join_and_transform():
         alice = await open_connection(service, headers={"x-user": "alice"})
         bob = await open_connection(service, headers={"x-user": "bob"})
         assert alice.user_id == "alice"
-        await service.handle_client_frame(alice, '{"type":"join","room_id":"secret"}')
+        await service.room_protocol_frame(alice, '{"type":"join","room_id":"secret"}')
         assert alice.frames("error")[-1]["data"]["code"] == "join_refused"
         for conn in (alice, bob):
             await conn.join_room("open")
@@ -97,21 +106,21 @@ async def test_hooks_authenticate_refuse_join_and_transform():
         assert [m["data"] for m in bob.frames("message")] == ["HELLO"]
 
 
-async def test_rate_limit_answers_with_a_retry_hint():
+async def test_rate_limit_answers_with_a_retry_hint() -> None:
     service = Streaming({"limits": {"messages_per_second": 1, "message_burst": 2}})
     async with service.running():
         alice, bob = await open_connection(service), await open_connection(service)
         await alice.join_room("r")  # joins go through the API, not the limited frame path
         await bob.join_room("r")
         for n in range(4):
-            await service.handle_client_frame(alice, f'{{"type":"message","room_id":"r","data":{n}}}')
+            await service.room_protocol_frame(alice, f'{{"type":"message","room_id":"r","data":{n}}}')
         assert [m["data"] for m in bob.frames("message")] == [0, 1]
         errors = alice.frames("error")
         assert [e["data"]["code"] for e in errors] == ["rate_limited", "rate_limited"]
         assert errors[0]["data"]["retry_after_ms"] > 0
 
 
-async def test_idle_connections_are_closed_and_leave_their_rooms():
+async def test_idle_connections_are_closed_and_leave_their_rooms() -> None:
     import asyncio
 
     service = Streaming({"limits": {"idle_timeout": "200ms"}})
@@ -120,13 +129,13 @@ async def test_idle_connections_are_closed_and_leave_their_rooms():
         await idle.join_room("r")
         for _ in range(8):
             await asyncio.sleep(0.1)
-            await service.handle_client_frame(busy, '{"type":"typing","room_id":"x","data":true}')
+            await service.room_protocol_frame(busy, '{"type":"typing","room_id":"x","data":true}')
         assert idle.id not in service.connections and busy.id in service.connections
         assert idle.close_reason == "idle timeout"
         assert await service.presence("r") == []
 
 
-async def test_history_survives_a_room_emptying_for_a_moment(streaming):
+async def test_history_survives_a_room_emptying_for_a_moment(streaming: Streaming) -> None:
     alone = await open_connection(streaming)
     await alone.join_room("solo")
     first = await streaming.broadcast("solo", "before")
@@ -138,7 +147,7 @@ async def test_history_survives_a_room_emptying_for_a_moment(streaming):
     assert [m["sequence"] for m in back.frames("message")] == [missed]
 
 
-async def test_after_the_linger_a_resume_from_before_is_a_resync():
+async def test_after_the_linger_a_resume_from_before_is_a_resync() -> None:
     import asyncio
 
     service = Streaming({"rooms": {"history_linger": "50ms"}})
@@ -155,7 +164,7 @@ async def test_after_the_linger_a_resume_from_before_is_a_resync():
         assert back.frames("system")[-1]["event"] == "resync"
 
 
-async def test_resync_is_followed_by_what_history_still_holds():
+async def test_resync_is_followed_by_what_history_still_holds() -> None:
     service = Streaming({"rooms": {"history_size": 3}})
     async with service.running():
         member = await open_connection(service)
@@ -171,10 +180,10 @@ async def test_resync_is_followed_by_what_history_still_holds():
         assert joined["event"] == "room.joined" and joined["data"]["sequence"] >= first
 
 
-async def test_connection_and_room_limits_refuse_with_a_status():
+async def test_connection_and_room_limits_refuse_with_a_status() -> None:
     class ByHeader:
         @hookimpl
-        def streaming_authenticate(self, request):
+        def streaming_authenticate(self, request: ConnectionRequest) -> Identity:
             return Identity(request.headers.get("x-user", "anon"))
 
     service = Streaming({"limits": {"max_connections": 4, "max_connections_per_ip": 3,
@@ -202,12 +211,13 @@ async def test_connection_and_room_limits_refuse_with_a_status():
             await a2.join_room("three")
 
 
-async def test_a_resync_for_one_room_reaches_that_room_only(streaming):
+async def test_a_resync_for_one_room_reaches_that_room_only(streaming: Streaming) -> None:
     alice = await open_connection(streaming)
     await alice.join_room("hole")
     await alice.join_room("fine")
     hole = await streaming.broadcast("hole", 1)
     fine = await streaming.broadcast("fine", 1)
+    assert hole is not None and fine is not None
     streaming.on_resync("the backend noticed a hole", rooms=["hole", "not-here"])
     resyncs = [f["data"] for f in alice.frames("system") if f["event"] == "resync"]
     assert [(r["room_id"], r["reason"]) for r in resyncs] == [("hole", "the backend noticed a hole")]

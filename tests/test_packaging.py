@@ -33,7 +33,8 @@ IDS = [str(d.relative_to(ROOT)) for d in DISTS]
 
 
 def project(dist: Path) -> dict[str, Any]:
-    return tomllib.loads((dist / "pyproject.toml").read_text())["project"]  # type: ignore[no-any-return]
+    data: dict[str, Any] = tomllib.loads((dist / "pyproject.toml").read_text())["project"]
+    return data
 
 
 def packages(dist: Path) -> list[str]:

@@ -6,12 +6,15 @@ import asyncio
 import json
 import re
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import websockets
 from forge_streaming.testing import serve
+from websockets.asyncio.client import ClientConnection
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -25,12 +28,12 @@ def example(name: str) -> types.ModuleType:
     return module
 
 
-async def test_readme_opens_with_the_two_commands():
+async def test_readme_opens_with_the_two_commands() -> None:
     lines = [line for line in README.read_text().splitlines() if line.strip()]
     assert lines[1] == "```sh" and lines[2].startswith("make run") and lines[3].startswith("make test")
 
 
-async def test_echo_example():
+async def test_echo_example() -> None:
     pytest.importorskip("forge_streaming_websocket")
     module = example("echo")
     async with serve(module.streaming) as server:
@@ -41,13 +44,13 @@ async def test_echo_example():
             assert await asyncio.wait_for(ws.recv(), 5) == b"\x00\x01binary"
 
 
-async def test_chat_example():
+async def test_chat_example() -> None:
     pytest.importorskip("forge_streaming_websocket")
     module = example("chat")
     async with serve(module.streaming) as server:
         url = server.ws_url + "/chat?room=kitchen"
         async with websockets.connect(url) as alice, websockets.connect(url) as bob:
-            async def frames_until(ws, predicate):
+            async def frames_until(ws: ClientConnection, predicate: Callable[[Any], bool]) -> Any:
                 while True:
                     frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
                     if predicate(frame):
@@ -59,7 +62,7 @@ async def test_chat_example():
             assert frame["data"] == "soup is ready" and frame["room_id"] == "kitchen"
 
 
-async def test_ticker_example():
+async def test_ticker_example() -> None:
     pytest.importorskip("forge_streaming_sse")
     from httpx_sse import aconnect_sse
 
@@ -67,7 +70,7 @@ async def test_ticker_example():
     async with serve(module.streaming) as server:
         async with httpx.AsyncClient(timeout=10) as client:
             async with aconnect_sse(client, "GET", server.url + "/ticker") as source:
-                events = []
+                events: list[tuple[str, Any]] = []
                 async for event in source.aiter_sse():
                     if event.event == "tick":
                         events.append((event.id, json.loads(event.data)))
@@ -77,7 +80,7 @@ async def test_ticker_example():
 
 
 @pytest.mark.parametrize("name", ["starlette", "fastapi"])
-async def test_mounting_examples(name):
+async def test_mounting_examples(name: str) -> None:
     pytest.importorskip("forge_streaming_websocket")
     module = example(name)
     async with serve(module.app) as server:

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from forge_streaming import ConnectionRequest, Identity, Streaming, hookimpl
 from forge_streaming.testing import open_connection
 
 ALLOW = ["memory-pubsub", "memory-rooms", "demo"]
+
+
+@pytest.fixture(autouse=True)
+def _only_these_plugins(streaming_plugins_only: Callable[..., None]) -> None:
+    """Only the demo and the memory backend, whatever else is installed (the stats count transports)."""
+    streaming_plugins_only(*ALLOW)
 
 
 def make(demo: dict[str, Any] | None = None, plugins: tuple[object, ...] = ()) -> Streaming:
@@ -26,10 +34,6 @@ def make(demo: dict[str, Any] | None = None, plugins: tuple[object, ...] = ()) -
 
 def client(streaming: Streaming) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=streaming.asgi_app()), base_url="http://test")
-
-
-def request(query: str) -> ConnectionRequest:
-    return ConnectionRequest(transport="websocket", path="/ws", query_string=query)
 
 
 async def test_page_script_and_client_are_served() -> None:
@@ -69,15 +73,24 @@ async def test_page_can_be_turned_off_for_the_kernel_status_page() -> None:
         assert (await http.get("/demo/stats")).status_code == 200
 
 
+async def identity_of(streaming: Streaming, query: str) -> Identity | None:
+    """The identity the service gives a connection opened with ``query`` (through the authenticate hooks)."""
+    conn = await open_connection(streaming, path="/ws", query=query)
+    try:
+        return conn.identity
+    finally:
+        await conn.close()
+
+
 async def test_guest_names_only_anonymous_connections() -> None:
     streaming = make()
     async with streaming.running():
-        identity = await streaming.authenticate(request("guest=Ada%20L."))
+        identity = await identity_of(streaming, "guest=Ada%20L.")
         assert identity == Identity("guest:Ada L.", {"name": "Ada L.", "guest": True})
-        assert await streaming.authenticate(request("guest=%3Cscript%3E")) == Identity(
+        assert await identity_of(streaming, "guest=%3Cscript%3E") == Identity(
             "guest:script", {"name": "script", "guest": True})
-        assert await streaming.authenticate(request("")) is None
-        assert await streaming.authenticate(request("guest=%3C%3E")) is None
+        assert await identity_of(streaming, "") is None
+        assert await identity_of(streaming, "guest=%3C%3E") is None
 
 
 async def test_a_real_identity_wins_over_the_guest_name() -> None:
@@ -89,11 +102,11 @@ async def test_a_real_identity_wins_over_the_guest_name() -> None:
 
     streaming = make(plugins=(Auth(),))
     async with streaming.running():
-        assert await streaming.authenticate(request("token=ok&guest=mallory")) == Identity("user-42")
-        assert (await streaming.authenticate(request("guest=mallory"))).user_id == "guest:mallory"  # type: ignore[union-attr]
+        assert await identity_of(streaming, "token=ok&guest=mallory") == Identity("user-42")
+        assert (await identity_of(streaming, "guest=mallory")).user_id == "guest:mallory"  # type: ignore[union-attr]
 
 
 async def test_guest_names_can_be_turned_off() -> None:
     streaming = make({"guest_names": False})
     async with streaming.running():
-        assert await streaming.authenticate(request("guest=ada")) is None
+        assert await identity_of(streaming, "guest=ada") is None

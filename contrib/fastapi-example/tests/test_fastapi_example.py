@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,12 @@ pytestmark = pytest.mark.timeout(60)
 CONFIG: dict[str, Any] = {"plugins": {"deny": ["webtransport"]}}
 ALICE = {"Authorization": "Bearer alice-token"}
 BOB = {"Authorization": "Bearer bob-token"}
+
+
+@pytest.fixture(autouse=True)
+def _only_these_plugins(streaming_plugins_only: Callable[..., None]) -> None:
+    """The example's transports and backend only, whatever else is installed (the served module too)."""
+    streaming_plugins_only("websocket", "sse", "memory-pubsub", "memory-rooms")
 
 
 def test_one_token_check_for_both_sides() -> None:
@@ -51,7 +58,7 @@ async def test_app_routes_use_the_apps_dependency() -> None:
         assert refused.status_code == 401
         health = await http.get("/rt/healthz")
         assert health.status_code == 200 and health.json()["state"] == "running"
-    assert streaming.state is ServiceState.STOPPED, "and stopped it"
+    assert get_streaming(app).state is ServiceState.STOPPED, "and stopped it"
 
 
 async def test_websocket_auth_shares_the_rule_and_a_post_reaches_the_room() -> None:

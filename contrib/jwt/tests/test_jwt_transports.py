@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import jwt
@@ -18,15 +20,22 @@ pytest.importorskip("forge_streaming_websocket")
 pytest.importorskip("forge_streaming_sse")
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
+PLUGINS = ["websocket", "sse", "memory-pubsub", "memory-rooms", "jwt"]
 
 
-def token(**claims):
+@pytest.fixture(autouse=True)
+def _only_these_plugins(streaming_plugins_only: Callable[..., None]) -> None:
+    """The plugins under test only, whatever else is installed."""
+    streaming_plugins_only(*PLUGINS)
+
+
+def token(**claims: Any) -> str:
     claims.setdefault("sub", "alice")
     claims.setdefault("exp", int(time.time()) + 3600)
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
-async def test_refused_before_the_websocket_upgrade_and_the_sse_stream():
+async def test_refused_before_the_websocket_upgrade_and_the_sse_stream() -> None:
     async with serve(Streaming({"jwt": {"secret": SECRET}})) as server:
         with pytest.raises(websockets.InvalidStatus) as refused:
             await websockets.connect(server.ws_url + "/ws?token=garbage")
@@ -41,7 +50,7 @@ async def test_refused_before_the_websocket_upgrade_and_the_sse_stream():
             assert joined["data"]["user_id"] == "alice"
 
 
-async def test_expired_token_closes_a_live_websocket_with_1008():
+async def test_expired_token_closes_a_live_websocket_with_1008() -> None:
     async with serve(Streaming({"jwt": {"secret": SECRET}})) as server:
         async with websockets.connect(server.ws_url + f"/ws?token={token(exp=int(time.time()) + 1)}") as ws:
             frames = []

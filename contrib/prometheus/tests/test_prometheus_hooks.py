@@ -8,6 +8,7 @@ plugin needs that the original hooks could not give.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -21,6 +22,12 @@ from starlette.routing import BaseRoute, Route
 pytestmark = pytest.mark.timeout(30)
 
 MEMORY_ONLY: dict[str, Any] = {"plugins": {"allow": ["memory-pubsub", "memory-rooms"]}}
+
+
+@pytest.fixture(autouse=True)
+def _only_these_plugins(streaming_plugins_only: Callable[..., None]) -> None:
+    """The memory backend only (and the recorder each test registers)."""
+    streaming_plugins_only(*MEMORY_ONLY["plugins"]["allow"])
 
 
 class Recorder:
@@ -57,8 +64,8 @@ async def test_published_rejected_and_delivered_hooks() -> None:
         conn = await open_connection(streaming)
         await conn.join_room("r")
         await streaming.broadcast("r", "hi")
-        await streaming.handle_client_frame(conn, "{broken")
-        await streaming.handle_client_frame(conn, json.dumps({"type": "message", "room_id": "other", "data": 1}))
+        await streaming.room_protocol_frame(conn, "{broken")
+        await streaming.room_protocol_frame(conn, json.dumps({"type": "message", "room_id": "other", "data": 1}))
     kinds = [(room, kind) for _, room, kind, _ in recorder.published]
     assert ("r", EnvelopeKind.MESSAGE) in kinds and ("r", EnvelopeKind.NOTICE) in kinds
     assert all(s is streaming and seconds >= 0 for s, _, _, seconds in recorder.published)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,6 +19,12 @@ from forge_streaming.testing import open_connection, serve
 pytestmark = pytest.mark.timeout(60)
 
 CONFIG: dict[str, Any] = {"plugins": {"deny": ["webtransport"]}, "api": {"key": "k"}}
+
+
+@pytest.fixture(autouse=True)
+def _only_these_plugins(streaming_plugins_only: Callable[..., None]) -> None:
+    """The transports and the plugin under test only, whatever else is installed (no WebTransport)."""
+    streaming_plugins_only("websocket", "sse", "memory-pubsub", "memory-rooms", "prometheus")
 
 
 async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
@@ -97,7 +104,7 @@ async def test_counters_move_by_exactly_what_websocket_and_sse_clients_sent(scra
     streaming = Streaming(CONFIG)
     if not {"websocket", "sse"} <= set(streaming.transports):
         pytest.skip("the websocket and sse transports are not both installed")
-    v = scraper.value
+    v: Callable[..., float] = scraper.value
 
     async with serve(streaming) as server, httpx.AsyncClient(timeout=10) as http:
         before = await scraper(server.url)
@@ -175,16 +182,16 @@ async def test_counters_move_by_exactly_what_websocket_and_sse_clients_sent(scra
 
 
 async def test_drops_by_reason_and_rate_limited_frames(scraper: Any) -> None:
-    """Drops come from ``Streaming.dropped`` (what transports call); rate limiting from real frames."""
+    """Drops come from ``Connection.drop`` (what transports call); rate limiting from real frames."""
     streaming = Streaming({"plugins": {"deny": ["webtransport"]},
                            "limits": {"messages_per_second": 0.001, "message_burst": 1}})
-    v = scraper.value
+    v: Callable[..., float] = scraper.value
     async with serve(streaming) as server:
         conn = await open_connection(streaming)
-        await streaming.handle_client_frame(conn, json.dumps({"type": "join", "room_id": "r"}))  # the burst
-        await streaming.handle_client_frame(conn, json.dumps({"type": "message", "room_id": "r", "data": 1}))
+        await streaming.room_protocol_frame(conn, json.dumps({"type": "join", "room_id": "r"}))  # the burst
+        await streaming.room_protocol_frame(conn, json.dumps({"type": "message", "room_id": "r", "data": 1}))
         for reason in ("slow consumer", "slow consumer", "rate limited", "too large"):
-            streaming.dropped(conn, reason)
+            (await open_connection(streaming)).drop(reason)
         samples = await scraper(server.url)
         assert v(samples, "forge_streaming_frames_rejected_total", code="rate_limited") == 1
         assert v(samples, "forge_streaming_connections_dropped_total", reason="slow consumer") == 2
@@ -195,7 +202,7 @@ async def test_drops_by_reason_and_rate_limited_frames(scraper: Any) -> None:
 async def test_each_service_has_its_own_registry(scraper: Any) -> None:
     """Two services in one process never count into each other's series."""
     a, b = Streaming({"plugins": {"deny": ["webtransport"]}}), Streaming({"plugins": {"deny": ["webtransport"]}})
-    v = scraper.value
+    v: Callable[..., float] = scraper.value
     async with serve(a) as server_a, serve(b) as server_b:
         for _ in range(3):
             await a.broadcast("room", "only on a")

@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,12 @@ pytestmark = pytest.mark.timeout(90)
 
 BIN = Path(sys.executable).parent
 CONFIG = "api:\n  key: stats-key\nplugins:\n  deny: [webtransport]\n"
+
+
+@pytest.fixture(autouse=True)
+def _only_these_plugins(streaming_plugins_only: Callable[..., None]) -> None:
+    """The servers these tests start load these only (the allow list reaches them through the environment)."""
+    streaming_plugins_only("websocket", "sse", "memory-pubsub", "memory-rooms", "prometheus")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

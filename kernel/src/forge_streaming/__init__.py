@@ -1,7 +1,12 @@
 """forge-streaming: real-time rooms over WebSocket, SSE and WebTransport.
 
-The public API of the kernel. Plugins import from here (and from
-``forge_streaming.hookspecs`` for ``hookimpl``), nothing deeper.
+The contract, in one place. Everything a plugin or an application may use
+is named in ``__all__`` here: the hook markers, the transport port and the
+connection base, the pub/sub backend and room store contracts with their
+envelope and listener, config sections, errors, and the service (of whose
+attributes plugins use only those in :data:`PLUGIN_API`). The test kit is
+``forge_streaming.testing``. Every other module of the kernel is private,
+and a test fails when code under ``plugins/`` or ``contrib/`` imports one.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any
 
 from .config import ConfigSection, Duration, Size, StreamingConfig, load_config
 from .connection import CloseCode, Connection, ConnectionRequest, ConnectionState, Identity
-from .delivery import BufferedWriter, FlushScheduler
+from .delivery import BufferedWriter, Flushable, FlushScheduler
 from .errors import (
     ConfigError,
     ConnectionClosed,
@@ -22,22 +27,23 @@ from .errors import (
     StreamingError,
     UnknownTransport,
 )
+from .fanout import PublishMessage
 from .frames import ClientFrame, Message, OutboundFrame, ProtocolError
 from .history import RoomHistory
-from .hookspecs import hookimpl
+from .hookspecs import AWAITABLE_HOOKS, hookimpl, hookspec
 from .pubsub import BackendHealth, BackendListener, BackendState, Envelope, EnvelopeKind, PubSubBackend
 from .rooms import Member, RoomStore
-from .service import PublishMessage, ServiceState, Streaming
+from .service import PLUGIN_API, ServiceState, Streaming
 from .transports import Handler, Transport
 
 
 def new_extension(config: Any = None, **kwargs: Any) -> Streaming:
-    """Build a Streaming service from a config (the seed's ``NewExtension``)."""
+    """Build a Streaming service from a config (Forge's ``NewExtension``)."""
     return Streaming(config, **kwargs)
 
 
 def get_streaming(app_or_request: Any) -> Streaming:
-    """The Streaming service attached to a Starlette app or request (the seed's ``GetStreaming``)."""
+    """The Streaming service attached to a Starlette app or request (Forge's ``GetStreaming``)."""
     streaming = getattr(getattr(app_or_request, "state", None), "streaming", None)  # request (lifespan state)
     if not isinstance(streaming, Streaming):
         app = getattr(app_or_request, "app", app_or_request)
@@ -48,9 +54,11 @@ def get_streaming(app_or_request: Any) -> Streaming:
 
 
 __all__ = [
+    "AWAITABLE_HOOKS", "PLUGIN_API", "hookspec",
     "BackendHealth", "BackendListener", "BackendState", "BufferedWriter", "ClientFrame", "CloseCode",
     "ConfigError", "ConfigSection", "Connection", "ConnectionClosed", "ConnectionRequest", "ConnectionState",
-    "Duration", "Envelope", "EnvelopeKind", "FlushScheduler", "Handler", "HookFailed", "Identity", "Member", "Message",
+    "Duration", "Envelope", "EnvelopeKind", "Flushable", "FlushScheduler", "Handler", "HookFailed", "Identity",
+    "Member", "Message",
     "OutboundFrame", "PluginLoadError", "ProtocolError", "PubSubBackend", "PublishMessage", "Refused",
     "RoomHistory", "RoomStore", "ServiceState", "Size", "Streaming", "StreamingConfig", "StreamingError", "Transport",
     "UnknownTransport", "__version__", "get_streaming", "hookimpl", "load_config", "new_extension",

@@ -88,6 +88,8 @@ class ServerSettings(ConfigSection):
     room_endpoints: bool = True
     drain_timeout: Duration = 5.0
     reconnect_hint: Duration = 1.0
+    handler_grace: Duration = 5.0
+    """How long a handler may run on after its connection ended before the kernel cancels it."""
 
 
 class PubSubSettings(ConfigSection):

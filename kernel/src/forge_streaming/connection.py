@@ -9,6 +9,7 @@ its bounded buffer overflows.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import logging
@@ -142,25 +143,39 @@ class ConnectionRequest:
 class Connection(ABC):
     """One client connection, whatever its transport.
 
-    Subclasses implement reading, writing, :meth:`deliver` and :meth:`close`;
-    the room methods here go through the :class:`~forge_streaming.Streaming`
-    service so that hooks, presence and the pub/sub backend are involved.
+    The kernel runs every connection's life (:meth:`Streaming.serve_connection`):
+    admission, authentication, :meth:`accept` or :meth:`refuse`, the handler
+    or the room protocol, the close code, and ``closed`` exactly once. A
+    transport's subclass supplies only the I/O:
+
+    - :meth:`accept` / :meth:`refuse`: answer the opening request;
+    - :meth:`read_message`: the next client message, ``ConnectionClosed`` at the end;
+    - :meth:`write_message` and :meth:`deliver` (the hot path, never waits);
+    - :meth:`close`: end it, telling the client a code and reason;
+    - :meth:`ended`: call it as soon as the I/O is over, whoever ended it.
+
+    The room methods here go through the service so that hooks, presence and
+    the pub/sub backend are involved.
     """
 
     transport: str = "unknown"
+
+    # Defaults that most connections keep live here, not in each instance's dict: an idle
+    # connection's memory is mostly its dict (a few hundred bytes per extra key past a size class).
+    identity: Identity | None = None
+    rate_limit: TokenBucket | None = None
+    close_code: int | None = None
+    close_reason: str = ""
+    _end_waiter: asyncio.Future[None] | None = None
 
     def __init__(self, request: ConnectionRequest, streaming: Streaming) -> None:
         self.id = f"{self.transport[:2]}-{next(_ids):x}-{int(time.time() * 1000) % 100000:05d}"
         self.request = request
         self.streaming = streaming
-        self.identity: Identity | None = None
         self.rooms: set[str] = set()
         self.state = ConnectionState.CONNECTING
         self.opened_at = time.monotonic()
         self.last_activity = self.opened_at
-        self.rate_limit: TokenBucket | None = None
-        self.close_code: int | None = None
-        self.close_reason = ""
         self.log = logging.LoggerAdapter(
             logging.getLogger(f"forge_streaming.{self.transport}"), {"connection_id": self.id}
         )
@@ -197,7 +212,61 @@ class Connection(ABC):
         """Publish ``data`` to the other members of ``room``; return its sequence."""
         return await self.streaming.publish(room, data, sender=self)
 
-    # -- transport -----------------------------------------------------------
+    # -- transport I/O -------------------------------------------------------
+
+    async def accept(self) -> None:
+        """Complete the opening handshake (WebSocket accept, SSE headers, WebTransport 200).
+
+        Called by the kernel once the connection is admitted and counted,
+        before the ``streaming_connected`` hook and the handler.
+        """
+
+    async def refuse(self, status: int, code: str, reason: str) -> None:
+        """Answer the opening request with a refusal, before anything was accepted.
+
+        ``status`` is an HTTP status (401, 403, 429, 500, 503); ``code`` the
+        machine-readable reason (``forbidden``, ``server_full``, ...).
+        """
+
+    def ended(self, code: int, reason: str) -> None:
+        """The transport tells the kernel this connection's I/O is over (idempotent).
+
+        The first call records ``code`` and ``reason`` (what ``streaming_disconnected``
+        is told) and wakes the kernel, which then stops the handler and
+        removes the connection from its rooms. Later calls change nothing.
+        """
+        if self.close_code is not None:
+            return
+        self.close_code, self.close_reason = int(code), reason
+        if self.state is not ConnectionState.CLOSED:
+            self.state = ConnectionState.CLOSING
+        waiter = self._end_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def is_ended(self) -> bool:
+        """True once :meth:`ended` was called (``close_code`` is set then, and only then)."""
+        return self.close_code is not None
+
+    async def wait_ended(self) -> None:
+        """Wait until :meth:`ended` is called (the kernel stops a handler that outlives its connection)."""
+        if self.close_code is not None:
+            return
+        if self._end_waiter is None:
+            self._end_waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._end_waiter)
+
+    def drop(self, reason: str, code: int = CloseCode.POLICY_VIOLATION) -> None:
+        """The transport cut this connection for cause (``slow consumer``, ``too large``, ...).
+
+        Synchronous, for the hot path: counts the drop, fires
+        ``streaming_connection_dropped``, marks the connection ended and
+        takes it out of its rooms at once, whatever its handler is doing.
+        The transport itself stops the I/O (e.g. a close frame, then a reset).
+        """
+        self.ended(code, reason)
+        self.streaming._dropped(self, reason)  # noqa: SLF001 (the kernel's own class)
 
     @abstractmethod
     async def read_message(self) -> Message:

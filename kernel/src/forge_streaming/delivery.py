@@ -26,17 +26,28 @@ class WriteTarget(Protocol):
     def is_closing(self) -> bool: ...
 
 
+class Flushable(Protocol):
+    """Anything that writes what it gathered in one go: a :class:`BufferedWriter`, a QUIC connection."""
+
+    def flush(self) -> None: ...
+
+
 class FlushScheduler:
-    """Flushes every writer marked during one loop iteration, once, at its end."""
+    """Flushes everything marked during one loop iteration, once, at its end.
+
+    A writer marks itself when it gets its first pending bytes; a transport
+    with its own send path (a QUIC connection) marks itself when it has
+    packets to send. Either is flushed once, however many deliveries came.
+    """
 
     __slots__ = ("_dirty", "_scheduled", "_loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop
-        self._dirty: list[BufferedWriter] = []
+        self._dirty: list[Flushable] = []
         self._scheduled = False
 
-    def mark(self, writer: BufferedWriter) -> None:
+    def mark(self, writer: Flushable) -> None:
         self._dirty.append(writer)
         if not self._scheduled:
             self._scheduled = True

@@ -8,6 +8,7 @@ in one process never share plugins by accident.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import os
@@ -22,6 +23,11 @@ from . import hookspecs
 from .errors import HookFailed, PluginLoadError, StreamingError
 
 log = logging.getLogger("forge_streaming.plugins")
+
+BUILTIN_PLUGINS = frozenset({"http-api"})
+"""The kernel's own plugins: always loaded unless denied by name, whatever ``plugins.allow`` says."""
+
+HOOK_NAMES = frozenset(name for name in dir(hookspecs) if name.startswith("streaming_"))
 
 ENV_ALLOW = "FORGE_STREAMING_PLUGINS_ALLOW"
 ENV_DENY = "FORGE_STREAMING_PLUGINS_DENY"
@@ -67,13 +73,27 @@ class PluginManager:
         return registered
 
     def _check(self, name: str) -> None:
+        """Refuse a misspelled hook (naming the hooks that exist) and an ``async def`` synchronous hook."""
         plugin = self.pm.get_plugin(name)
+        known = sorted(HOOK_NAMES)
         for attr in dir(plugin):
-            if attr.startswith("streaming_") and not hasattr(self.pm.hook, attr):
+            if not attr.startswith("streaming_"):
+                continue
+            if attr not in HOOK_NAMES:
                 self.pm.unregister(name=name)
-                known = ", ".join(sorted(n for n in dir(self.pm.hook) if n.startswith("streaming_")))
+                close = difflib.get_close_matches(attr, known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
                 raise PluginLoadError(
-                    f"plugin {name!r} implements unknown hook {attr!r}; known hooks: {known}"
+                    f"plugin {name!r} implements unknown hook {attr!r}; {hint}known hooks: {', '.join(known)}"
+                )
+            function = getattr(plugin, attr)
+            if attr not in hookspecs.AWAITABLE_HOOKS and (
+                    inspect.iscoroutinefunction(function) or inspect.isasyncgenfunction(function)):
+                self.pm.unregister(name=name)
+                raise PluginLoadError(
+                    f"plugin {name!r} implements {attr} with 'async def', but {attr} is synchronous: the kernel "
+                    f"would never await it. Make it a plain 'def' (hooks that may be async: "
+                    f"{', '.join(sorted(hookspecs.AWAITABLE_HOOKS))})"
                 )
         try:
             self.pm.check_pending()
@@ -83,7 +103,7 @@ class PluginManager:
 
     def load_entry_points(self, *, allow: Collection[str] | None, deny: Collection[str]) -> None:
         for ep in sorted(entry_points(group=hookspecs.ENTRY_POINT_GROUP), key=lambda e: e.name):
-            if ep.name in deny or (allow is not None and ep.name not in allow):
+            if ep.name in deny or (allow is not None and ep.name not in allow) or ep.name in BUILTIN_PLUGINS:
                 log.info("plugin %s skipped by the allow/deny list", ep.name)
                 continue
             dist, version = _dist_of(ep)
@@ -96,11 +116,15 @@ class PluginManager:
             self.register(plugin, ep.name, dist=dist, version=version)
             log.debug("plugin %s loaded from %s %s", ep.name, dist, version)
         if allow is not None:
-            missing = set(allow) - set(self.names())
+            missing = set(allow) - set(self.names()) - BUILTIN_PLUGINS - set(deny)  # denied wins over allowed
             if missing:
                 raise PluginLoadError(
                     f"plugins.allow names {sorted(missing)}, which no installed entry point provides"
                 )
+
+    def has(self, name: str) -> bool:
+        """Whether a plugin of that name is registered."""
+        return self.pm.has_plugin(name)
 
     def names(self) -> list[str]:
         return [name for name, _ in self.pm.list_name_plugin()]
@@ -146,6 +170,31 @@ class PluginManager:
             out.append(result)
         return out
 
+    async def first(self, name: str, **kwargs: Any) -> Any:
+        """Call a ``firstresult`` hook whose implementations may be ``async def``: the first non-None answer wins.
+
+        pluggy's own ``firstresult`` stops at the first non-None return
+        value, which for an ``async def`` implementation is its coroutine
+        (even one that will answer None); so each implementation is called
+        and awaited in pluggy's order, and the others are not asked.
+        """
+        caller = getattr(self.pm.hook, name)
+        for impl in reversed(caller.get_hookimpls()):
+            if impl.hookwrapper or impl.wrapper:
+                continue
+            args = {arg: kwargs[arg] for arg in impl.argnames}
+            try:
+                result = impl.function(**args)
+                if inspect.isawaitable(result):
+                    result = await result
+            except StreamingError:
+                raise
+            except Exception as exc:
+                raise HookFailed(impl.plugin_name, name, exc) from exc
+            if result is not None:
+                return result
+        return None
+
     def _culprit(self, hook: str, exc: BaseException) -> str:
         """The name of the plugin whose implementation is in the traceback."""
         codes = {getattr(impl.function, "__code__", None): impl.plugin_name
@@ -156,6 +205,12 @@ class PluginManager:
             culprit = codes.get(tb.tb_frame.f_code, culprit)
             tb = tb.tb_next
         return culprit
+
+
+def _kernel_version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _from(dist: str | None) -> str:
@@ -186,13 +241,17 @@ def make_plugin_manager(
     """Build a plugin manager: installed entry points, then ``plugins`` given here.
 
     ``allow`` (None: everything) and ``deny`` come from config; the
-    environment variables ``FORGE_STREAMING_PLUGINS_ALLOW`` and
-    ``FORGE_STREAMING_PLUGINS_DENY`` (comma-separated) override them.
+    environment variable ``FORGE_STREAMING_PLUGINS_ALLOW`` (comma-separated)
+    overrides ``allow``, and ``FORGE_STREAMING_PLUGINS_DENY`` adds to ``deny``.
     """
     env_allow, env_deny = _env_list(ENV_ALLOW), _env_list(ENV_DENY)
     allow = env_allow if env_allow is not None else allow
-    deny = env_deny if env_deny is not None else deny
+    deny = [*deny, *(env_deny or ())]  # a plugin denied anywhere stays out
     manager = PluginManager()
+    from . import httpapi  # the kernel's own plugins, registered first like pytest's builtins
+
+    if httpapi.NAME not in deny:
+        manager.register(httpapi, httpapi.NAME, dist="forge-streaming", version=_kernel_version())
     if entry_points:
         manager.load_entry_points(allow=allow, deny=set(deny))
     for plugin in plugins:

@@ -13,7 +13,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 
 class EnvelopeKind(str, enum.Enum):
@@ -65,6 +65,13 @@ class BackendListener(Protocol):
 
         A broker outage concerns every room; a hole a backend noticed in one room's stream
         (e.g. a broker that dropped messages for a slow subscriber) only that room.
+        """
+
+    async def ingest(self, room: str, data: Any, *, user_id: str) -> int | None:
+        """Publish a message that entered through the backend itself (a device on the broker).
+
+        It goes through the same hooks as any other publish; returns its
+        sequence, or None when a hook dropped it.
         """
 
 

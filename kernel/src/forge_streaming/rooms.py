@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from .pubsub import BackendHealth, BackendState
+
 
 @dataclass(frozen=True, slots=True)
 class Member:
@@ -35,6 +37,10 @@ class RoomStore(ABC):
 
     async def stop(self) -> None:
         """Release what the store holds; called once at shutdown."""
+
+    def health(self) -> BackendHealth:
+        """Whether the store can answer now; ``/healthz`` is degraded while it cannot."""
+        return BackendHealth(BackendState.UP)
 
     @abstractmethod
     async def add_member(self, room: str, member: Member) -> None:

@@ -1,13 +1,26 @@
-"""The Streaming service: connections, rooms, presence, history, publishing.
+"""The Streaming service: a thin facade over the kernel's parts.
+
+Each job lives in its own module; this one builds them and starts and
+stops them in order:
+
+- :mod:`.admission`: authenticate, limits, the table of open connections;
+- :mod:`.lifecycle`: every connection's life, for every transport;
+- :mod:`.membership`: rooms on this node, replay, listening to rooms;
+- :mod:`.fanout`: publishing, and delivering what the backend hands back;
+- :mod:`.roomprotocol`: the built-in endpoints' JSON frames;
+- :mod:`.app`: the ASGI app and the HTTP API.
 
 Data flow of a room message::
 
-    client frame -> transport -> handle_client_frame (hook: received)
+    client frame -> transport -> room protocol (hook: received)
       -> publish (hook: before_publish; encoded once) -> pub/sub backend
       -> on_envelope on every node (history) -> Connection.deliver per member
 
 Hooks run once per message or per connection event; the only per-recipient
 work is ``Connection.deliver``, which never waits.
+
+What a plugin may use of :class:`Streaming` is listed in
+:data:`PLUGIN_API`; everything else is the kernel's own.
 """
 
 from __future__ import annotations
@@ -15,26 +28,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import inspect
 import logging
 import os
 import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from . import frames, loopguard
+from .admission import Admission
 from .config import StreamingConfig, build_config, read_yaml
-from .connection import CloseCode, Connection, ConnectionRequest, ConnectionState, Identity
+from .connection import CloseCode, Connection
 from .delivery import FlushScheduler
-from .errors import ConfigError, ConnectionClosed, HookFailed, PluginLoadError, Refused, UnknownTransport
-from .frames import ClientFrame, OutboundFrame, ProtocolError
-from .history import RoomHistory, Sequencer
-from .limits import TokenBucket
+from .errors import ConfigError, HookFailed, PluginLoadError, UnknownTransport
+from .fanout import FanOut
+from .frames import OutboundFrame
+from .history import RoomHistory
+from .lifecycle import Lifecycle
+from .membership import Membership
 from .plugins import PluginManager, make_plugin_manager
-from .pubsub import BackendHealth, Envelope, EnvelopeKind, PubSubBackend
+from .pubsub import BackendHealth, Envelope, PubSubBackend
+from .roomprotocol import RoomProtocol
 from .rooms import Member, RoomStore
 from .transports import Handler, Transport
 
@@ -52,14 +69,29 @@ class ServiceState(enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclass(slots=True)
-class PublishMessage:
-    """A room message about to be published; ``streaming_before_publish`` may change ``data``."""
+H = TypeVar("H", bound=Handler)
 
-    room: str
-    data: Any
-    user_id: str
-    sender: Connection | None = None
+
+class HandlerDecorator(Protocol):
+    """What ``streaming.handle_websocket(path)`` returns: registers the decorated handler, returns it unchanged."""
+
+    def __call__(self, handler: H, /) -> H: ...
+
+
+PLUGIN_API = frozenset({
+    # what the service is
+    "config", "node_id", "state", "started_at", "http_address", "accepting", "transports", "backend", "store",
+    "connections", "health", "stats_counters", "count", "flush_scheduler", "room_position",
+    # serving connections (transports)
+    "endpoints", "endpoint", "serve_connection", "room_protocol_frame",
+    # rooms and messages
+    "publish", "broadcast", "notify", "ingest", "rooms", "members", "presence", "local_members", "local_rooms",
+    "join", "leave",
+    # applications
+    "handle", "handle_websocket", "handle_sse", "handle_webtransport", "start", "stop", "drain", "running",
+    "lifespan", "asgi_app", "server_options",
+})
+"""The names of :class:`Streaming` a plugin may use; a test fails when plugins/ or contrib/ use another."""
 
 
 def _raw_config(config: StreamingConfig | Mapping[str, Any] | str | os.PathLike[str] | None) -> dict[str, Any]:
@@ -113,6 +145,10 @@ class Streaming:
         self.started_at: float | None = None
         self.http_address: tuple[str, int] = (self.config.server.host, self.config.server.port)
         """Where the HTTP server really listens; set by ``forge-streaming serve`` and the test kit."""
+        self._app: ASGIApp | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._counters: Counter[str] = Counter()
+        self._flusher = FlushScheduler()
 
         self.transports: dict[str, Transport] = {}
         for result in self.plugins.call("streaming_register_transports"):
@@ -126,28 +162,26 @@ class Streaming:
                                                  "streaming_register_pubsub_backends")
         self.store: RoomStore = self._make("rooms.store", self.config.rooms.store, "streaming_register_room_stores")
 
-        self.connections: dict[str, Connection] = {}
-        self._local: dict[str, dict[str, Connection]] = {}
-        self._per_ip: Counter[str] = Counter()
-        self._per_user: Counter[str] = Counter()
-        self.history = RoomHistory(size=self.config.rooms.history_size, max_rooms=self.config.rooms.history_max_rooms)
-        self.sequencer = Sequencer()
-        self.flusher = FlushScheduler()
-        self.counters: Counter[str] = Counter()
-        self._app: ASGIApp | None = None
-        self._sweeper: asyncio.Future[None] | None = None
-        self._subscribed: set[str] = set()
-        self._lingering: dict[str, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Future[Any]] = set()
-        self._deliver_hook = self.plugins.hook.streaming_delivered
-        self._has_deliver_hook = bool(self._deliver_hook.get_hookimpls())
-        self._published_hook = self.plugins.hook.streaming_published
-        self._has_published_hook = bool(self._published_hook.get_hookimpls())
+        self._history = RoomHistory(size=self.config.rooms.history_size,
+                                    max_rooms=self.config.rooms.history_max_rooms)
+        self._admission = Admission(self, self.plugins, self.config.limits)
+        self._membership = Membership(self, self._history)
+        self._lifecycle = Lifecycle(self, self._admission, self._membership)
+        self._fanout = FanOut(self, self._membership.local, self._history, self._counters)
+        self._room_protocol = RoomProtocol(self, self._membership, self._fanout, self._counters)
+        # Bound straight to the part that does the work: the backend calls these once per message, and a
+        # connection's task waits in serve_connection for its whole life (no facade frame kept per connection).
+        self.on_envelope = self._fanout.on_envelope  # type: ignore[method-assign]
+        self.on_resync = self._fanout.on_resync  # type: ignore[method-assign]
+        self.serve_connection = self._lifecycle.serve  # type: ignore[method-assign]
 
     def _make(self, key: str, name: str, hook: str) -> Any:
         factories: dict[str, Callable[[StreamingConfig], Any]] = {}
         for result in self.plugins.call(hook):
-            factories.update(result or {})
+            for factory_name, factory in (result or {}).items():
+                if factory_name in factories and factories[factory_name] is not factory:
+                    raise PluginLoadError(f"two plugins provide the {key.split('.')[0]} {factory_name!r} ({hook})")
+                factories[factory_name] = factory
         if name not in factories:
             raise ConfigError(
                 f"{key}: {name!r} is not provided by any installed plugin; available: {sorted(factories) or 'none'}"
@@ -157,8 +191,18 @@ class Streaming:
 
     # -- handlers --------------------------------------------------------------
 
+    @overload
+    def handle(self, transport: str, path: str, handler: H) -> H: ...
+
+    @overload
+    def handle(self, transport: str, path: str, handler: None = None) -> HandlerDecorator: ...
+
     def handle(self, transport: str, path: str, handler: Handler | None = None) -> Any:
-        """Serve ``handler`` at ``path`` on ``transport``; usable as a decorator."""
+        """Serve ``handler`` at ``path`` on ``transport``; usable as a decorator.
+
+        Refused at once (not at the first connection): an unknown transport,
+        a handler that is not ``async def``, a second handler on one path.
+        """
         if transport not in self.transports:
             raise UnknownTransport(
                 f"no installed plugin provides the transport {transport!r}; installed: {sorted(self.transports)}"
@@ -167,25 +211,62 @@ class Streaming:
             raise RuntimeError("handlers must be registered before the ASGI app is built")
 
         def register(fn: Handler) -> Handler:
+            if not (inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)):
+                raise TypeError(f"the {transport} handler for {path!r} must be an async function "
+                                f"(async def handler(conn)), got {fn!r}")
+            if path in self._handlers[transport]:
+                raise ValueError(f"a {transport} handler is already registered at {path!r}")
             self._handlers[transport][path] = fn
             return fn
 
         return register(handler) if handler is not None else register
 
+    @overload
+    def handle_websocket(self, path: str, handler: H) -> H: ...
+
+    @overload
+    def handle_websocket(self, path: str, handler: None = None) -> HandlerDecorator: ...
+
     def handle_websocket(self, path: str, handler: Handler | None = None) -> Any:
         """Serve a WebSocket handler at ``path``: ``async def handler(conn)``."""
         return self.handle("websocket", path, handler)
+
+    @overload
+    def handle_sse(self, path: str, handler: H) -> H: ...
+
+    @overload
+    def handle_sse(self, path: str, handler: None = None) -> HandlerDecorator: ...
 
     def handle_sse(self, path: str, handler: Handler | None = None) -> Any:
         """Serve an SSE handler at ``path``: ``async def handler(stream)``."""
         return self.handle("sse", path, handler)
 
+    @overload
+    def handle_webtransport(self, path: str, handler: H) -> H: ...
+
+    @overload
+    def handle_webtransport(self, path: str, handler: None = None) -> HandlerDecorator: ...
+
     def handle_webtransport(self, path: str, handler: Handler | None = None) -> Any:
         """Serve a WebTransport handler at ``path``: ``async def handler(session)``."""
         return self.handle("webtransport", path, handler)
 
-    def handlers(self, transport: str) -> Mapping[str, Handler]:
-        return self._handlers.get(transport, {})
+    def endpoints(self, transport: str) -> dict[str, Handler | None]:
+        """What ``transport`` serves, by path: the user's handlers, and None for the room endpoint.
+
+        The room endpoint is at the transport's ``default_path`` unless
+        ``server.room_endpoints`` is off or a handler took that path.
+        """
+        served: dict[str, Handler | None] = dict(self._handlers.get(transport, {}))
+        instance = self.transports.get(transport)
+        if instance is not None and self.config.server.room_endpoints:
+            served.setdefault(instance.default_path, None)
+        return served
+
+    def endpoint(self, transport: str, path: str) -> tuple[bool, Handler | None]:
+        """``(found, handler)`` for a request to ``path``; handler None means the room protocol."""
+        served = self.endpoints(transport)
+        return (path in served), served.get(path)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -195,13 +276,12 @@ class Streaming:
         self.state = ServiceState.STARTING
         loop = asyncio.get_running_loop()
         loopguard.install(loop)
-        self.flusher = FlushScheduler(loop)
+        self._flusher = FlushScheduler(loop)
         await self.store.start(self.node_id)
         await self.backend.start(self.node_id, self)
         for transport in self.transports.values():
             await transport.start()
-        if self.config.limits.idle_timeout:
-            self._sweeper = asyncio.ensure_future(self._sweep_idle(self.config.limits.idle_timeout))
+        self._admission.start_sweeper()
         self.state = ServiceState.RUNNING
         self.started_at = time.time()
         await self.plugins.acall("streaming_startup", streaming=self)
@@ -214,38 +294,29 @@ class Streaming:
             return
         self.state = ServiceState.DRAINING
         timeout = self.config.server.drain_timeout if timeout is None else timeout
-        conns = list(self.connections.values())
+        conns = list(self._admission.connections.values())
         if conns:
             log.info("draining %d connections (timeout %.1fs)", len(conns), timeout)
         notice = frames.encode(frames.system_frame(
             "server.shutdown", {"reconnect_after_ms": int(self.config.server.reconnect_hint * 1000)}))
         for conn in conns:
-            conn.deliver(OutboundFrame(payload=notice))
-        self.flusher.flush_all()
+            try:
+                conn.deliver(OutboundFrame(payload=notice))
+            except Exception:
+                log.exception("telling connection %s of the shutdown failed", conn.id)
+        self._flusher.flush_all()
         closing = [asyncio.ensure_future(c.close(CloseCode.GOING_AWAY, "server shutting down")) for c in conns]
         if closing:
             done, pending = await asyncio.wait(closing, timeout=timeout)
             for task in pending:
                 task.cancel()
 
-    async def _sweep_idle(self, timeout: float) -> None:
-        """Close connections that sent nothing for ``limits.idle_timeout``; one task for all."""
-        while True:
-            await asyncio.sleep(min(timeout / 4, 5.0))
-            cutoff = time.monotonic() - timeout
-            for conn in [c for c in self.connections.values() if c.last_activity < cutoff]:
-                self.dropped(conn, "idle timeout")
-                self._background(conn.close(CloseCode.GOING_AWAY, "idle timeout"))
-
     async def stop(self) -> None:
         if self.state is ServiceState.STOPPED:
             return
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self._admission.stop_sweeper()
         await self.drain()
-        for handle in self._lingering.values():
-            handle.cancel()
-        self._lingering.clear()
+        self._membership.stop()
         for transport in self.transports.values():
             try:
                 await transport.stop()
@@ -298,187 +369,87 @@ class Streaming:
                 options[key] = value
         return options
 
-    # -- connections -------------------------------------------------------------------
 
-    async def authenticate(self, request: ConnectionRequest) -> Identity | None:
-        """Run the authenticate hooks; raise Refused, or return the identity (or None)."""
-        if self.state is not ServiceState.RUNNING:
-            raise Refused("server is not accepting connections", status=503, close_code=1013, code="unavailable")
-        identity = None
-        try:
-            results = await self.plugins.acall("streaming_authenticate", request=request, streaming=self)
-        except HookFailed as exc:
-            log.error("%s; refusing the %s connection to %s", exc, request.transport, request.path,
-                      exc_info=exc.error)
-            raise Refused("internal error", status=500, close_code=CloseCode.INTERNAL_ERROR,
-                          code="internal_error") from exc
-        for result in results:
-            if result is not None and identity is None:
-                identity = result
-        return identity
+    # -- serving connections (the transports' side of the contract) -------------------
 
-    async def open(self, conn: Connection) -> None:
-        """Admit and count an authenticated connection; raise Refused past a limit."""
-        limits = self.config.limits
-        ip = conn.request.client[0] if conn.request.client else ""
-        if len(self.connections) >= limits.max_connections:
-            raise Refused(f"server is full ({limits.max_connections} connections)", status=503,
-                          close_code=1013, code="server_full")
-        if limits.max_connections_per_ip and self._per_ip[ip] >= limits.max_connections_per_ip:
-            raise Refused(f"too many connections from {ip}", status=429, close_code=1008, code="too_many_connections")
-        if limits.max_connections_per_user and self._per_user[conn.user_id] >= limits.max_connections_per_user:
-            raise Refused(f"too many connections for user {conn.user_id!r}", status=429, close_code=1008,
-                          code="too_many_connections")
-        if limits.messages_per_second:
-            conn.rate_limit = TokenBucket(limits.messages_per_second, limits.message_burst)
-        self.connections[conn.id] = conn
-        self._per_ip[ip] += 1
-        self._per_user[conn.user_id] += 1
-        conn.state = ConnectionState.OPEN
-        self.counters[f"connections_opened.{conn.transport}"] += 1
-        conn.log.debug("connection %s open from %s as %s", conn.id, ip, conn.user_id)
-        await self.plugins.acall("streaming_connected", connection=conn)
+    @property
+    def accepting(self) -> bool:
+        """True while the service admits new connections (running, not draining)."""
+        return self.state is ServiceState.RUNNING
 
-    async def closed(self, conn: Connection, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Forget a connection that ended: leave its rooms, uncount it, fire the hook. Idempotent."""
-        if self.connections.pop(conn.id, None) is None:
-            conn.state = ConnectionState.CLOSED
-            return
-        conn.state = ConnectionState.CLOSED
-        conn.close_code, conn.close_reason = code, reason
-        ip = conn.request.client[0] if conn.request.client else ""
-        for counter, key in ((self._per_ip, ip), (self._per_user, conn.user_id)):
-            counter[key] -= 1
-            if counter[key] <= 0:
-                del counter[key]
-        for room in list(conn.rooms):
-            try:
-                await self.leave(conn, room)
-            except Exception:  # a failing store must not keep a dead connection around
-                log.exception("leaving room %r for closed connection %s failed", room, conn.id)
-        conn.log.debug("connection %s closed (%s %s)", conn.id, code, reason)
-        try:
-            await self.plugins.acall("streaming_disconnected", connection=conn, code=code, reason=reason)
-        except HookFailed as exc:
-            conn.log.error("%s (connection %s)", exc, conn.id, exc_info=exc.error)
+    async def serve_connection(self, conn: Connection, handler: Handler | None) -> None:
+        """Run ``conn`` from its opening request to its end; ``handler`` None serves the room protocol.
 
-    def dropped(self, conn: Connection, reason: str) -> None:
-        """A transport or the kernel dropped ``conn`` for cause (slow consumer, ...)."""
-        self.counters[f"dropped.{reason}"] += 1
+        The one lifecycle of every transport (see :mod:`forge_streaming.lifecycle`):
+        returns once the connection has ended and ``streaming_disconnected`` fired.
+        """
+        await self._lifecycle.serve(conn, handler)
+
+    async def room_protocol_frame(self, conn: Connection, raw: str | bytes) -> None:
+        """Act on one room-protocol frame that reached ``conn`` out of band (an SSE POST)."""
+        await self._room_protocol.handle(conn, raw)
+
+    @property
+    def connections(self) -> Mapping[str, Connection]:
+        """Every open connection of this node, by id (read-only)."""
+        return self._admission.view
+
+    @property
+    def flush_scheduler(self) -> FlushScheduler:
+        """The scheduler a transport's :class:`BufferedWriter` flushes through, once per loop iteration."""
+        return self._flusher
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name`` (shown in ``/api/stats``)."""
+        self._counters[name] += n
+
+    def stats_counters(self) -> Counter[str]:
+        """A copy of every counter, sorted by name (a missing one reads 0)."""
+        return Counter(dict(sorted(self._counters.items())))
+
+    def room_position(self, room: str) -> int | None:
+        """The sequence of the newest message this node holds for ``room`` (None: none)."""
+        return self._history.latest(room)
+
+    def _dropped(self, conn: Connection, reason: str) -> None:
+        """Count a connection dropped for cause, tell the plugins, and take it out of its rooms now."""
+        self._counters[f"dropped.{reason}"] += 1
         conn.log.warning("connection %s dropped: %s", conn.id, reason)
         try:  # called from transports' write paths: a failing plugin must not break fan-out
             self.plugins.call("streaming_connection_dropped", connection=conn, reason=reason)
         except HookFailed as exc:
             conn.log.error("%s (connection %s)", exc, conn.id, exc_info=exc.error)
+        if conn.is_ended:
+            self._background(self._lifecycle.closed(conn))
 
-    # -- rooms ------------------------------------------------------------------------------
+    def _rejected(self, conn: Connection, code: str, message: str) -> None:
+        """Count a refused client frame and tell the plugins (``streaming_frame_rejected``)."""
+        self._counters[f"rejected.{code}"] += 1
+        try:
+            self.plugins.call("streaming_frame_rejected", connection=conn, code=code, message=message)
+        except HookFailed as exc:
+            conn.log.error("%s (connection %s)", exc, conn.id, exc_info=exc.error)
 
-    async def join(self, conn: Connection, room: str, *, since: int | None = None) -> None:
-        """Add ``conn`` to ``room``: hooks, presence, replay from ``since``."""
-        if room in conn.rooms:
-            if since is not None:
-                await self.replay(conn, room, since)
-            return
-        if len(conn.rooms) >= self.config.limits.max_rooms_per_connection:
-            raise Refused(f"at most {self.config.limits.max_rooms_per_connection} rooms per connection",
-                          code="too_many_rooms")
-        for result in await self.plugins.acall("streaming_join_room", connection=conn, room=room):
-            if result is False:
-                raise Refused(f"joining room {room!r} was refused", code="join_refused")
-        lingering = self._lingering.pop(room, None)
-        if lingering is not None:
-            lingering.cancel()
-        if room not in self._subscribed:
-            self._subscribed.add(room)
-            self.history.track(room)
-            await self.backend.subscribe(room)
-        if conn.state is not ConnectionState.OPEN:
-            if room not in self._local:
-                self._linger(room)
-            return
-        self._local.setdefault(room, {})[conn.id] = conn
-        conn.rooms.add(room)
-        await self.store.add_member(room, Member(conn.id, conn.user_id, self.node_id, conn.transport))
-        users = await self.store.users(room)
-        conn.send_frame(frames.system_frame("room.joined", {
-            "room_id": room, "user_id": conn.user_id, "users": users, "sequence": self.history.position(room)}))
-        if since is not None:
-            await self.replay(conn, room, since)
-        await self.notify(room, frames.presence_frame("join", room_id=room, user_id=conn.user_id), sender=conn)
-        await self.plugins.acall("streaming_room_joined", connection=conn, room=room)
-
-    async def replay(self, conn: Connection, room: str, since: int) -> None:
-        """Send ``conn`` what ``room`` had after ``since``, asking the cluster if needed.
-
-        When nobody can vouch for the gap, the client is told ``resync`` and
-        then sent what history does hold after ``since``.
-        """
-        missed = self.history.since(room, since)
-        live: set[bytes] = set()
-        if missed is None:
-            heard = {e.payload for e in self.history.recent(room)}
-            fetched = await self.backend.fetch_history(room, since)
-            if fetched is not None:
-                # What arrived while asking was delivered live already: do not send it twice.
-                live = {e.payload for e in self.history.recent(room)} - heard
-                self.history.merge(room, since, fetched)
-                missed = self.history.since(room, since)
-        if missed is None:
-            conn.send_frame(frames.system_frame("resync", {
-                "room_id": room, "since": since, "reason": "history no longer holds messages after this sequence",
-                "sequence": self.history.latest(room)}))
-            missed = [e for e in self.history.recent(room) if e.sequence is not None and e.sequence > since]
-        for envelope in missed:
-            if envelope.payload not in live:
-                conn.deliver(OutboundFrame(payload=envelope.payload, room=room, sequence=envelope.sequence))
-
-    async def leave(self, conn: Connection, room: str) -> None:
-        if room not in conn.rooms:
-            return
-        conn.rooms.discard(room)
-        local = self._local.get(room)
-        if local is not None:
-            local.pop(conn.id, None)
-            if not local:
-                del self._local[room]
-                self._linger(room)
-        await self.store.remove_member(room, conn.id)
-        await self.notify(room, frames.presence_frame("leave", room_id=room, user_id=conn.user_id), sender=conn)
-        if conn.state is ConnectionState.OPEN:
-            conn.send_frame(frames.system_frame("room.left", {"room_id": room}))
-        await self.plugins.acall("streaming_room_left", connection=conn, room=room)
-
-    def _linger(self, room: str) -> None:
-        """Keep listening to a room that emptied locally for ``rooms.history_linger``.
-
-        A member that reconnects within that time resumes from history
-        without a ``resync``; after it, the node unsubscribes.
-        """
-        delay = self.config.rooms.history_linger
-        loop = asyncio.get_running_loop()
-        self._lingering[room] = loop.call_later(
-            delay, lambda: self._background(self._unsubscribe_if_empty(room)))
-
-    def _background(self, coro: Any) -> None:
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _unsubscribe_if_empty(self, room: str) -> None:
-        self._lingering.pop(room, None)
-        if room in self._local or room not in self._subscribed:
-            return
-        self._subscribed.discard(room)
-        try:
-            await self.backend.unsubscribe(room)
-        except Exception:
-            log.exception("unsubscribing from room %r failed", room)
+    # -- rooms ------------------------------------------------------------------------------
+
+    async def join(self, conn: Connection, room: str, *, since: int | None = None) -> None:
+        """Add ``conn`` to ``room``: hooks, presence, replay from ``since``; Refused if a hook says no."""
+        await self._membership.join(conn, room, since=since)
+
+    async def leave(self, conn: Connection, room: str) -> None:
+        await self._membership.leave(conn, room)
 
     async def rooms(self) -> list[str]:
         """Every room with members, on every node."""
         return await self.store.rooms()
 
     async def members(self, room: str) -> list[Member]:
+        """Every connection in ``room`` on every node, in join order."""
         return await self.store.members(room)
 
     async def presence(self, room: str) -> list[str]:
@@ -486,145 +457,46 @@ class Streaming:
         return await self.store.users(room)
 
     def local_members(self, room: str) -> list[Connection]:
-        return list(self._local.get(room, {}).values())
+        """This node's connections in ``room``."""
+        return self._membership.local_members(room)
+
+    def local_rooms(self) -> int:
+        """How many rooms have members on this node."""
+        return len(self._membership.local)
 
     # -- publishing ----------------------------------------------------------------------------
 
     async def publish(self, room: str, data: Any, *, sender: Connection | None = None,
                       user_id: str | None = None) -> int | None:
         """Publish a message to ``room`` on every node; return its sequence, None if a hook dropped it."""
-        message = PublishMessage(room=room, data=data, user_id=user_id or (sender.user_id if sender else "server"),
-                                 sender=sender)
-        for result in await self.plugins.acall("streaming_before_publish", message=message):
-            if result is False:
-                return None
-        sequence = self.sequencer.next(room)
-        payload = frames.encode(frames.message_frame(
-            room_id=room, user_id=message.user_id, data=message.data, sequence=sequence))
-        await self._publish_envelope(Envelope(room=room, payload=payload, kind=EnvelopeKind.MESSAGE,
-                                            sequence=sequence, sender=sender.id if sender else None,
-                                            node=self.node_id))
-        self.counters["published"] += 1
-        return sequence
-
-    async def _publish_envelope(self, envelope: Envelope) -> None:
-        """Hand ``envelope`` to the backend, timing it for ``streaming_published`` when a plugin listens."""
-        if not self._has_published_hook:
-            await self.backend.publish(envelope)
-            return
-        started = time.perf_counter()
-        await self.backend.publish(envelope)
-        try:
-            self._published_hook(streaming=self, envelope=envelope, seconds=time.perf_counter() - started)
-        except Exception:
-            log.exception("a streaming_published hook failed (room %r)", envelope.room)
+        return await self._fanout.publish(room, data, sender=sender, user_id=user_id)
 
     async def broadcast(self, room: str, message: Any) -> int | None:
-        """Publish ``message`` to everyone in ``room`` (the seed's ``Broadcast``)."""
-        return await self.publish(room, message)
+        """Publish ``message`` to everyone in ``room`` (Forge's ``Broadcast``)."""
+        return await self._fanout.publish(room, message)
 
     async def notify(self, room: str, frame: Mapping[str, Any], *, sender: Connection | None = None) -> None:
         """Send a live-only notice (presence, typing) to the room's members, not kept in history."""
-        await self._publish_envelope(Envelope(room=room, payload=frames.encode(dict(frame)), kind=EnvelopeKind.NOTICE,
-                                            sender=sender.id if sender else None, node=self.node_id))
+        await self._fanout.notify(room, frame, sender=sender)
 
-    # -- backend listener (hot path) ----------------------------------------------------------
+    # -- backend listener ----------------------------------------------------------------------
 
     def on_envelope(self, envelope: Envelope) -> None:
-        """Fan one envelope out to this node's members of its room."""
-        room = envelope.room
-        if envelope.sequence is not None:
-            self.sequencer.observe(room, envelope.sequence)
-            self.history.record(envelope)
-        members = self._local.get(room)
-        delivered = 0
-        if members:
-            frame = OutboundFrame(payload=envelope.payload, room=room, sequence=envelope.sequence,
-                                  sender=envelope.sender)
-            sender = envelope.sender
-            for conn_id, conn in list(members.items()):
-                if conn_id != sender:
-                    conn.deliver(frame)
-                    delivered += 1
-        self.counters["deliveries"] += delivered
-        if self._has_deliver_hook:
-            try:
-                self._deliver_hook(envelope=envelope, recipients=delivered, streaming=self)
-            except Exception:
-                log.exception("a streaming_delivered hook failed (room %r); fan-out goes on", room)
+        """Fan one envelope out to this node's members of its room (bound to the fan-out at init)."""
+        self._fanout.on_envelope(envelope)
 
     def on_resync(self, reason: str, rooms: Collection[str] | None = None) -> None:
-        """The backend may have lost messages of ``rooms`` (None: every room): their members are told to resync."""
-        self.history.gap(rooms)  # a resume across the hole must get resync, not a silent hole
-        affected = self._local.items() if rooms is None else [(r, self._local[r]) for r in rooms if r in self._local]
-        for room, members in affected:
-            payload = frames.encode(frames.system_frame("resync", {
-                "room_id": room, "reason": reason, "sequence": self.history.latest(room)}))
-            frame = OutboundFrame(payload=payload, room=room)
-            for conn in list(members.values()):
-                conn.deliver(frame)
+        """The backend may have lost messages of ``rooms`` (None: every room): tell their members."""
+        self._fanout.on_resync(reason, rooms)
+
+    async def ingest(self, room: str, data: Any, *, user_id: str) -> int | None:
+        """Publish a message that came from outside (a device on the broker), as ``user_id``."""
+        return await self._fanout.publish(room, data, user_id=user_id)
 
     def health(self) -> BackendHealth:
-        return self.backend.health()
-
-    # -- the room protocol -----------------------------------------------------------------------
-
-    async def serve_room_protocol(self, conn: Connection) -> None:
-        """Read room-protocol frames from ``conn`` until it closes."""
-        try:
-            while True:
-                message = await conn.read_message()
-                await self.handle_client_frame(conn, message.data)
-        except ConnectionClosed:
-            return
-
-    async def handle_client_frame(self, conn: Connection, raw: str | bytes) -> None:
-        """Act on one client frame; answer anything refused with an error frame."""
-        conn.touch()
-        if conn.rate_limit is not None:
-            wait = conn.rate_limit.take()
-            if wait:
-                text = f"more than {conn.rate_limit.rate:g} messages a second"
-                self.rejected(conn, "rate_limited", text)
-                conn.send_frame(frames.error_frame("rate_limited", text, retry_after_ms=max(1, int(wait * 1000))))
-                return
-        try:
-            frame = frames.parse_client_frame(raw, max_size=self.config.limits.max_message_size)
-            await self._act(conn, frame)
-        except ProtocolError as exc:
-            self.rejected(conn, exc.code, exc.message)
-            conn.send_frame(frames.error_frame(exc.code, exc.message))
-        except Refused as exc:
-            self.rejected(conn, exc.code, exc.reason)
-            conn.send_frame(frames.error_frame(exc.code, exc.reason))
-        except HookFailed as exc:
-            conn.log.error("%s while serving connection %s; closing it", exc, conn.id, exc_info=exc.error)
-            await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
-
-    def rejected(self, conn: Connection, code: str, message: str) -> None:
-        """Count a refused client frame and tell the plugins (``streaming_frame_rejected``)."""
-        self.counters[f"rejected.{code}"] += 1
-        try:
-            self.plugins.call("streaming_frame_rejected", connection=conn, code=code, message=message)
-        except HookFailed as exc:
-            conn.log.error("%s (connection %s)", exc, conn.id, exc_info=exc.error)
-
-    async def _act(self, conn: Connection, frame: ClientFrame) -> None:
-        for result in await self.plugins.acall("streaming_message_received", connection=conn, frame=frame):
-            if result is False:
-                return
-        room = frame.room_id
-        if frame.type == "join":
-            await self.join(conn, room, since=frame.since)
-        elif frame.type == "leave":
-            if room not in conn.rooms:
-                raise ProtocolError("not_member", f"not a member of room {room!r}")
-            await self.leave(conn, room)
-        elif room not in conn.rooms:
-            raise ProtocolError("not_member", f"join room {room!r} before sending to it")
-        elif frame.type == "message":
-            self.counters[f"messages_in.{conn.transport}"] += 1
-            await self.publish(room, frame.data, sender=conn)
-        elif frame.type == "typing":
-            await self.notify(room, frames.presence_frame("typing", room_id=room, user_id=conn.user_id,
-                                                          data=bool(frame.data)), sender=conn)
+        """The backend's health, degraded by the room store's when that is not up."""
+        health = self.backend.health()
+        store = self.store.health()
+        if health.ok and not store.ok:
+            return BackendHealth(store.state, f"room store: {store.detail}")
+        return health

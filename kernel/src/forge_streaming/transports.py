@@ -2,10 +2,16 @@
 
 A transport class is handed to the kernel by the
 ``streaming_register_transports`` hook; the kernel makes one instance per
-:class:`~forge_streaming.Streaming` service, asks it for ASGI routes (user
-handlers and the built-in room endpoint), and starts and stops it with the
-service. A transport that is not served over ASGI (WebTransport over UDP)
-returns no routes and runs its own server between ``start`` and ``stop``.
+:class:`~forge_streaming.Streaming` service, asks it for ASGI routes (its
+endpoints: user handlers and the built-in room endpoint), and starts and
+stops it with the service. A transport that is not served over ASGI
+(WebTransport over UDP) returns no routes for its sessions and runs its own
+server between ``start`` and ``stop``, looking endpoints up with
+``streaming.endpoint(name, path)``.
+
+For each client, the transport builds its :class:`~forge_streaming.Connection`
+subclass (the I/O) and hands it to ``streaming.serve_connection(conn,
+handler)``, which runs the whole life of the connection.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ class Transport(ABC):
         self.streaming = streaming
 
     @abstractmethod
-    def routes(self, handlers: Mapping[str, Handler], *, room_endpoint: bool) -> list[BaseRoute]:
-        """ASGI routes for the user's ``handlers`` and, if asked, the room endpoint."""
+    def routes(self, endpoints: Mapping[str, Handler | None]) -> list[BaseRoute]:
+        """ASGI routes for ``endpoints``: path -> the user's handler, or None for the room protocol."""
 
     async def start(self) -> None:
         """Called at service startup, after the backend is up."""

@@ -7,13 +7,16 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
 from forge_streaming import BackendState, ConfigError, Envelope, EnvelopeKind, Streaming
 from forge_streaming.testing import RecordingListener, run
 from forge_streaming_mqtt import MqttPubSub, MqttSettings
 from forge_streaming_mqtt.continuity import DUPLICATE, Continuity, Numbering
 from forge_streaming_mqtt.pubsub import MARK_DELAY
+from paho.mqtt.enums import CallbackAPIVersion
 
 
 def _envelope(room: str, n: int) -> Envelope:
@@ -34,7 +37,7 @@ async def started(url: str, prefix: str, *nodes: str) -> AsyncIterator[list[tupl
             await backend.stop()
 
 
-def test_a_room_emptied_locally_is_unsubscribed_at_the_broker(broker) -> None:
+def test_a_room_emptied_locally_is_unsubscribed_at_the_broker(broker: Any) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> None:
@@ -54,7 +57,7 @@ def test_a_room_emptied_locally_is_unsubscribed_at_the_broker(broker) -> None:
     run(scenario(), timeout=30)
 
 
-def test_a_mark_reveals_the_lost_end_of_a_burst(broker, publish_as_node) -> None:
+def test_a_mark_reveals_the_lost_end_of_a_burst(broker: Any, publish_as_node: Any) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> None:
@@ -74,7 +77,7 @@ def test_a_mark_reveals_the_lost_end_of_a_burst(broker, publish_as_node) -> None
     run(scenario(), timeout=30)
 
 
-def test_nodes_in_step_see_no_holes_in_each_others_marks(broker) -> None:
+def test_nodes_in_step_see_no_holes_in_each_others_marks(broker: Any) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> None:
@@ -91,7 +94,8 @@ def test_nodes_in_step_see_no_holes_in_each_others_marks(broker) -> None:
     run(scenario(), timeout=30)
 
 
-def test_a_hole_in_a_rooms_numbers_resyncs_that_room_and_a_duplicate_is_dropped(broker, publish_as_node) -> None:
+def test_a_hole_in_a_rooms_numbers_resyncs_that_room_and_a_duplicate_is_dropped(broker: Any,
+                                                                                publish_as_node: Any) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     async def scenario() -> None:
@@ -108,6 +112,48 @@ def test_a_hole_in_a_rooms_numbers_resyncs_that_room_and_a_duplicate_is_dropped(
             assert (backend.counters["holes"], backend.counters["missed"], backend.counters["duplicates_dropped"]) \
                 == (1, 1, 2)
             assert "1 messages lost between the broker and this node" in backend.health().detail
+
+    run(scenario(), timeout=30)
+
+
+def _publish_as_device(port: int, topic: str, payloads: list[bytes]) -> None:
+    """Publish bare payloads as a device would (no forge metadata), with plain paho; returns once sent."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"device-{uuid.uuid4().hex[:8]}",
+                         protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        for info in [client.publish(topic, payload, 1) for payload in payloads]:
+            info.wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.mark.parametrize("ingest", [True, False])
+def test_device_publishes_are_handed_to_the_listener_to_ingest(broker: Any, ingest: bool) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> None:
+        backend, listener = MqttPubSub(MqttSettings(url=broker.url, topic_prefix=prefix, ingest=ingest)), \
+            RecordingListener()
+        await backend.start("a", listener)
+        try:
+            topic = backend.topics.publish("sensors")
+            await asyncio.to_thread(_publish_as_device, broker.port, topic, [
+                b'{"data": {"t": 21.5}, "user_id": "sensor-1"}', b"door open", b"\xff not utf-8"])
+            deadline = asyncio.get_running_loop().time() + (10 if ingest else 0.5)
+            while len(listener.ingested) < 2 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.1)
+            if ingest:
+                assert listener.ingested == [("sensors", {"t": 21.5}, "sensor-1"), ("sensors", "door open", "mqtt")]
+                assert (backend.counters["ingested"], backend.counters["ingest_rejected"]) == (2, 1)
+            else:
+                assert listener.ingested == [] and backend.counters["ingested"] == 0
+            assert listener.envelopes == [], "a device publish is not a room message until the service publishes it"
+        finally:
+            await backend.stop()
 
     run(scenario(), timeout=30)
 
@@ -132,7 +178,7 @@ def test_numbering_and_continuity() -> None:
     assert seen.check_mark("fresh", "n", "y:3") == 0, "nothing heard yet: not ours to judge"
 
 
-def test_outage_buffer_is_bounded_and_drops_the_oldest(own_broker) -> None:
+def test_outage_buffer_is_bounded_and_drops_the_oldest(own_broker: Any) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
     settings = MqttSettings(url=own_broker.url, topic_prefix=prefix, outgoing_buffer=3, reconnect_min=0.05,
                             reconnect_max=0.2)
@@ -200,7 +246,7 @@ def test_url_credentials_and_tls() -> None:
     assert (plain.port, plain.tls, plain.username, plain.password) == (1999, False, "me", "pw")
 
 
-def test_room_ids_with_topic_characters_stay_one_level(broker) -> None:
+def test_room_ids_with_topic_characters_stay_one_level(broker: Any) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
     odd = "a/b+c#d%e é"
 

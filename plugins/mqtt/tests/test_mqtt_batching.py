@@ -17,7 +17,7 @@ from forge_streaming_mqtt.batching import MAX_PACKETS_PER_READ, BatchingSocket
 from forge_streaming_mqtt.link import MqttLink, Sent
 from forge_streaming_mqtt.topics import PROP_KIND, PROP_NODE, PROP_SEQUENCE, Topics
 from forge_streaming_mqtt.wire import UserProperties, parse_user_properties, qos0_publish_packet
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 
 class IterationListener(RecordingListener):
@@ -149,7 +149,13 @@ def test_our_qos0_publish_packet_is_the_one_paho_builds(size: int) -> None:
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     captured: list[bytes] = []
     client._sock = object()  # type: ignore[assignment]  # _send_publish only checks that it is set
-    client._packet_queue = lambda command, packet, mid, qos, info=None: captured.append(bytes(packet))  # type: ignore[method-assign]
+
+    def capture(command: int, packet: bytes | bytearray, mid: int, qos: int,
+                info: paho.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        captured.append(bytes(packet))
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    client._packet_queue = capture  # type: ignore[method-assign]
     topic, payload = "forge/rooms/caf\u00e9/messages".encode(), bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     props = UserProperties([(PROP_KIND, "message"), (PROP_NODE, "n\u00f6de"), (PROP_SEQUENCE, "12345")])
     try:
@@ -162,7 +168,7 @@ def test_our_qos0_publish_packet_is_the_one_paho_builds(size: int) -> None:
 class _StubPaho:
     def __init__(self, sock: object | None, queued: int) -> None:
         self._sock = sock
-        self._out_packet = [{}] * queued
+        self._out_packet: list[dict[str, Any]] = [{}] * queued
         self.queued: list[tuple[int, bytes]] = []
 
     def _packet_queue(self, command: int, packet: bytes, mid: int, qos: int, info: object) -> None:

@@ -8,11 +8,19 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import pytest
 from forge_streaming import BackendState, Streaming
 from forge_streaming.testing import RecordingConnection, open_connection
+from forge_streaming_mqtt import MqttSettings
+
+
+@pytest.fixture(autouse=True)
+def _only_these_plugins(streaming_plugins_only: Callable[..., None]) -> None:
+    """Whatever the workspace installs, these nodes load the MQTT plugin only (no transports)."""
+    streaming_plugins_only("mqtt")
 
 
 def node_config(url: str, node: str, prefix: str, **mqtt: Any) -> dict[str, Any]:
@@ -46,8 +54,12 @@ def data_of(conn: RecordingConnection) -> list[Any]:
     return [m["data"] for m in conn.frames("message")]
 
 
+def resynced(conn: RecordingConnection) -> bool:
+    return any(f["event"] == "resync" for f in conn.frames("system"))
+
+
 @pytest.mark.parametrize("qos", [0, 1])
-async def test_message_on_one_node_reaches_every_member_once(broker, qos: int) -> None:
+async def test_message_on_one_node_reaches_every_member_once(broker: Any, qos: int) -> None:
     async with nodes(broker.url, "a", "b", qos=qos) as (a, b):
         alice, carol = await open_connection(a), await open_connection(a)
         bob = await open_connection(b)
@@ -67,7 +79,7 @@ async def test_message_on_one_node_reaches_every_member_once(broker, qos: int) -
         assert seqs == [m["sequence"] for m in carol.frames("message")]
 
 
-async def test_presence_and_rooms_are_cluster_wide(broker) -> None:
+async def test_presence_and_rooms_are_cluster_wide(broker: Any) -> None:
     async with nodes(broker.url, "a", "b") as (a, b):
         alice = await open_connection(a)
         bob = await open_connection(b)
@@ -91,7 +103,7 @@ async def test_presence_and_rooms_are_cluster_wide(broker) -> None:
         assert [f["user_id"] for f in alice.frames("leave")] == [bob.user_id]
 
 
-async def test_resume_on_another_node_gets_what_was_missed(broker) -> None:
+async def test_resume_on_another_node_gets_what_was_missed(broker: Any) -> None:
     async with nodes(broker.url, "a", "b") as (a, b):
         alice = await open_connection(a)
         await alice.join_room("r")
@@ -113,9 +125,9 @@ async def test_resume_on_another_node_gets_what_was_missed(broker) -> None:
         await eventually(lambda: data_of(late) == [2, 3, 4, 5], what="live after resume")
 
 
-async def test_device_publish_and_mosquitto_sub(broker) -> None:
+async def test_device_publish_and_mosquitto_sub(broker: Any) -> None:
     async with nodes(broker.url, "a", "b") as (a, b):
-        prefix = a.config.section("pubsub.mqtt").topic_prefix
+        prefix = a.config.section("pubsub.mqtt", MqttSettings).topic_prefix
         alice, bob = await open_connection(a), await open_connection(b)
         await alice.join_room("sensors")
         await bob.join_room("sensors")
@@ -144,7 +156,7 @@ async def test_device_publish_and_mosquitto_sub(broker) -> None:
         assert seen[0]["sequence"] == alice.frames("message")[0]["sequence"]
 
 
-async def test_broker_outage_resync_buffer_and_recovery(own_broker) -> None:
+async def test_broker_outage_resync_buffer_and_recovery(own_broker: Any) -> None:
     async with nodes(own_broker.url, "a", "b") as (a, b):
         alice, bob = await open_connection(a), await open_connection(b)
         await alice.join_room("r")
@@ -160,8 +172,7 @@ async def test_broker_outage_resync_buffer_and_recovery(own_broker) -> None:
         own_broker.start()
         await eventually(lambda: a.health().ok and b.health().ok, timeout=10, what="reconnection")
         for conn in (alice, bob):
-            await eventually(lambda c=conn: any(f["event"] == "resync" for f in c.frames("system")),
-                             what="resync notice")
+            await eventually(partial(resynced, conn), what="resync notice")
         await eventually(lambda: data_of(bob) == ["before", "during"], what="buffered message after reconnect")
         await a.publish("r", "after")
         await b.publish("r", "after-b")
@@ -178,7 +189,7 @@ async def test_broker_outage_resync_buffer_and_recovery(own_broker) -> None:
         assert [f["event"] for f in late.frames("system")][-1] == "resync"
 
 
-async def test_healthz_state_covers_the_room_store_connection(broker) -> None:
+async def test_healthz_state_covers_the_room_store_connection(broker: Any) -> None:
     async with nodes(broker.url, "a") as (a,):
         assert a.health().ok and "connected to" in a.health().detail
         link = a.store._link  # type: ignore[attr-defined]  # cut only the room store's connection
@@ -187,7 +198,7 @@ async def test_healthz_state_covers_the_room_store_connection(broker) -> None:
         assert not health.ok and health.detail.startswith("room store:")
 
 
-async def test_a_node_that_stops_announces_itself_offline(broker) -> None:
+async def test_a_node_that_stops_announces_itself_offline(broker: Any) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
     async with Streaming(node_config(broker.url, "leaving", prefix)).running():
         pass

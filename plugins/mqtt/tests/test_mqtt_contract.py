@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from forge_streaming.testing import PubSubBackendContract, RoomStoreContract
 from forge_streaming_mqtt import MqttPubSub, MqttRoomStore, MqttSettings
 
 
 @pytest.fixture(autouse=True)
-def _broker_url(request: pytest.FixtureRequest, broker) -> None:
+def _broker_url(request: pytest.FixtureRequest, broker: Any) -> None:
     request.instance.url = broker.url
 
 

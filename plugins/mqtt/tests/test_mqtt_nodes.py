@@ -76,7 +76,7 @@ async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str =
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
-async def test_three_nodes_websocket_members_and_http_publish(broker, cluster) -> None:
+async def test_three_nodes_websocket_members_and_http_publish(broker: Any, cluster: Any) -> None:
     a, b, c = cluster(broker, "a", "b", "c")
     async with ws_member(a, "chat") as alice, ws_member(b, "chat") as bob:
         await asyncio.to_thread(c.publish, "chat", "from c")
@@ -90,7 +90,7 @@ async def test_three_nodes_websocket_members_and_http_publish(broker, cluster) -
         assert len(rooms["chat"]) == 2
 
 
-async def test_websocket_on_a_and_sse_on_b_exchange_messages(broker, cluster) -> None:
+async def test_websocket_on_a_and_sse_on_b_exchange_messages(broker: Any, cluster: Any) -> None:
     if importlib.util.find_spec("forge_streaming_sse") is None:
         pytest.skip("forge_streaming_sse is not installed")
     from httpx_sse import aconnect_sse
@@ -127,7 +127,7 @@ async def test_websocket_on_a_and_sse_on_b_exchange_messages(broker, cluster) ->
                 await reader
 
 
-async def test_broker_killed_and_restarted_mid_stream(own_broker, cluster) -> None:
+async def test_broker_killed_and_restarted_mid_stream(own_broker: Any, cluster: Any) -> None:
     a, b = cluster(own_broker, "a", "b")
     async with ws_member(a, "live") as alice, ws_member(b, "live") as bob:
         stop = asyncio.Event()
@@ -179,7 +179,7 @@ async def test_broker_killed_and_restarted_mid_stream(own_broker, cluster) -> No
         assert got == sorted(got), "per-publisher order broken"
 
 
-async def test_sigkilled_node_leaves_presence_everywhere(broker, cluster) -> None:
+async def test_sigkilled_node_leaves_presence_everywhere(broker: Any, cluster: Any) -> None:
     a, b, c = cluster(broker, "a", "b", "c")
     async with ws_member(a, "p") as alice, ws_member(b, "p") as bob:
         await until(lambda: len(c.rooms().get("p", [])) == 2, what="both members in presence on c")
@@ -193,7 +193,7 @@ async def test_sigkilled_node_leaves_presence_everywhere(broker, cluster) -> Non
         del bob
 
 
-async def test_mosquitto_pub_into_a_room_reaches_a_websocket_client(broker, cluster) -> None:
+async def test_mosquitto_pub_into_a_room_reaches_a_websocket_client(broker: Any, cluster: Any) -> None:
     (a,) = cluster(broker, "a", topic_prefix="iot")
     async with ws_member(a, "sensors") as member:
         subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "iot/rooms/sensors/publish",
@@ -204,7 +204,7 @@ async def test_mosquitto_pub_into_a_room_reaches_a_websocket_client(broker, clus
 
 
 async def test_a_node_that_stalls_past_the_brokers_queue_tells_its_members_to_resync(
-        small_queue_broker, cluster, publish_as_node) -> None:
+        small_queue_broker: Any, cluster: Any, publish_as_node: Any) -> None:
     (b,) = cluster(small_queue_broker, "b", limits={"send_buffer": "64MiB"})  # bob takes the whole burst
     async with ws_member(b, "burst") as bob:
         # b stops reading; the broker keeps one message queued for it, its socket buffers fill, the rest is dropped

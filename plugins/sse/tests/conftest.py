@@ -12,15 +12,18 @@ from typing import Any
 import pytest
 from forge_streaming import Streaming
 
-ONLY_SSE = {"deny": ["websocket", "webtransport", "mqtt"]}
+ONLY_SSE = ("sse", "memory-pubsub", "memory-rooms")
+"""The installed plugins these tests load (a test that needs more widens it with ``streaming_plugins_only``)."""
 
 
-def make_streaming(config: dict[str, Any] | None = None, *, plugins: tuple[object, ...] = (),
-                   deny: list[str] | None = None) -> Streaming:
-    """A service with the memory backend and the SSE transport (other transports denied)."""
-    raw = dict(config or {})
-    raw.setdefault("plugins", {"deny": deny if deny is not None else ONLY_SSE["deny"]})
-    return Streaming(raw, plugins=plugins, environ={})
+@pytest.fixture(autouse=True)
+def only_sse(streaming_plugins_only: Callable[..., None]) -> None:
+    streaming_plugins_only(*ONLY_SSE)
+
+
+def make_streaming(config: dict[str, Any] | None = None, *, plugins: tuple[object, ...] = ()) -> Streaming:
+    """A service with the memory backend and the SSE transport (the plugins the allow list lets in)."""
+    return Streaming(dict(config or {}), plugins=plugins, environ={})
 
 
 @pytest.fixture
@@ -173,7 +176,8 @@ class RawSSE:
 
 
 def frame_of(event: SSEEvent) -> dict[str, Any]:
-    return event.json()  # type: ignore[no-any-return]
+    frame: dict[str, Any] = event.json()
+    return frame
 
 
 def is_message(event: SSEEvent, data: Any = ...) -> bool:
@@ -187,7 +191,7 @@ def is_system(event: SSEEvent, name: str) -> bool:
     if event.event != "message":
         return False
     frame = event.json()
-    return frame.get("type") == "system" and frame.get("event") == name
+    return bool(frame.get("type") == "system" and frame.get("event") == name)
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> None:

@@ -4,27 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 from forge_streaming.testing import serve
 
+if TYPE_CHECKING:
+    from conftest import Kit  # the kit fixture's type (test modules do not import conftest at run time)
+
 pytest.importorskip("forge_streaming_websocket")
 websockets_client = pytest.importorskip("websockets.asyncio.client")
 
 
-async def test_sse_and_websocket_members_share_a_room(kit) -> None:
-    streaming = kit.make_streaming(deny=["webtransport", "mqtt"])
+async def test_sse_and_websocket_members_share_a_room(
+        kit: type[Kit], streaming_plugins_only: Callable[..., None]) -> None:
+    streaming_plugins_only("sse", "websocket", "memory-pubsub", "memory-rooms")
+    streaming = kit.make_streaming()
     assert {"sse", "websocket"} <= set(streaming.transports)
     async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=5) as client:
         sse = await kit.RawSSE.open(server.url, "/sse?rooms=mixed")
-        session = (await sse.next_event()).json()
+        first = await sse.next_event()
+        assert first is not None
+        session = first.json()
         await sse.until(lambda e: kit.is_system(e, "room.joined"))
         async with websockets_client.connect(server.ws_url + "/ws") as ws:
 
-            async def ws_next(kind: str) -> dict:
+            async def ws_next(kind: str) -> dict[str, Any]:
                 while True:
-                    frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                    frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
                     if frame.get("type") == kind:
                         return frame
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from forge_streaming import Envelope
-from forge_streaming.testing import serve
+from forge_streaming.testing import RunningServer, serve
+
+if TYPE_CHECKING:
+    from conftest import Kit, RawSSE, SSEEvent  # the kit's types (test modules do not import conftest at run time)
 
 
-async def open_member(kit, server, query: str = "", headers: dict[str, str] | None = None):
+async def open_member(kit: type[Kit], server: RunningServer, query: str = "",
+                      headers: dict[str, str] | None = None) -> tuple[RawSSE, dict[str, Any]]:
     raw = await kit.RawSSE.open(server.url, "/sse" + query, headers)
     assert raw.status == 200
     session = await asyncio.wait_for(raw.next_event(), 5)
@@ -24,7 +29,7 @@ async def post(client: httpx.AsyncClient, session: dict[str, Any], frame: dict[s
                              headers={"x-stream-token": session["token"]})
 
 
-def messages(events) -> list[Any]:
+def messages(events: Iterable[SSEEvent]) -> list[Any]:
     return [e.json()["data"] for e in events if e.event == "message" and e.json().get("type") == "message"]
 
 
@@ -34,7 +39,7 @@ def late_envelope(room: str, sequence: int, data: str) -> Envelope:
     return Envelope(room=room, payload=json.dumps(frame).encode(), sequence=sequence, sender="other-node")
 
 
-async def test_a_frame_arriving_late_does_not_move_the_cursor_back(kit) -> None:
+async def test_a_frame_arriving_late_does_not_move_the_cursor_back(kit: type[Kit]) -> None:
     streaming = kit.make_streaming()
     async with serve(streaming) as server:
         alice, _ = await open_member(kit, server, "?rooms=r")
@@ -54,7 +59,7 @@ async def test_a_frame_arriving_late_does_not_move_the_cursor_back(kit) -> None:
             await alice.close()
 
 
-async def test_cursor_follows_joins_and_leaves_and_resumes_exactly(kit) -> None:
+async def test_cursor_follows_joins_and_leaves_and_resumes_exactly(kit: type[Kit]) -> None:
     streaming = kit.make_streaming()
     async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=5) as client:
         alice, session = await open_member(kit, server, "?rooms=r")

@@ -7,28 +7,31 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from forge_streaming import ConfigError, Refused, hookimpl
+from forge_streaming import ConfigError, Connection, ConnectionRequest, Identity, Refused, hookimpl
 from forge_streaming.testing import open_connection, serve
-from forge_streaming_sse import Event
+from forge_streaming_sse import Event, SSEConnection, SSETransport
 from httpx_sse import aconnect_sse
+
+if TYPE_CHECKING:
+    from conftest import Kit  # the kit fixture's type (test modules do not import conftest at run time)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def readme_block(marker: str) -> str:
     """The README's python code block that contains ``marker``."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
     matching = [b for b in blocks if marker in b]
     assert matching, f"no python block with {marker!r} in README.md"
     return matching[0]
 
 
-async def test_readme_ticker_runs_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FORGE_STREAMING_PLUGINS_DENY", "webtransport,mqtt")
-    namespace: dict[str, object] = {}
+async def test_readme_ticker_runs_as_written() -> None:
+    namespace: dict[str, Any] = {}
     exec(compile(readme_block("/ticker"), str(README), "exec"), namespace)
     streaming = namespace["streaming"]
     async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as client:
@@ -47,14 +50,15 @@ async def test_readme_ticker_runs_as_written(monkeypatch: pytest.MonkeyPatch) ->
         assert streaming.connections == {}
 
 
-async def test_headers_and_framing_are_byte_exact(kit) -> None:
+async def test_headers_and_framing_are_byte_exact(kit: type[Kit]) -> None:
     streaming = kit.make_streaming({"sse": {"retry": "2500ms"}})
 
-    @streaming.handle_sse("/once")
-    async def once(stream):
+    async def once(stream: SSEConnection) -> None:
         await stream.send_event(Event(data="line one\nline two", type="note", id="7"))
         await stream.send_event(Event(data={"é": [1, 2]}))
         await stream.send_event(Event(data="", retry=100))
+
+    streaming.handle_sse("/once", once)
 
     async with serve(streaming) as server:
         raw = await kit.RawSSE.open(server.url, "/once")
@@ -76,12 +80,13 @@ async def test_headers_and_framing_are_byte_exact(kit) -> None:
             await raw.close()
 
 
-async def test_keep_alive_comments_on_an_idle_stream(kit) -> None:
+async def test_keep_alive_comments_on_an_idle_stream(kit: type[Kit]) -> None:
     streaming = kit.make_streaming({"sse": {"keep_alive_interval": "100ms"}})
 
-    @streaming.handle_sse("/idle")
-    async def idle(stream):
+    async def idle(stream: SSEConnection) -> None:
         await stream.wait_closed()
+
+    streaming.handle_sse("/idle", idle)
 
     async with serve(streaming) as server:
         raw = await kit.RawSSE.open(server.url, "/idle")
@@ -92,23 +97,24 @@ async def test_keep_alive_comments_on_an_idle_stream(kit) -> None:
             await raw.close()
 
 
-async def test_disconnect_is_noticed_and_cleaned_up(kit) -> None:
+async def test_disconnect_is_noticed_and_cleaned_up(kit: type[Kit]) -> None:
     ended: list[tuple[str, int, str]] = []
     handler_saw_done = asyncio.Event()
 
     class Audit:
         @hookimpl
-        def streaming_disconnected(self, connection, code, reason):
+        def streaming_disconnected(self, connection: Connection, code: int, reason: str) -> None:
             ended.append((connection.transport, code, reason))
 
     streaming = kit.make_streaming(plugins=(Audit(),))
 
-    @streaming.handle_sse("/wait")
-    async def wait(stream):
+    async def wait(stream: SSEConnection) -> None:
         await stream.send_event(Event(data="hello"))
         await stream.wait_closed()
         assert stream.done
         handler_saw_done.set()
+
+    streaming.handle_sse("/wait", wait)
 
     async with serve(streaming) as server:
         raw = await kit.RawSSE.open(server.url, "/wait")
@@ -118,21 +124,25 @@ async def test_disconnect_is_noticed_and_cleaned_up(kit) -> None:
         await asyncio.wait_for(handler_saw_done.wait(), 5)
         await kit.eventually(lambda: not streaming.connections and ended)
         assert ended == [("sse", 1001, "client disconnected")]
-        assert streaming.transports["sse"].streams == {}
+        sse = streaming.transports["sse"]
+        assert isinstance(sse, SSETransport)
+        assert sse.streams == {}
 
 
-async def test_send_event_after_disconnect_raises_and_handler_ends_quietly(kit, caplog) -> None:
+async def test_send_event_after_disconnect_raises_and_handler_ends_quietly(
+        kit: type[Kit], caplog: pytest.LogCaptureFixture) -> None:
     finished = asyncio.Event()
     streaming = kit.make_streaming()
 
-    @streaming.handle_sse("/fast")
-    async def fast(stream):
+    async def fast(stream: SSEConnection) -> None:
         try:
             while True:  # never looks at stream.done: send_event must stop it
                 await stream.send_event(Event(data="x" * 100))
                 await asyncio.sleep(0.01)
         finally:
             finished.set()
+
+    streaming.handle_sse("/fast", fast)
 
     async with serve(streaming) as server:
         raw = await kit.RawSSE.open(server.url, "/fast")
@@ -143,18 +153,20 @@ async def test_send_event_after_disconnect_raises_and_handler_ends_quietly(kit, 
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "forge_streaming" in r.name]
 
 
-async def test_refused_authentication_answers_before_the_stream(kit) -> None:
+async def test_refused_authentication_answers_before_the_stream(kit: type[Kit]) -> None:
     class Gate:
         @hookimpl
-        def streaming_authenticate(self, request):
+        def streaming_authenticate(self, request: ConnectionRequest) -> Identity | None:
             if request.headers.get("authorization") != "Bearer good":
                 raise Refused("send a valid bearer token", status=401, code="unauthorized")
+            return None
 
     streaming = kit.make_streaming(plugins=(Gate(),))
 
-    @streaming.handle_sse("/private")
-    async def private(stream):
+    async def private(stream: SSEConnection) -> None:
         await stream.send_event(Event(data="secret"))
+
+    streaming.handle_sse("/private", private)
 
     async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=5) as client:
         refused = await client.get("/private")
@@ -167,17 +179,20 @@ async def test_refused_authentication_answers_before_the_stream(kit) -> None:
         assert streaming.connections == {}
 
 
-async def test_failing_handler_is_logged_with_its_connection_and_ends_only_its_stream(kit, caplog) -> None:
+async def test_failing_handler_is_logged_with_its_connection_and_ends_only_its_stream(
+        kit: type[Kit], caplog: pytest.LogCaptureFixture) -> None:
     streaming = kit.make_streaming()
 
-    @streaming.handle_sse("/boom")
-    async def boom(stream):
+    async def boom(stream: SSEConnection) -> None:
         await stream.send_event(Event(data="before"))
         raise RuntimeError("handler bug")
 
-    @streaming.handle_sse("/fine")
-    async def fine(stream):
+    streaming.handle_sse("/boom", boom)
+
+    async def fine(stream: SSEConnection) -> None:
         await stream.send_event(Event(data="fine"))
+
+    streaming.handle_sse("/fine", fine)
 
     async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=5) as client:
         response = await client.get("/boom")
@@ -189,14 +204,15 @@ async def test_failing_handler_is_logged_with_its_connection_and_ends_only_its_s
     assert getattr(failures[0], "connection_id", "").startswith("ss-")
 
 
-async def test_handler_reads_frames_posted_with_its_token(kit) -> None:
+async def test_handler_reads_frames_posted_with_its_token(kit: type[Kit]) -> None:
     streaming = kit.make_streaming()
 
-    @streaming.handle_sse("/echo")
-    async def echo(stream):
+    async def echo(stream: SSEConnection) -> None:
         await stream.send_event(Event(type="session", data={"send_url": stream.send_url, "token": stream.token}))
         message = await stream.read_message()
         await stream.write_message("echo:" + message.text)
+
+    streaming.handle_sse("/echo", echo)
 
     async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=5) as client:
         async with aconnect_sse(client, "GET", "/echo") as source:
@@ -216,8 +232,8 @@ def test_event_encoding_refuses_bad_values() -> None:
     assert Event(data=b"bytes", type="t").encode() == b"event: t\ndata: bytes\n\n"
 
 
-async def test_readme_python_client_talks_to_the_room_endpoint(kit) -> None:
-    namespace: dict[str, object] = {}
+async def test_readme_python_client_talks_to_the_room_endpoint(kit: type[Kit]) -> None:
+    namespace: dict[str, Any] = {}
     exec(compile(readme_block("async def say_hello"), str(README), "exec"), namespace)
     say_hello = namespace["say_hello"]
     streaming = kit.make_streaming()
@@ -237,18 +253,17 @@ async def test_readme_python_client_talks_to_the_room_endpoint(kit) -> None:
     ("send_path", "sse/send", "starting with '/'"),
     ("keepalive", "1s", "unknown key"),
 ])
-def test_bad_settings_are_refused_with_their_key(kit, key: str, value: str, expected: str) -> None:
+def test_bad_settings_are_refused_with_their_key(kit: type[Kit], key: str, value: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         kit.make_streaming({"sse": {key: value}})
     assert f"sse.{key}" in str(info.value) and expected in str(info.value)
 
 
-def test_settings_from_the_environment(kit) -> None:
+def test_settings_from_the_environment(kit: type[Kit]) -> None:
     from forge_streaming import Streaming
     from forge_streaming_sse import SSESettings
 
-    streaming = Streaming({"plugins": {"deny": ["websocket", "webtransport", "mqtt"]}},
-                          environ={"FORGE_STREAMING__SSE__KEEP_ALIVE_INTERVAL": "30s",
-                                   "FORGE_STREAMING__SSE__SEND_BUFFER": "256KiB"})
+    streaming = Streaming({}, environ={"FORGE_STREAMING__SSE__KEEP_ALIVE_INTERVAL": "30s",
+                                       "FORGE_STREAMING__SSE__SEND_BUFFER": "256KiB"})
     settings = streaming.config.section("sse", SSESettings)
     assert (settings.keep_alive_interval, settings.send_buffer, settings.retry) == (30.0, 256 * 1024, 3.0)

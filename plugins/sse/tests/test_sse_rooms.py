@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from forge_streaming import Member, RoomStore, hookimpl
-from forge_streaming.testing import open_connection, serve
+from forge_streaming import Member, RoomStore, StreamingConfig, hookimpl
+from forge_streaming.testing import RunningServer, open_connection, serve
+
+if TYPE_CHECKING:
+    from conftest import Kit, RawSSE, SSEEvent  # the kit's types (test modules do not import conftest at run time)
 
 
-async def open_member(kit, server, query: str = "", headers: dict[str, str] | None = None):
+async def open_member(kit: type[Kit], server: RunningServer, query: str = "",
+                      headers: dict[str, str] | None = None) -> tuple[RawSSE, dict[str, Any]]:
     raw = await kit.RawSSE.open(server.url, "/sse" + query, headers)
     assert raw.status == 200
     session = await asyncio.wait_for(raw.next_event(), 5)
@@ -27,11 +32,11 @@ async def post(client: httpx.AsyncClient, session: dict[str, Any], frame: Any,
                              headers={"x-stream-token": session["token"] if token is None else token})
 
 
-def messages(events) -> list[Any]:
+def messages(events: Iterable[SSEEvent]) -> list[Any]:
     return [e.json()["data"] for e in events if e.event == "message" and e.json().get("type") == "message"]
 
 
-async def test_session_event_then_joins_from_the_query(kit) -> None:
+async def test_session_event_then_joins_from_the_query(kit: type[Kit]) -> None:
     streaming = kit.make_streaming()
     async with serve(streaming) as server:
         raw, session = await open_member(kit, server, "?rooms=a,b%20c")
@@ -48,7 +53,7 @@ async def test_session_event_then_joins_from_the_query(kit) -> None:
             await raw.close()
 
 
-async def test_posted_message_reaches_the_other_member_with_a_resume_id(kit) -> None:
+async def test_posted_message_reaches_the_other_member_with_a_resume_id(kit: type[Kit]) -> None:
     streaming = kit.make_streaming()
     async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=5) as client:
         alice, alice_session = await open_member(kit, server, "?rooms=r")
@@ -73,7 +78,7 @@ async def test_posted_message_reaches_the_other_member_with_a_resume_id(kit) -> 
             await bob.close()
 
 
-async def test_posts_are_bound_to_their_stream_by_its_secret(kit) -> None:
+async def test_posts_are_bound_to_their_stream_by_its_secret(kit: type[Kit]) -> None:
     streaming = kit.make_streaming({"sse": {"max_post_size": 100}})
     async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=5) as client:
         alice, alice_session = await open_member(kit, server, "?rooms=r")
@@ -104,7 +109,7 @@ async def test_posts_are_bound_to_their_stream_by_its_secret(kit) -> None:
             await mallory.close()
 
 
-async def test_disconnect_cleans_up_connection_rooms_and_presence(kit) -> None:
+async def test_disconnect_cleans_up_connection_rooms_and_presence(kit: type[Kit]) -> None:
     streaming = kit.make_streaming()
     async with serve(streaming) as server:
         alice, alice_session = await open_member(kit, server, "?rooms=r,s")
@@ -126,7 +131,7 @@ async def test_disconnect_cleans_up_connection_rooms_and_presence(kit) -> None:
 
 
 @pytest.mark.parametrize("resume_by", ["header", "query"])
-async def test_reconnect_with_last_event_id_gets_exactly_what_it_missed(kit, resume_by: str) -> None:
+async def test_reconnect_with_last_event_id_gets_exactly_what_it_missed(kit: type[Kit], resume_by: str) -> None:
     streaming = kit.make_streaming()
     async with serve(streaming) as server:
         keeper, _ = await open_member(kit, server, "?rooms=r")  # keeps the room alive while alice is away
@@ -137,6 +142,7 @@ async def test_reconnect_with_last_event_id_gets_exactly_what_it_missed(kit, res
             seen = await alice.until(lambda e: kit.is_message(e, 2))
             assert messages(seen) == [0, 1, 2]
             last_id = seen[-1].id
+            assert last_id is not None
             await alice.close()
             await kit.eventually(lambda: len(streaming.connections) == 1)
             for n in range(3, 6):
@@ -157,7 +163,7 @@ async def test_reconnect_with_last_event_id_gets_exactly_what_it_missed(kit, res
             await alice.close()
 
 
-async def test_resume_in_several_rooms_from_one_id(kit) -> None:
+async def test_resume_in_several_rooms_from_one_id(kit: type[Kit]) -> None:
     streaming = kit.make_streaming()
     async with serve(streaming) as server:
         keeper, _ = await open_member(kit, server, "?rooms=a,b,c")
@@ -167,6 +173,7 @@ async def test_resume_in_several_rooms_from_one_id(kit) -> None:
             await streaming.broadcast("b", "b0")
             seen = await alice.until(lambda e: kit.is_message(e, "b0"))
             last_id = seen[-1].id
+            assert last_id is not None
             assert last_id.startswith("a:") and ",b:" in last_id
             await alice.close()
             await kit.eventually(lambda: len(streaming.connections) == 1)
@@ -184,7 +191,7 @@ async def test_resume_in_several_rooms_from_one_id(kit) -> None:
             await alice.close()
 
 
-async def test_a_gap_older_than_history_gets_resync_not_a_hole(kit) -> None:
+async def test_a_gap_older_than_history_gets_resync_not_a_hole(kit: type[Kit]) -> None:
     streaming = kit.make_streaming({"rooms": {"history_size": 3}})
     async with serve(streaming) as server:
         keeper, _ = await open_member(kit, server, "?rooms=r")
@@ -192,6 +199,7 @@ async def test_a_gap_older_than_history_gets_resync_not_a_hole(kit) -> None:
         try:
             await streaming.broadcast("r", 0)
             last_id = (await alice.until(lambda e: kit.is_message(e, 0)))[-1].id
+            assert last_id is not None
             await alice.close()
             await kit.eventually(lambda: len(streaming.connections) == 1)
             for n in range(1, 6):
@@ -207,7 +215,7 @@ async def test_a_gap_older_than_history_gets_resync_not_a_hole(kit) -> None:
             await alice.close()
 
 
-async def test_malformed_last_event_id_is_ignored_and_said_so(kit) -> None:
+async def test_malformed_last_event_id_is_ignored_and_said_so(kit: type[Kit]) -> None:
     streaming = kit.make_streaming()
     async with serve(streaming) as server:
         alice, _ = await open_member(kit, server, "?rooms=r", {"Last-Event-ID": "not a cursor"})
@@ -221,7 +229,7 @@ async def test_malformed_last_event_id_is_ignored_and_said_so(kit) -> None:
             await alice.close()
 
 
-async def test_posted_join_with_since_replays_in_order(kit) -> None:
+async def test_posted_join_with_since_replays_in_order(kit: type[Kit]) -> None:
     streaming = kit.make_streaming()
     async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=5) as client:
         keeper, _ = await open_member(kit, server, "?rooms=r")
@@ -239,7 +247,7 @@ async def test_posted_join_with_since_replays_in_order(kit) -> None:
             await alice.close()
 
 
-async def test_shutdown_tells_streams_and_ends_them(kit) -> None:
+async def test_shutdown_tells_streams_and_ends_them(kit: type[Kit]) -> None:
     streaming = kit.make_streaming({"server": {"reconnect_hint": "1500ms"}})
     async with serve(streaming) as server:
         alice, _ = await open_member(kit, server, "?rooms=r")
@@ -257,7 +265,7 @@ async def test_shutdown_tells_streams_and_ends_them(kit) -> None:
 
 
 @pytest.mark.parametrize("linger", ["30s", "0s"])
-async def test_resume_into_a_room_left_empty(kit, linger: str) -> None:
+async def test_resume_into_a_room_left_empty(kit: type[Kit], linger: str) -> None:
     """Alone in a room: while she is away the node keeps hearing it for rooms.history_linger,
     so she resumes exactly; past it (0s here) the node stopped hearing: resync, no silent hole."""
     streaming = kit.make_streaming({"rooms": {"history_linger": linger}})
@@ -266,6 +274,7 @@ async def test_resume_into_a_room_left_empty(kit, linger: str) -> None:
         try:
             await streaming.broadcast("solo", 0)
             last_id = (await alice.until(lambda e: kit.is_message(e, 0)))[-1].id
+            assert last_id is not None
             await alice.close()
             await kit.eventually(lambda: not streaming.connections)
             await streaming.broadcast("solo", 1)  # nobody here is in "solo" now
@@ -310,12 +319,12 @@ class SlowStore(RoomStore):
         return sorted(self._rooms)
 
 
-async def test_live_traffic_during_a_resuming_join_is_sent_in_order_once(kit) -> None:
+async def test_live_traffic_during_a_resuming_join_is_sent_in_order_once(kit: type[Kit]) -> None:
     store = SlowStore()
 
     class Stores:
         @hookimpl
-        def streaming_register_room_stores(self):
+        def streaming_register_room_stores(self) -> dict[str, Callable[[StreamingConfig], RoomStore]]:
             return {"slow": lambda config: store}
 
     streaming = kit.make_streaming({"rooms": {"store": "slow"}}, plugins=(Stores(),))
@@ -327,6 +336,7 @@ async def test_live_traffic_during_a_resuming_join_is_sent_in_order_once(kit) ->
         try:
             await streaming.broadcast("r", 0)
             last_id = (await alice.until(lambda e: kit.is_message(e, 0)))[-1].id
+            assert last_id is not None
             await alice.close()
             await kit.eventually(lambda: len(streaming.connections) == 1)
             await streaming.broadcast("r", 1)

@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 import uvicorn
-from forge_streaming import hookimpl
+from forge_streaming import Connection, hookimpl
 from forge_streaming.testing import free_port, serve
-from forge_streaming_sse import Event
+from forge_streaming_sse import Event, SSEConnection
 from httpx_sse import aconnect_sse
+from starlette.types import ASGIApp
+
+if TYPE_CHECKING:
+    from conftest import Kit  # the kit fixture's type (test modules do not import conftest at run time)
 
 
 class Drops:
@@ -20,19 +26,21 @@ class Drops:
         self.reasons: list[tuple[str, str]] = []
 
     @hookimpl
-    def streaming_connection_dropped(self, connection, reason):
+    def streaming_connection_dropped(self, connection: Connection, reason: str) -> None:
         self.reasons.append((connection.id, reason))
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "asgi-send"])
-async def test_slow_reader_is_ended_with_a_reason_and_the_room_is_not_slowed(kit, fast_path: bool) -> None:
+async def test_slow_reader_is_ended_with_a_reason_and_the_room_is_not_slowed(kit: type[Kit], fast_path: bool) -> None:
     drops = Drops()
     streaming = kit.make_streaming({"sse": {"send_buffer": "64KiB", "fast_path": fast_path}}, plugins=(drops,))
     async with serve(streaming) as server:
         slow = await kit.RawSSE.open(server.url, "/sse?rooms=r", rcvbuf=4096, limit=4096)
         fast = await kit.RawSSE.open(server.url, "/sse?rooms=r")
         try:
-            slow_id = (await slow.next_event()).json()["connection_id"]  # session; then it stops reading
+            session = await slow.next_event()  # the session event; then it stops reading
+            assert session is not None
+            slow_id = session.json()["connection_id"]
             await fast.until(lambda e: e.json().get("type") == "system" and e.json()["event"] == "room.joined")
             payload = "x" * 8000  # the kernel's socket buffers take a few MiB before the stream's own bound counts
             total = 0
@@ -63,7 +71,7 @@ async def test_slow_reader_is_ended_with_a_reason_and_the_room_is_not_slowed(kit
             await fast.close()
 
 
-async def test_asgi_send_fallback_serves_rooms_and_resume(kit) -> None:
+async def test_asgi_send_fallback_serves_rooms_and_resume(kit: type[Kit]) -> None:
     streaming = kit.make_streaming({"sse": {"fast_path": False}})
     assert streaming.server_options() == {}
     async with serve(streaming) as server:
@@ -72,6 +80,7 @@ async def test_asgi_send_fallback_serves_rooms_and_resume(kit) -> None:
         try:
             await streaming.broadcast("r", 1)
             last_id = (await alice.until(lambda e: kit.is_message(e, 1)))[-1].id
+            assert last_id is not None
             await alice.close()
             await kit.eventually(lambda: len(streaming.connections) == 1)
             await streaming.broadcast("r", 2)
@@ -84,7 +93,7 @@ async def test_asgi_send_fallback_serves_rooms_and_resume(kit) -> None:
 
 
 @contextlib.asynccontextmanager
-async def h11_server(app):
+async def h11_server(app: ASGIApp) -> AsyncIterator[str]:
     """uvicorn with its h11 protocol and none of the plugin's options: a plain ASGI server."""
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, http="h11", lifespan="on", log_config=None,
@@ -101,20 +110,21 @@ async def h11_server(app):
         await asyncio.wait_for(task, 15)
 
 
-async def test_under_another_asgi_server_handlers_and_rooms_work(kit) -> None:
+async def test_under_another_asgi_server_handlers_and_rooms_work(kit: type[Kit]) -> None:
     streaming = kit.make_streaming()
 
-    @streaming.handle_sse("/ticker")
-    async def ticker(stream):
+    async def ticker(stream: SSEConnection) -> None:
         n = 0
         while not stream.done:
             await stream.send_event(Event(type="tick", data={"n": n}, id=str(n)))
             n += 1
             await asyncio.sleep(0.05)
 
+    streaming.handle_sse("/ticker", ticker)
+
     async with h11_server(streaming.asgi_app()) as url, httpx.AsyncClient(base_url=url, timeout=5) as client:
         async with aconnect_sse(client, "GET", "/ticker") as source:
-            ticks = []
+            ticks: list[int] = []
             async for sse in source.aiter_sse():
                 ticks.append(json.loads(sse.data)["n"])
                 if len(ticks) == 3:

@@ -11,6 +11,7 @@ from forge_streaming import ConfigError, Streaming
 from forge_streaming.testing import serve
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin, Subprotocol
 
 
 def only_conn(streaming: Streaming) -> Any:
@@ -23,6 +24,7 @@ async def test_compression_negotiated_only_when_enabled(make_streaming: Any, fra
     streaming: Streaming = make_streaming({"websocket": {"enable_compression": enabled}})
     async with serve(streaming) as server:
         async with connect(server.ws_url + "/ws", compression="deflate") as ws:
+            assert ws.response is not None
             header = ws.response.headers.get("Sec-WebSocket-Extensions")
             names = [type(e).__name__ for e in ws.protocol.extensions]
             if enabled:
@@ -49,16 +51,18 @@ async def test_default_max_message_size_is_64kib(make_streaming: Any) -> None:
             await ws.send("x" * (64 * 1024 + 1))
             await asyncio.wait_for(ws.wait_closed(), 5)
             assert ws.close_code == 1009
+            assert ws.close_reason is not None
             assert "65537" in ws.close_reason and "65536" in ws.close_reason
 
 
 async def test_configured_max_message_size_closes_1009(make_streaming: Any) -> None:
     streaming: Streaming = make_streaming({"websocket": {"max_message_size": "1KiB"}})
 
-    @streaming.handle_websocket("/echo")
     async def echo(conn: Any) -> None:
         while True:
             await conn.write_message((await conn.read_message()).data)
+
+    streaming.handle_websocket("/echo", echo)
 
     async with serve(streaming) as server:
         async with connect(server.ws_url + "/echo") as ws:
@@ -67,6 +71,7 @@ async def test_configured_max_message_size_closes_1009(make_streaming: Any) -> N
             assert await asyncio.wait_for(ws.recv(), 5) == b"y" * 1024
             await ws.send(b"y" * 1025)
             await asyncio.wait_for(ws.wait_closed(), 5)
+            assert ws.close_reason is not None
             assert ws.close_code == 1009 and "1025" in ws.close_reason
 
         async def gone() -> None:
@@ -81,13 +86,13 @@ async def test_same_origin_by_default(make_streaming: Any) -> None:
     streaming: Streaming = make_streaming()
     async with serve(streaming) as server:
         same = f"http://127.0.0.1:{server.port}"
-        async with connect(server.ws_url + "/ws", origin=same) as ws:  # type: ignore[arg-type]
+        async with connect(server.ws_url + "/ws", origin=Origin(same)) as ws:
             assert ws.protocol.state.name == "OPEN"
         async with connect(server.ws_url + "/ws") as ws:  # no Origin: not a browser, allowed
             assert ws.protocol.state.name == "OPEN"
         for origin in ("http://evil.example", f"http://127.0.0.1:{server.port + 1}", "http://localhost", "null"):
             with pytest.raises(InvalidStatus) as refused:
-                async with connect(server.ws_url + "/ws", origin=origin):  # type: ignore[arg-type]
+                async with connect(server.ws_url + "/ws", origin=Origin(origin)):
                     pass
             assert refused.value.response.status_code == 403, origin
             assert b"websocket.allowed_origins" in refused.value.response.body
@@ -99,11 +104,11 @@ async def test_allowed_origins_with_wildcards(make_streaming: Any) -> None:
         {"websocket": {"allowed_origins": ["https://*.example.com", "http://localhost:*"]}})
     async with serve(streaming) as server:
         for origin in ("https://app.example.com", "https://a.b.example.com", "http://localhost:3000"):
-            async with connect(server.ws_url + "/ws", origin=origin):  # type: ignore[arg-type]
+            async with connect(server.ws_url + "/ws", origin=Origin(origin)):
                 pass
         for origin in ("https://example.org", "http://app.example.com", f"http://127.0.0.1:{server.port}"):
             with pytest.raises(InvalidStatus) as refused:
-                async with connect(server.ws_url + "/ws", origin=origin):  # type: ignore[arg-type]
+                async with connect(server.ws_url + "/ws", origin=Origin(origin)):
                     pass
             assert refused.value.response.status_code == 403, origin
 
@@ -111,12 +116,14 @@ async def test_allowed_origins_with_wildcards(make_streaming: Any) -> None:
 async def test_subprotocol_is_the_first_offered_that_the_server_speaks(make_streaming: Any) -> None:
     streaming: Streaming = make_streaming({"websocket": {"subprotocols": ["chat.v2", "chat.v1"]}})
 
-    @streaming.handle_websocket("/proto")
     async def proto(conn: Any) -> None:
         await conn.write_message(str(conn.subprotocol))
 
+    streaming.handle_websocket("/proto", proto)
+
     async with serve(streaming) as server:
-        async with connect(server.ws_url + "/proto", subprotocols=["chat.v1", "chat.v2"]) as ws:  # type: ignore[list-item]
+        offered = [Subprotocol("chat.v1"), Subprotocol("chat.v2")]
+        async with connect(server.ws_url + "/proto", subprotocols=offered) as ws:
             assert ws.subprotocol == "chat.v1"
             assert await asyncio.wait_for(ws.recv(), 5) == "chat.v1"
         async with connect(server.ws_url + "/proto") as ws:

@@ -42,11 +42,12 @@ async def plain_uvicorn(streaming: Streaming) -> AsyncIterator[str]:
 async def test_fallback_echo_room_and_size_limit(make_streaming: Any, frames: Any) -> None:
     streaming: Streaming = make_streaming()
 
-    @streaming.handle_websocket("/echo")
     async def echo(conn: Any) -> None:
         while True:
             msg = await conn.read_message()
             await conn.write_message(msg.data)
+
+    streaming.handle_websocket("/echo", echo)
 
     async with plain_uvicorn(streaming) as url:
         async with connect(url + "/echo") as ws:
@@ -64,6 +65,7 @@ async def test_fallback_echo_room_and_size_limit(make_streaming: Any, frames: An
             # uvicorn alone would take 16 MiB; the project's 64 KiB limit still holds
             await b.send("x" * (64 * 1024 + 1))
             await asyncio.wait_for(b.wait_closed(), 5)
+            assert b.close_reason is not None
             assert b.close_code == 1009 and "65537" in b.close_reason
             assert (await frames.next(a, "leave"))["room_id"] == "q"
 

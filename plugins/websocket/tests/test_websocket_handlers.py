@@ -73,13 +73,14 @@ async def test_handler_exception_closes_only_its_connection_with_1011(
         make_streaming: Any, caplog: pytest.LogCaptureFixture) -> None:
     streaming: Streaming = make_streaming()
 
-    @streaming.handle_websocket("/fragile")
     async def fragile(conn: Any) -> None:
         while True:
             msg = await conn.read_message()
             if msg.data == "boom":
                 raise ValueError("handler bug")
             await conn.write_message(msg.data)
+
+    streaming.handle_websocket("/fragile", fragile)
 
     closes: list[tuple[int, str]] = []
 
@@ -109,13 +110,15 @@ async def test_handler_return_closes_1000_and_refused_closes_1008(make_streaming
 
     streaming: Streaming = make_streaming()
 
-    @streaming.handle_websocket("/once")
     async def once(conn: Any) -> None:
         await conn.write_message("bye")
 
-    @streaming.handle_websocket("/policy")
+    streaming.handle_websocket("/once", once)
+
     async def policy(conn: Any) -> None:
         raise Refused("members only")
+
+    streaming.handle_websocket("/policy", policy)
 
     async with serve(streaming) as server:
         async with connect(server.ws_url + "/once") as ws:

@@ -24,12 +24,13 @@ async def test_open_connection_keeps_no_handshake_leftovers() -> None:
     seen: dict[str, Any] = {}
     release = asyncio.Event()
 
-    @streaming.handle_websocket("/idle")
     async def idle(conn: Any) -> None:
         seen["conn"] = conn
         seen["protocol"] = conn._protocol
         await conn.write_message("ready")
         await release.wait()
+
+    streaming.handle_websocket("/idle", idle)
 
     async with serve(streaming) as server:
         headers = {"Cookie": "a=1; b=two", "X-Token": "t1"}
@@ -74,7 +75,7 @@ def test_scope_headers_view_reads_like_the_dict_it_replaces() -> None:
     assert len(request.headers) == 3
     assert request.headers["x-dup"] == "café"  # the last of a repeated header, as the dict had it
     assert request.headers.get("Host") is None  # names are lower-case, lookups are exact
-    assert request.headers.get(None) is None  # type: ignore[call-overload]
+    assert request.headers.get(None) is None  # type: ignore[call-overload]  # a wrong key on purpose, as a dict takes it
     assert "cookie" in request.headers and request.cookies == {"a": "1"}
     with pytest.raises(KeyError):
         request.headers["origin"]
@@ -136,13 +137,14 @@ async def test_reading_stops_only_when_the_handler_falls_behind() -> None:
     seen: dict[str, Any] = {}
     go = asyncio.Event()
 
-    @streaming.handle_websocket("/lazy")
     async def lazy(conn: Any) -> None:
         seen["protocol"] = conn._protocol
         await conn.write_message("ready")
         await go.wait()
         while True:
             seen.setdefault("read", []).append((await conn.read_message()).data)
+
+    streaming.handle_websocket("/lazy", lazy)
 
     async with serve(streaming) as server:
         async with connect(server.ws_url + "/lazy") as ws:

@@ -112,9 +112,10 @@ async def test_close_timeout_cuts_a_peer_that_never_answers_the_close(
         kit: Any, make_streaming: Any, raw_clients: Any) -> None:
     streaming: Streaming = make_streaming({"websocket": {"close_timeout": "200ms"}})
 
-    @streaming.handle_websocket("/hangup")
     async def hangup(conn: Any) -> None:
         await conn.close(1000, "done")
+
+    streaming.handle_websocket("/hangup", hangup)
 
     async with serve(streaming) as server:
         client = await raw_clients(server.ws_url + "/hangup")

@@ -70,9 +70,10 @@ async def test_bad_input_gets_error_frames_and_connection_stays(make_streaming: 
     streaming: Streaming = make_streaming()
     async with serve(streaming) as server:
         async with connect(server.ws_url + "/ws") as ws:
-            for raw, code in [("{", "invalid_json"), ("[1]", "invalid_frame"),
-                              ('{"type":"shout","room_id":"r"}', "unknown_type"),
-                              ('{"type":"join"}', "missing_room"), (b"\x01\x02", "binary_not_supported")]:
+            cases: list[tuple[str | bytes, str]] = [
+                ("{", "invalid_json"), ("[1]", "invalid_frame"), ('{"type":"shout","room_id":"r"}', "unknown_type"),
+                ('{"type":"join"}', "missing_room"), (b"\x01\x02", "binary_not_supported")]
+            for raw, code in cases:
                 await ws.send(raw)
                 assert (await frames.next(ws, "error"))["data"]["code"] == code, raw
             await frames.send(ws, type="join", room_id="r")

@@ -12,13 +12,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from aioquic.asyncio import QuicConnectionProtocol, connect
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.h3.connection import H3_ALPN, FrameType, H3Connection
 from aioquic.h3.events import DatagramReceived, DataReceived, HeadersReceived, WebTransportStreamDataReceived
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import NetworkAddress
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
 from forge_streaming import Streaming
-from forge_streaming.testing import serve
+from forge_streaming.testing import RunningServer, serve
 
 TIMEOUT = 5.0
 
@@ -39,10 +41,15 @@ class ClientProtocol(QuicConnectionProtocol):
         self.session_ended: set[int] = set()
         self.terminated = False
         self.changed = asyncio.Event()
+        self.acks_paused = False
 
     def pause_acks(self) -> None:
         """Drop every packet from now on, as a client that stopped reading would."""
-        self.datagram_received = lambda data, addr: None  # type: ignore[method-assign]
+        self.acks_paused = True
+
+    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        if not self.acks_paused:
+            super().datagram_received(data, addr)
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, ConnectionTerminated):
@@ -131,15 +138,16 @@ class Session:
         return kind, bytes(buffer[start:start + size])
 
     async def read_message(self, timeout: float = TIMEOUT) -> str | bytes:
-        kind, payload = await self.client.wait_for(self._next_message, timeout)
+        message: tuple[int, bytes] = await self.client.wait_for(self._next_message, timeout)
+        kind, payload = message
         return payload.decode() if kind == 1 else payload
 
     async def read_frame(self, kind: str | None = None, timeout: float = TIMEOUT) -> dict[str, Any]:
         """The next room-protocol JSON frame (of ``kind``, skipping others)."""
         while True:
-            frame = json.loads(await self.read_message(timeout))
+            frame: dict[str, Any] = json.loads(await self.read_message(timeout))
             if kind is None or frame.get("type") == kind:
-                return frame  # type: ignore[no-any-return]
+                return frame
 
     def close(self, code: int = 0, reason: str = "") -> None:
         value = code.to_bytes(4, "big") + reason.encode()
@@ -171,7 +179,8 @@ async def wt_client(port: int, host: str = "127.0.0.1") -> AsyncIterator[ClientP
                                       max_datagram_frame_size=65536, server_name="localhost")
     async with connect(host, port, configuration=configuration, create_protocol=ClientProtocol,
                        wait_connected=True) as client:
-        yield client  # type: ignore[misc]
+        assert isinstance(client, ClientProtocol)  # create_protocol=ClientProtocol
+        yield client
 
 
 async def open_session(client: ClientProtocol, port: int, path: str = "/wt",
@@ -195,7 +204,7 @@ def make_streaming() -> Callable[..., Streaming]:
 
 
 @pytest.fixture
-async def server(make_streaming: Callable[..., Streaming]) -> AsyncIterator[Any]:
+async def server(make_streaming: Callable[..., Streaming]) -> AsyncIterator[RunningServer]:
     async with serve(make_streaming()) as running:
         yield running
 

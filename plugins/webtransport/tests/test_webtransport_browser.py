@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
+from forge_streaming import Streaming
 from forge_streaming.testing import serve
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, Response
@@ -23,7 +24,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-b
                  "--disable-component-update", "--disable-sync"]
 
 README = Path(__file__).parent.parent / "README.md"
-README_JS = re.search(r"```js\n(.*?)```", README.read_text(), re.S).group(1)  # type: ignore[union-attr]
+_JS_BLOCK = re.search(r"```js\n(.*?)```", README.read_text(), re.S)
+assert _JS_BLOCK is not None, "no js block in README.md"
+README_JS = _JS_BLOCK.group(1)
 
 PAGE = """<!doctype html><meta charset=utf-8><title>wt</title><script>""" + README_JS + """
 window.received = [];
@@ -53,9 +56,9 @@ def page_app(streaming: Any, html: str) -> Starlette:
 
 async def ws_frame(ws: Any, kind: str) -> dict[str, Any]:
     while True:
-        frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
         if frame.get("type") == kind:
-            return frame  # type: ignore[no-any-return]
+            return frame
 
 
 @contextlib.asynccontextmanager
@@ -74,7 +77,7 @@ async def chromium_page(url: str, problems: list[str]) -> AsyncIterator[Any]:
 
 
 @pytest.mark.browser
-async def test_chromium_and_websocket_members_share_a_room(make_streaming) -> None:
+async def test_chromium_and_websocket_members_share_a_room(make_streaming: Callable[..., Streaming]) -> None:
     streaming = make_streaming()
 
     app = page_app(streaming, PAGE)
@@ -146,7 +149,7 @@ async function main() {
 
 
 @pytest.mark.browser
-async def test_chromium_streams_datagrams_and_server_close(make_streaming) -> None:
+async def test_chromium_streams_datagrams_and_server_close(make_streaming: Callable[..., Streaming]) -> None:
     streaming = make_streaming()
 
     @streaming.handle_webtransport("/echo")

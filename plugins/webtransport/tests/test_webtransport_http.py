@@ -5,18 +5,24 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from forge_streaming import ConfigError
-from forge_streaming.testing import serve
+from forge_streaming import ConfigError, Streaming
+from forge_streaming.testing import RunningServer, serve
 from forge_streaming_webtransport import make_development_certificate
 
+if TYPE_CHECKING:
+    from conftest import ClientKit  # the wt fixture's type (test modules do not import conftest at run time)
 
-async def test_certificate_hash_endpoint_and_alt_svc(server, wt):
+
+async def test_certificate_hash_endpoint_and_alt_svc(server: RunningServer, wt: ClientKit) -> None:
     async with httpx.AsyncClient() as http:
         response = await http.get(f"{server.url}/webtransport/certificate-hash")
         health = await http.get(f"{server.url}/healthz")
@@ -34,11 +40,12 @@ async def test_certificate_hash_endpoint_and_alt_svc(server, wt):
         assert (await wt.session(client, server.port, "/wt")).status == 200
 
 
-def test_development_certificate_fits_browser_rules(tmp_path):
+def test_development_certificate_fits_browser_rules(tmp_path: Path) -> None:
     pair = make_development_certificate("127.0.0.1", str(tmp_path))
     cert = x509.load_pem_x509_certificate((tmp_path / "cert.pem").read_bytes())
-    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
-    assert cert.public_key().curve.name == "secp256r1"
+    public_key = cert.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    assert public_key.curve.name == "secp256r1"
     now = datetime.datetime.now(datetime.UTC)
     assert cert.not_valid_before_utc <= now < cert.not_valid_after_utc
     assert cert.not_valid_after_utc - cert.not_valid_before_utc < datetime.timedelta(days=14)
@@ -48,7 +55,8 @@ def test_development_certificate_fits_browser_rules(tmp_path):
     assert pair.sha256 == hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
 
 
-async def test_configured_certificate_is_served(make_streaming, tmp_path, wt):
+async def test_configured_certificate_is_served(make_streaming: Callable[..., Streaming], tmp_path: Path,
+                                                wt: ClientKit) -> None:
     pair = make_development_certificate("127.0.0.1", str(tmp_path))
     streaming = make_streaming({"webtransport": {"cert_file": pair.cert_file, "key_file": pair.key_file}})
     async with serve(streaming) as srv:
@@ -63,7 +71,8 @@ async def test_configured_certificate_is_served(make_streaming, tmp_path, wt):
     ({"cert_file": "/nonexistent/cert.pem", "key_file": "/nonexistent/key.pem"}, "webtransport.cert_file"),
     ({"cert_file": "/nonexistent/cert.pem"}, "webtransport.key_file"),
 ])
-async def test_bad_certificate_config_names_the_key(make_streaming, config, key):
+async def test_bad_certificate_config_names_the_key(make_streaming: Callable[..., Streaming], config: dict[str, Any],
+                                                     key: str) -> None:
     streaming = make_streaming({"webtransport": config})
     with pytest.raises(ConfigError, match=key):
         async with streaming.running():
@@ -71,6 +80,6 @@ async def test_bad_certificate_config_names_the_key(make_streaming, config, key)
     await streaming.stop()
 
 
-def test_bad_setting_is_refused_with_its_key(make_streaming):
+def test_bad_setting_is_refused_with_its_key(make_streaming: Callable[..., Streaming]) -> None:
     with pytest.raises(ConfigError, match="webtransport.idle_timeout"):
         make_streaming({"webtransport": {"idle_timeout": "soon"}})

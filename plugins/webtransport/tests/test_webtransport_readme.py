@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
+from forge_streaming import Streaming
 from forge_streaming.testing import serve
+from forge_streaming_webtransport import WebTransportTransport
+
+if TYPE_CHECKING:
+    from conftest import ClientKit  # the wt fixture's type (test modules do not import conftest at run time)
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
 
 def block(language: str) -> str:
-    return re.search(rf"```{language}\n(.*?)```", README, re.S).group(1)  # type: ignore[union-attr]
+    match = re.search(rf"```{language}\n(.*?)```", README, re.S)
+    assert match is not None, f"no {language} block in README.md"
+    return match.group(1)
 
 
-def test_readme_config_is_valid(make_streaming):
+def test_readme_config_is_valid(make_streaming: Callable[..., Streaming]) -> None:
     streaming = make_streaming(yaml.safe_load(block("yaml")))
-    settings = streaming.transports["webtransport"].settings
+    transport = streaming.transports["webtransport"]
+    assert isinstance(transport, WebTransportTransport)
+    settings = transport.settings
     assert settings.idle_timeout == 60 and settings.read_buffer == 1024 * 1024
     assert settings.allowed_origins == ["https://*.example.com"]
 
 
-async def test_readme_echo_handler(wt):
-    namespace: dict = {}
+async def test_readme_echo_handler(wt: ClientKit) -> None:
+    namespace: dict[str, Any] = {}
     exec(compile(block("python"), "README.md", "exec"), namespace)
     async with serve(namespace["streaming"]) as srv, wt.client(srv.port) as client:
         session = await wt.session(client, srv.port, "/echo")

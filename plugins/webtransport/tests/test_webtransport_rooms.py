@@ -5,20 +5,27 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import websockets
-from forge_streaming.testing import serve
+from forge_streaming import Streaming
+from forge_streaming.testing import RunningServer, serve
+from websockets.asyncio.client import ClientConnection
+
+if TYPE_CHECKING:
+    from conftest import ClientKit  # the wt fixture's type (test modules do not import conftest at run time)
 
 
-async def ws_frame(ws, kind: str) -> dict:
+async def ws_frame(ws: ClientConnection, kind: str) -> dict[str, Any]:
     while True:
-        frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        frame: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 5))
         if frame.get("type") == kind:
             return frame
 
 
-async def test_room_protocol_across_webtransport_and_websocket(server, wt):
+async def test_room_protocol_across_webtransport_and_websocket(server: RunningServer, wt: ClientKit) -> None:
     async with wt.client(server.port) as client, websockets.connect(f"{server.ws_url}/ws") as ws:
         session = await wt.session(client, server.port, "/wt")
         session.send_message({"type": "join", "room_id": "lobby"})
@@ -42,7 +49,7 @@ async def test_room_protocol_across_webtransport_and_websocket(server, wt):
         assert len(await server.streaming.presence("lobby")) == 1
 
 
-async def test_binary_and_invalid_messages_get_error_frames(server, wt):
+async def test_binary_and_invalid_messages_get_error_frames(server: RunningServer, wt: ClientKit) -> None:
     async with wt.client(server.port) as client:
         session = await wt.session(client, server.port, "/wt")
         session.send_message(b"\x00\x01")
@@ -58,7 +65,8 @@ async def test_binary_and_invalid_messages_get_error_frames(server, wt):
     (struct.pack(">BI", 0x07, 2) + b"{}", 1002),  # unknown message type
     (struct.pack(">BI", 0x01, 2) + b"\xff\xfe", 1007),  # text that is not UTF-8
 ], ids=["too-large", "unknown-type", "invalid-utf8"])
-async def test_framing_violations_close_the_session(server, wt, wire, code):
+async def test_framing_violations_close_the_session(server: RunningServer, wt: ClientKit, wire: bytes,
+                                                    code: int) -> None:
     async with wt.client(server.port) as client:
         session = await wt.session(client, server.port, "/wt")
         sid = session.open_stream()
@@ -68,7 +76,8 @@ async def test_framing_violations_close_the_session(server, wt, wire, code):
         await wt.until(lambda: not server.streaming.connections)
 
 
-async def test_idle_session_is_closed_and_frees_its_rooms(make_streaming, wt):
+async def test_idle_session_is_closed_and_frees_its_rooms(make_streaming: Callable[..., Streaming],
+                                                          wt: ClientKit) -> None:
     streaming = make_streaming({"webtransport": {"idle_timeout": "300ms"}})
     async with serve(streaming) as srv, wt.client(srv.port) as client:
         busy = await wt.session(client, srv.port, "/wt")
@@ -83,10 +92,11 @@ async def test_idle_session_is_closed_and_frees_its_rooms(make_streaming, wt):
         assert await idle.closed_by_server() == (1001, "idle timeout")
         await wt.until(lambda: len(srv.streaming.connections) == 1)
         assert len(await srv.streaming.presence("r")) == 1
-        assert srv.streaming.counters["dropped.idle timeout"] == 1
+        assert srv.streaming.stats_counters().get("dropped.idle timeout", 0) == 1
 
 
-async def test_shutdown_tells_sessions_and_frees_them(make_streaming, wt):
+async def test_shutdown_tells_sessions_and_frees_them(make_streaming: Callable[..., Streaming],
+                                                      wt: ClientKit) -> None:
     streaming = make_streaming()
     async with wt.client_for_shutdown(streaming) as (client, port, stopped):
         session = await wt.session(client, port, "/wt")
@@ -99,7 +109,7 @@ async def test_shutdown_tells_sessions_and_frees_them(make_streaming, wt):
     assert streaming.connections == {}
 
 
-async def test_slow_consumer_is_dropped(make_streaming, wt):
+async def test_slow_consumer_is_dropped(make_streaming: Callable[..., Streaming], wt: ClientKit) -> None:
     streaming = make_streaming({"webtransport": {"send_buffer": "64KiB"}})
     async with serve(streaming) as srv, wt.client(srv.port) as client:
         session = await wt.session(client, srv.port, "/wt")
@@ -110,14 +120,14 @@ async def test_slow_consumer_is_dropped(make_streaming, wt):
         for _ in range(40):  # 160 KB in one loop iteration, far past 64 KiB unacknowledged
             await srv.streaming.broadcast("r", payload)
         await wt.until(lambda: not srv.streaming.connections)
-        assert srv.streaming.counters["dropped.slow consumer"] == 1
+        assert srv.streaming.stats_counters().get("dropped.slow consumer", 0) == 1
         assert await srv.streaming.presence("r") == []
 
 
-async def test_webtransport_websocket_and_sse_members_of_one_room(server, wt):
+async def test_webtransport_websocket_and_sse_members_of_one_room(server: RunningServer, wt: ClientKit) -> None:
     import httpx
 
-    sse_frames: list[dict] = []
+    sse_frames: list[dict[str, Any]] = []
 
     async def read_sse(response: httpx.Response) -> None:
         async for line in response.aiter_lines():
@@ -153,11 +163,13 @@ async def test_webtransport_websocket_and_sse_members_of_one_room(server, wt):
             reader.cancel()
 
 
-async def test_client_stopping_the_message_stream_closes_the_session(server, wt):
+async def test_client_stopping_the_message_stream_closes_the_session(server: RunningServer,
+                                                                     wt: ClientKit) -> None:
     async with wt.client(server.port) as client:
         session = await wt.session(client, server.port, "/wt")
         session.send_message({"type": "join", "room_id": "r"})
         await session.read_frame("system")
+        assert session._message_stream is not None
         client._quic.stop_stream(session._message_stream, 0)
         client.transmit()
         assert await session.closed_by_server() == (1008, "message stream stopped by the client")

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pytest
-from forge_streaming import Identity, Refused, hookimpl
-from forge_streaming.testing import serve
+from forge_streaming import Connection, ConnectionRequest, Identity, Refused, Streaming, hookimpl
+from forge_streaming.testing import RunningServer, serve
 from forge_streaming_webtransport import StreamClosed, WebTransportSession
 
+if TYPE_CHECKING:
+    from conftest import ClientKit  # the wt fixture's type (test modules do not import conftest at run time)
 
-async def test_bidirectional_echo_both_openers(make_streaming, wt):
+
+async def test_bidirectional_echo_both_openers(make_streaming: Callable[..., Streaming], wt: ClientKit) -> None:
     streaming = make_streaming()
     results: list[bytes] = []
 
@@ -38,7 +43,7 @@ async def test_bidirectional_echo_both_openers(make_streaming, wt):
         assert results == [b"pong"]
 
 
-async def test_unidirectional_streams_both_ways(make_streaming, wt):
+async def test_unidirectional_streams_both_ways(make_streaming: Callable[..., Streaming], wt: ClientKit) -> None:
     streaming = make_streaming()
 
     @streaming.handle_webtransport("/uni")
@@ -60,7 +65,7 @@ async def test_unidirectional_streams_both_ways(make_streaming, wt):
         assert await session.read_until_end(server_sid) == b"ONE WAY"
 
 
-async def test_datagrams_both_ways_and_size_limit(make_streaming, wt):
+async def test_datagrams_both_ways_and_size_limit(make_streaming: Callable[..., Streaming], wt: ClientKit) -> None:
     streaming = make_streaming({"webtransport": {"max_datagram_size": 100}})
     errors: list[str] = []
 
@@ -91,10 +96,10 @@ async def test_datagrams_both_ways_and_size_limit(make_streaming, wt):
         assert b"echo:hi" in client.datagrams
         assert all(len(d) <= 100 for d in client.datagrams)
         assert errors and "webtransport.max_datagram_size" in errors[0] and "101" in errors[0]
-        assert srv.streaming.counters["webtransport.datagrams_dropped"] >= 1
+        assert srv.streaming.stats_counters().get("webtransport.datagrams_dropped", 0) >= 1
 
 
-async def test_unknown_path_is_404_and_plain_requests_too(server, wt):
+async def test_unknown_path_is_404_and_plain_requests_too(server: RunningServer, wt: ClientKit) -> None:
     async with wt.client(server.port) as client:
         session = await wt.session(client, server.port, "/nowhere")
         assert session.status == 404
@@ -107,7 +112,7 @@ async def test_unknown_path_is_404_and_plain_requests_too(server, wt):
     assert server.streaming.connections == {}
 
 
-async def test_origins_refused_allowed_and_own(make_streaming, wt):
+async def test_origins_refused_allowed_and_own(make_streaming: Callable[..., Streaming], wt: ClientKit) -> None:
     streaming = make_streaming({"webtransport": {"allowed_origins": ["https://*.example.com"]}})
     async with serve(streaming) as srv, wt.client(srv.port) as client:
         evil = await wt.session(client, srv.port, "/wt", [(b"origin", b"https://evil.test")])
@@ -119,10 +124,11 @@ async def test_origins_refused_allowed_and_own(make_streaming, wt):
         await wt.until(lambda: len(srv.streaming.connections) == 2)
 
 
-async def test_authentication_refused_is_403_and_identity_kept(make_streaming, wt):
+async def test_authentication_refused_is_403_and_identity_kept(make_streaming: Callable[..., Streaming],
+                                                               wt: ClientKit) -> None:
     class Auth:
         @hookimpl
-        def streaming_authenticate(self, request):
+        def streaming_authenticate(self, request: ConnectionRequest) -> Identity:
             token = request.query.get("token")
             if token != "good":
                 raise Refused("bad token")
@@ -139,14 +145,14 @@ async def test_authentication_refused_is_403_and_identity_kept(make_streaming, w
         assert conn.user_id == "alice" and conn.transport == "webtransport"
 
 
-async def test_session_learns_peer_went_away(make_streaming, wt):
+async def test_session_learns_peer_went_away(make_streaming: Callable[..., Streaming], wt: ClientKit) -> None:
     streaming = make_streaming()
     seen: list[tuple[int, str]] = []
     ended = asyncio.Event()
 
     class Watch:
         @hookimpl
-        def streaming_disconnected(self, connection, code, reason):
+        def streaming_disconnected(self, connection: Connection, code: int, reason: str) -> None:
             seen.append((code, reason))
             ended.set()
 
@@ -168,7 +174,7 @@ async def test_session_learns_peer_went_away(make_streaming, wt):
         assert srv.streaming.connections == {}
 
 
-async def test_connection_loss_ends_session(make_streaming, wt):
+async def test_connection_loss_ends_session(make_streaming: Callable[..., Streaming], wt: ClientKit) -> None:
     streaming = make_streaming()
     async with serve(streaming) as srv:
         async with wt.client(srv.port) as client:
@@ -184,7 +190,7 @@ async def test_connection_loss_ends_session(make_streaming, wt):
         assert await srv.streaming.presence("r") == []
 
 
-async def test_stream_limit_per_session(make_streaming, wt):
+async def test_stream_limit_per_session(make_streaming: Callable[..., Streaming], wt: ClientKit) -> None:
     streaming = make_streaming({"webtransport": {"max_streams_per_session": 2}})
     accepted: list[int] = []
 
@@ -203,7 +209,7 @@ async def test_stream_limit_per_session(make_streaming, wt):
         assert accepted == sids[:2]
 
 
-async def test_max_sessions_is_503(make_streaming, wt):
+async def test_max_sessions_is_503(make_streaming: Callable[..., Streaming], wt: ClientKit) -> None:
     streaming = make_streaming({"webtransport": {"max_sessions": 1}})
     async with serve(streaming) as srv, wt.client(srv.port) as client:
         first = await wt.session(client, srv.port, "/wt")
@@ -211,7 +217,7 @@ async def test_max_sessions_is_503(make_streaming, wt):
         assert (first.status, second.status) == (200, 503)
 
 
-async def test_handler_failure_closes_only_its_session(make_streaming, wt):
+async def test_handler_failure_closes_only_its_session(make_streaming: Callable[..., Streaming], wt: ClientKit) -> None:
     streaming = make_streaming()
 
     @streaming.handle_webtransport("/boom")

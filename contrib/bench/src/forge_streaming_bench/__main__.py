@@ -10,16 +10,32 @@ Presets (every figure can also be set alone):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, TypedDict
 
 from . import cases as case_module
 from . import machine, procstat, report
 
-PRESETS = {
+
+class Preset(TypedDict):
+    """The figures a preset sets (the fields of :class:`cases.Options` beside servers and workdir)."""
+
+    sizes: list[int]
+    deliveries: int
+    repeats: int
+    echo_pairs: int
+    echo_rounds: int
+    idle_connections: int
+    capacity_target: int
+    probe_messages: int
+
+
+PRESETS: dict[str, Preset] = {
     "quick": {"sizes": [100], "deliveries": 40_000, "repeats": 1, "echo_pairs": 50, "echo_rounds": 20,
               "idle_connections": 1_000, "capacity_target": 0, "probe_messages": 100},
     "default": {"sizes": [100, 1000], "deliveries": 200_000, "repeats": 5, "echo_pairs": 200, "echo_rounds": 50,
@@ -56,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    preset = dict(PRESETS["quick" if args.quick else "full" if args.full else "default"])
-    for key in ("sizes", "deliveries", "repeats", "idle_connections", "capacity_target"):
-        if getattr(args, key) is not None:
-            preset[key] = getattr(args, key)
+    preset = PRESETS["quick" if args.quick else "full" if args.full else "default"]
+    overrides: dict[str, Any] = {key: getattr(args, key)
+                                 for key in ("sizes", "deliveries", "repeats", "idle_connections", "capacity_target")
+                                 if getattr(args, key) is not None}
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(wanted) - set(ALL_CASES))
     if unknown:
@@ -68,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     soft, hard = procstat.raise_fd_limit()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="forge-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    opts = case_module.Options(servers=[s.strip() for s in args.servers.split(",")], workdir=workdir,
-                               fd_limit=soft, **preset)
+    opts = dataclasses.replace(case_module.Options(servers=[s.strip() for s in args.servers.split(",")],
+                                                   workdir=workdir, fd_limit=soft, **preset), **overrides)
     skipped: dict[str, str] = {}
     if "capacity" in wanted and not opts.capacity_target:
         wanted.remove("capacity")

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forge_streaming.testing import free_port
+
 from . import servers
 from .runner import median_run, run_loadgen
 from .servers import KINDS, ServerKind
@@ -249,13 +251,13 @@ def sse(opts: Options) -> Case:
 
 
 def _mosquitto(workdir: Path) -> servers.Running:
-    port = servers.free_port()
+    port = free_port()
     return servers.start_process("mosquitto", ["mosquitto", "-p", str(port)], workdir, port=port)
 
 
 def _ours_node(workdir: Path, broker_port: int | None, index: int,
                extra: dict[str, Any] | None = None) -> servers.Running:
-    port = servers.free_port()
+    port = free_port()
     extra = dict(extra or {})
     plugins = None
     if broker_port is not None:

@@ -16,7 +16,8 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from . import procstat
 from .sseclient import SseConn, connect_sse
@@ -24,6 +25,15 @@ from .wsclient import DIALECTS, Stats, WsConn, connect, read_t
 
 HOST = "127.0.0.1"
 PAD = "x" * 24
+
+
+class Member(Protocol):
+    """What the fan-out scenario needs of a room member, whatever its transport (WsConn, SseConn, WtMember)."""
+
+    counting: bool
+    group: int
+
+    def close(self) -> None: ...
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -150,21 +160,23 @@ async def _fanout(spec: dict[str, Any], stack: contextlib.AsyncExitStack) -> dic
     stats = Stats()
     deadline = time.monotonic() + spec.get("setup_timeout", 120)
     t_setup = time.monotonic()
-    members: list[Any]
+    members: list[Member]
     if spec.get("wt_port"):
         from .wtclient import open_members
 
-        members = await open_members(stack, spec["wt_port"], n, room, stats,
-                                     sample_every=spec.get("sample_every", 20))
+        members = list(await open_members(stack, spec["wt_port"], n, room, stats,
+                                          sample_every=spec.get("sample_every", 20)))
         failures, error, joined = n - len(members), "WebTransport session refused or timed out", len(members)
     elif spec.get("sse_path"):
-        members, failures, error = await _open_sse(targets, n, spec["sse_path"], stats,
-                                                   sample_every=spec.get("sample_every", 20), deadline=deadline)
-        joined = await _wait_joined(members, deadline)
+        sse, failures, error = await _open_sse(targets, n, spec["sse_path"], stats,
+                                               sample_every=spec.get("sample_every", 20), deadline=deadline)
+        joined = await _wait_joined(sse, deadline)
+        members = list(sse)
     else:
-        members, failures, error = await _open_many(targets, n, spec["dialect"], stats,
-                                                    sample_every=spec.get("sample_every", 20), deadline=deadline)
-        joined = await _join_all(members, room, deadline)
+        ws, failures, error = await _open_many(targets, n, spec["dialect"], stats,
+                                               sample_every=spec.get("sample_every", 20), deadline=deadline)
+        joined = await _join_all(ws, room, deadline)
+        members = list(ws)
     for conn in members:
         conn.counting = True
     publisher = (await _open_many(targets[:1], 1, spec["dialect"], Stats(), deadline=deadline + 10))[0]
@@ -199,7 +211,8 @@ async def _server_idle(pids: list[int], threshold: float = 0.05, window: float =
             return
 
 
-async def _burst(spec: dict[str, Any], stats: Stats, members: list[Any], pub: WsConn, *, first: int) -> dict[str, Any]:
+async def _burst(spec: dict[str, Any], stats: Stats, members: list[Member], pub: WsConn, *,
+                 first: int) -> dict[str, Any]:
     """One measured burst (or paced probe) of M messages numbered from ``first``."""
     m, pids, room, targets = spec["messages"], spec["pids"], spec.get("room", "bench"), spec["targets"]
     expected = len(members) * m
@@ -341,6 +354,7 @@ SCENARIOS = {"fanout": fanout, "echo": echo, "idle": idle}
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     procstat.raise_fd_limit()
+    runner: Callable[[Coroutine[Any, Any, dict[str, Any]]], dict[str, Any]]
     try:
         import uvloop
 

@@ -44,6 +44,11 @@ def _ours(rows: list[dict[str, Any]], n: int | None = None, server: str = "ours"
     return None
 
 
+def _figure(row: dict[str, Any] | None, key: str) -> float | None:
+    """``row[key]``, or None without a row (the ratio base may be missing)."""
+    return row[key] if row is not None else None
+
+
 def headline_n(case: Case | None) -> int | None:
     """N = 1,000 when measured (the issue's latency target is there), else the largest N."""
     if case is None:
@@ -67,9 +72,9 @@ def fanout_section(case: Case) -> list[str]:
                 continue
             table.append([
                 r["label"], _f(r["server_us_per_delivery"], 2), _ratio(r["server_us_per_delivery"],
-                                                                       base and base["server_us_per_delivery"]),
+                                                                       _figure(base, "server_us_per_delivery")),
                 _f(r["deliveries_per_s"], 0), _f(r["p50_ms"], 1), _f(r["p99_ms"], 1),
-                _ratio(r["p99_ms"], base and base["p99_ms"]), f"{r['lost']} / {r['out_of_order']}",
+                _ratio(r["p99_ms"], _figure(base, "p99_ms")), f"{r['lost']} / {r['out_of_order']}",
                 _f(r["client_us_per_delivery"], 2), f"{r.get('runs', 1)}",
             ])
         out += _table(["server", "server CPU µs/delivery", "CPU vs ours", "deliveries/s", "p50 ms", "p99 ms",
@@ -92,9 +97,9 @@ def echo_section(case: Case) -> list[str]:
         if "error" in r:
             table.append([r["label"], f"error: {r['error'][:120]}"] + [""] * 6)
             continue
-        table.append([r["label"], _f(r["p50_ms"], 2), _f(r["p99_ms"], 2), _ratio(r["p99_ms"], base and base["p99_ms"]),
+        table.append([r["label"], _f(r["p50_ms"], 2), _f(r["p99_ms"], 2), _ratio(r["p99_ms"], _figure(base, "p99_ms")),
                       _f(r["round_trips_per_s"], 0), _f(r["server_us_per_round_trip"], 1),
-                      _ratio(r["server_us_per_round_trip"], base and base["server_us_per_round_trip"]),
+                      _ratio(r["server_us_per_round_trip"], _figure(base, "server_us_per_round_trip")),
                       _f(r["lost"])])
     pairs = next((r.get("pairs") for r in case.rows if r.get("pairs")), None)
     rounds = next((r.get("rounds") for r in case.rows if r.get("rounds")), None)
@@ -113,7 +118,7 @@ def memory_section(case: Case) -> list[str]:
             table.append([r["label"], f"error: {r['error'][:120]}", "", "", ""])
             continue
         table.append([r["label"], f"{r['held']:,} / {r['attempted']:,}", _f(r["kb_per_connection"], 1),
-                      _ratio(r["kb_per_connection"], base and base["kb_per_connection"]),
+                      _ratio(r["kb_per_connection"], _figure(base, "kb_per_connection")),
                       f"{r['rss_before'] / 2**20:,.0f} → {r['rss_after'] / 2**20:,.0f}"])
     return ["Connections opened (WebSocket handshake done, then idle; no room joined), held 3 s, server RSS "
             "(VmRSS) after minus before, divided by connections held.", ""] + _table(
@@ -232,10 +237,11 @@ def plot(cases: dict[str, Case], path: Path) -> str | None:
     if not rows:
         return "no fan-out figures to plot"
     try:
-        import matplotlib
+        # optional (the [peers] extra): typed when installed, absent from a test install
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         return "matplotlib not installed (pip install -e 'contrib/bench[peers]')"
     others = _transport_bars(cases)
@@ -253,9 +259,9 @@ def plot(cases: dict[str, Case], path: Path) -> str | None:
     ax.tick_params(axis="x", labelrotation=15, labelsize=8)
     if others:
         ax = axes[0][1]
-        labels, values, ours = zip(*others, strict=True)
-        bars = ax.barh(labels, values, color=["#d9480f" if o else "#868e96" for o in ours])
-        for bar, value in zip(bars, values, strict=True):
+        labels, widths, ours = zip(*others, strict=True)
+        bars = ax.barh(labels, widths, color=["#d9480f" if o else "#868e96" for o in ours])
+        for bar, value in zip(bars, widths, strict=True):
             ax.annotate(f" {value:.2f}", (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center",
                         fontsize=9)
         ax.set_xscale("log")

@@ -76,6 +76,7 @@ class JwtPlugin:
     def __init__(self) -> None:
         self._keys: dict[str, str] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # held until done: the loop keeps only weak references
 
     @hookimpl
     def streaming_config_sections(self) -> Mapping[str, type[ConfigSection]]:
@@ -147,8 +148,12 @@ class JwtPlugin:
         self._expiry.pop(connection.id, None)
         log.info("token of %s expired; closing connection %s", connection.user_id, connection.id)
         connection.send_frame({"type": "system", "event": "token.expired", "data": None})
-        connection.streaming.dropped(connection, "token expired")
-        asyncio.ensure_future(connection.close(CloseCode.POLICY_VIOLATION, "token expired"))
+        # Dropped for cause: counted, streaming_connection_dropped fires, out of its rooms at once;
+        # close() then ends the transport's I/O with the same code and reason.
+        connection.drop("token expired", CloseCode.POLICY_VIOLATION)
+        task = asyncio.ensure_future(connection.close(CloseCode.POLICY_VIOLATION, "token expired"))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     @hookimpl
     def streaming_disconnected(self, connection: Connection, code: int, reason: str) -> None:

@@ -1,9 +1,9 @@
 """Device publishes: what a bare MQTT payload on ``{prefix}/rooms/{room}/publish`` means.
 
 One node of the cluster (an MQTT v5 shared subscription picks it) turns
-each device publish into a regular room message through
-``Streaming.publish``: hooks run, a sequence is issued, history keeps it,
-and every node delivers the same bytes.
+each device publish into a regular room message through the backend
+listener's ``ingest`` (the service): hooks run, a sequence is issued,
+history keeps it, and every node delivers the same bytes.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from forge_streaming import ConfigSection, PubSubBackend, RoomStore, Streaming, StreamingConfig, hookimpl
+from forge_streaming import ConfigSection, PubSubBackend, RoomStore, StreamingConfig, hookimpl
 
 from . import pubsub, rooms
 from .settings import SECTION, MqttSettings
@@ -24,9 +24,3 @@ def streaming_register_pubsub_backends() -> Mapping[str, Callable[[StreamingConf
 def streaming_register_room_stores() -> Mapping[str, Callable[[StreamingConfig], RoomStore]]:
     return rooms.factories()
 
-
-@hookimpl
-def streaming_startup(streaming: Streaming) -> None:
-    """Device publishes need the service (hooks, sequences); it exists only once started."""
-    if isinstance(streaming.backend, pubsub.MqttPubSub):
-        streaming.backend.attach(streaming)

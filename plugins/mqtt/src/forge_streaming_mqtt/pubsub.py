@@ -25,14 +25,12 @@ from forge_streaming import (
     EnvelopeKind,
     PubSubBackend,
     RoomHistory,
-    Streaming,
     StreamingConfig,
 )
 
 from .continuity import DUPLICATE, Continuity, Numbering
 from .ingest import DevicePayloadError, parse_device_payload
 from .link import MqttLink, Sent, publish_properties, read_user_properties
-from .rooms import MqttRoomStore
 from .settings import SECTION, MqttSettings
 from .topics import PROP_COUNT, PROP_KIND, PROP_NODE, PROP_SENDER, PROP_SEQUENCE, Topics
 from .wire import UserProperties
@@ -71,12 +69,9 @@ class MqttPubSub(PubSubBackend):
         self._ready = False  # connected, resubscribed and flushed: publish goes straight out
         self._gap = False  # a connection was lost (or never made): resync on the next connect
         self._pending: dict[bytes, asyncio.Future[list[Envelope]]] = {}
-        self._streaming: Streaming | None = None
         self._max_message_size = max_message_size
         self._ingest_queue: asyncio.Queue[tuple[str, bytes]] | None = None
         self._ingest_task: asyncio.Task[None] | None = None
-        self._ingest_subscribe: asyncio.Task[None] | None = None
-        self._store_health: Callable[[], BackendHealth] | None = None
 
     @classmethod
     def from_config(cls, config: StreamingConfig) -> MqttPubSub:
@@ -88,6 +83,10 @@ class MqttPubSub(PubSubBackend):
     async def start(self, node_id: str, listener: BackendListener) -> None:
         self._node = node_id
         self._listener = listener
+        if self.settings.ingest:
+            # Device publishes become room messages through the listener (the service): hooks, sequence, history.
+            self._ingest_queue = asyncio.Queue(maxsize=max(self.settings.outgoing_buffer, 1))
+            self._ingest_task = asyncio.create_task(self._ingest_loop(listener), name="forge-mqtt-ingest")
         base = self.settings.client_id or f"{self.settings.topic_prefix}-{node_id}"
         self._link = MqttLink(self.settings, client_id=f"{base}-pubsub", role="pubsub",
                               on_message=self._on_message, on_connect=self._on_connect, on_disconnect=self._on_lost)
@@ -102,6 +101,7 @@ class MqttPubSub(PubSubBackend):
         if self._ingest_task is not None:
             self._ingest_task.cancel()
             self._ingest_task = None
+        self._ingest_queue = None
         if self._link is not None:
             await self._link.stop()
         self._ready = False
@@ -111,25 +111,10 @@ class MqttPubSub(PubSubBackend):
         self._rooms.clear()
         self._listener = None
 
-    def attach(self, streaming: Streaming) -> None:
-        """Let device publishes become room messages through ``streaming.publish`` (after start)."""
-        store = streaming.store
-        self._store_health = store.health if isinstance(store, MqttRoomStore) else None
-        if self._streaming is not None or not self.settings.ingest:
-            return
-        self._streaming = streaming
-        self._ingest_queue = asyncio.Queue(maxsize=max(self.settings.outgoing_buffer, 1))
-        self._ingest_task = asyncio.create_task(self._ingest_loop(), name="forge-mqtt-ingest")
-        if self._link is not None and self._link.client is not None:
-            self._ingest_subscribe = asyncio.create_task(self._subscribe_quietly([self.topics.ingest_shared]))
-
     def health(self) -> BackendHealth:
         if self._link is None:
             return super().health()
         health = self._link.health()
-        store = self._store_health() if self._store_health is not None else None
-        if health.ok and store is not None and not store.ok:
-            health = BackendHealth(store.state, f"room store: {store.detail}")
         losses = []
         if self.counters["buffer_dropped"]:
             losses.append(f"{self.counters['buffer_dropped']} messages dropped from the outgoing buffer")
@@ -147,7 +132,7 @@ class MqttPubSub(PubSubBackend):
             topics.append(self.topics.all_room_messages)
         else:
             topics.extend(self.topics.messages(room) for room in sorted(self._rooms))
-        if self._streaming is not None:
+        if self._ingest_queue is not None:
             topics.append(self.topics.ingest_shared)
         await self._link.subscribe(topics, self._qos)
         self._continuity.reset()
@@ -350,16 +335,14 @@ class MqttPubSub(PubSubBackend):
             self.counters["ingest_dropped"] += 1
             log.warning("MQTT pubsub: device publish to room %r dropped, ingest queue full", room)
 
-    async def _ingest_loop(self) -> None:
-        assert self._ingest_queue is not None
+    async def _ingest_loop(self, listener: BackendListener) -> None:
+        queue = self._ingest_queue
+        assert queue is not None
         while True:
-            room, payload = await self._ingest_queue.get()
-            streaming = self._streaming
-            if streaming is None:
-                continue
+            room, payload = await queue.get()
             try:
                 data, user_id = parse_device_payload(payload, max_size=self._max_message_size)
-                await streaming.publish(room, data, user_id=user_id)
+                await listener.ingest(room, data, user_id=user_id)
                 self.counters["ingested"] += 1
             except DevicePayloadError as exc:
                 self.counters["ingest_rejected"] += 1

@@ -95,7 +95,7 @@ class MqttRoomStore(RoomStore):
         self._remote.clear()
 
     def health(self) -> BackendHealth:
-        """The broker connection's state; the MQTT backend reports it in ``/healthz`` too."""
+        """The room store's broker connection; ``Streaming.health()`` (``/healthz``) is degraded while it is not up."""
         return self._link.health() if self._link is not None else BackendHealth(BackendState.CONNECTING)
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:

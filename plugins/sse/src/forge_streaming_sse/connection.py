@@ -10,6 +10,12 @@ drained by a single pump task through ASGI ``send``.
 Room messages carry an ``id:`` cursor (:mod:`forge_streaming_sse.cursor`) with
 this member's position in each of its rooms; a reconnect with it as
 ``Last-Event-ID`` replays exactly what came after, room by room.
+
+The kernel runs the stream's life (``streaming.serve_connection``); this
+class is its I/O: :meth:`SSEConnection.accept` starts the response,
+:meth:`SSEConnection.refuse` answers with a JSON error, and every way a
+stream ends (client gone, closed, slow consumer, the kernel ending it) goes
+through one place that ends the response and tells the kernel (``ended``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from forge_streaming import (
     Connection,
     ConnectionClosed,
     ConnectionRequest,
+    FlushScheduler,
     Message,
     OutboundFrame,
     Streaming,
@@ -43,6 +50,12 @@ if TYPE_CHECKING:
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
+STREAM_HEADERS = (
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+)
+
 INBOX_LIMIT = 64
 """Frames POSTed to a handler stream that its handler has not read yet."""
 
@@ -50,6 +63,15 @@ INBOX_LIMIT = 64
 def now_iso() -> str:
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+async def json_response(send: Send, status: int, body: dict[str, Any],
+                        headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A complete JSON response (refusals, and the send URL's answers)."""
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)), *(headers or [])]})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
 def system_event(event: str, data: Any) -> bytes:
@@ -101,6 +123,20 @@ class QueueTarget:
                 return
 
 
+def _never_started() -> BufferedWriter:
+    """The writer of a stream whose response has not started: closed, so it takes nothing."""
+    writer = BufferedWriter(QueueTarget(), limit=0, scheduler=FlushScheduler(), on_overflow=_ignore)
+    writer.discard()
+    return writer
+
+
+def _ignore(unsent: int) -> None:
+    pass
+
+
+NOT_STARTED = _never_started()
+
+
 class SSEConnection(Connection):
     """An SSE stream: ``await stream.send_event(Event(...))`` until ``stream.done``.
 
@@ -114,13 +150,13 @@ class SSEConnection(Connection):
     # This class's attributes are slots: with them in the instance dict too, a stream has more
     # attributes than CPython shares dict keys for (30), which slows every attribute and
     # method lookup on it, `deliver` included. The kernel's attributes stay in __dict__.
-    __slots__ = ("_sse", "room_endpoint", "token", "send_url", "last_event_id", "closed", "_finished", "_task",
+    __slots__ = ("_sse", "room_endpoint", "token", "send_url", "last_event_id", "closed", "_receive", "_send",
                  "_writer", "_target", "_direct", "_pump", "_watcher", "_keepalive", "_active", "_prefix",
                  "_pos", "_pending", "_resuming", "_held", "_one", "_one_seq", "_pinged_seq",
                  "_inbox", "_inbox_ready")
 
     def __init__(self, request: ConnectionRequest, streaming: Streaming, *, sse: SSETransport,
-                 room_endpoint: bool) -> None:
+                 room_endpoint: bool, receive: Receive, send: Send) -> None:
         super().__init__(request, streaming)
         self._sse = sse
         self.room_endpoint = room_endpoint
@@ -130,9 +166,9 @@ class SSEConnection(Connection):
         self.send_url = f"{root}{sse.settings.send_path}?connection_id={self.id}"
         self.last_event_id: str | None = request.headers.get("last-event-id") or request.query.get("last_event_id")
         self.closed = asyncio.Event()
-        self._finished = asyncio.Event()
-        self._task: asyncio.Task[Any] | None = None
-        self._writer: BufferedWriter | None = None
+        self._receive = receive
+        self._send = send
+        self._writer: BufferedWriter = NOT_STARTED
         self._target: DirectWrite | QueueTarget | None = None
         self._direct: DirectWrite | None = None
         self._pump: asyncio.Task[None] | None = None
@@ -165,7 +201,7 @@ class SSEConnection(Connection):
 
     async def send_event(self, event: events.Event) -> None:
         """Send one event; raise ConnectionClosed once the stream has ended."""
-        if self._writer is None or self.closed.is_set():
+        if self._writer.closed or self.closed.is_set():
             raise ConnectionClosed(self.close_code or CloseCode.GOING_AWAY, self.close_reason or "stream ended")
         self._write(event.encode())
 
@@ -176,7 +212,7 @@ class SSEConnection(Connection):
 
     async def send_event_bytes(self, data: bytes) -> None:
         """Send pre-encoded SSE bytes (``data: ...\\n\\n``) as they are."""
-        if self._writer is None or self.closed.is_set():
+        if self._writer.closed or self.closed.is_set():
             raise ConnectionClosed(self.close_code or CloseCode.GOING_AWAY, self.close_reason or "stream ended")
         self._write(data)
 
@@ -211,14 +247,14 @@ class SSEConnection(Connection):
             # the fast path: a member of one room (the common case) gets the frame's shared
             # `id: room:seq` event; its position is the sequence of the last frame it was given
             self._one_seq = seq
-            self._writer.write(frame.encoded("sse.id1", _single_id))  # type: ignore[union-attr]
+            self._writer.write(frame.encoded("sse.id1", _single_id))
             return
         writer = self._writer
-        if writer is None or writer.closed:
+        if writer.closed:
             return
         self._settle()
-        if seq is not None:
-            room: str = frame.room  # type: ignore[assignment]
+        room = frame.room
+        if seq is not None and room is not None:
             if self._resuming and room in self._resuming:
                 self._held.setdefault(room, []).append(frame)
                 return
@@ -234,10 +270,11 @@ class SSEConnection(Connection):
             else:
                 cache: dict[tuple[tuple[str, int], ...], bytes] = frame.encoded("sse.idn", _new_cache)
                 key = tuple(pos.items())
-                data = cache.get(key)  # type: ignore[assignment]
-                if data is None:
-                    data = cache[key] = events.with_id(cursor.encode(pos), frame)
-        elif frame.room is None and self._sync_rooms():
+                cached = cache.get(key)
+                if cached is None:
+                    cached = cache[key] = events.with_id(cursor.encode(pos), frame)
+                data = cached
+        elif room is None and self._sync_rooms():
             data = events.with_id(cursor.encode(self._pos), frame)  # room.joined / room.left: new cursor
         else:
             data = frame.encoded("sse", events.plain)
@@ -260,20 +297,29 @@ class SSEConnection(Connection):
         self._settle()
         pos = self._pos
         if (len(pos) == 1 and not self._resuming and not self._pending and not self._prefix
-                and self._writer is not None):
+                and not self._writer.closed):
             for room, seq in pos.items():
                 self._one, self._one_seq = room, seq
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """End the stream, telling the client why; waits until it is cleaned up."""
+        """End the stream, telling the client why (a ``connection.closed`` system event unless a plain 1000).
+
+        Returns once the last bytes are handed to the socket (fast path) or
+        sent by the pump (fallback, within ``server.handler_grace``).
+        """
         notice = None
         if reason or code != CloseCode.NORMAL:
             notice = system_event("connection.closed", {"code": int(code), "reason": reason})
             if code == CloseCode.GOING_AWAY:
                 notice = events.retry(self.streaming.config.server.reconnect_hint) + notice
         self._end(code, reason, notice)
-        if asyncio.current_task() is not self._task:
-            await self._finished.wait()
+        pump = self._pump
+        if pump is not None and not pump.done() and pump is not asyncio.current_task():
+            await asyncio.wait({pump})  # bounded: _end_response cancels it after the grace
+
+    def ended(self, code: int, reason: str) -> None:
+        """The stream is over (whoever says so, the kernel included): stop its I/O and tell the kernel, once."""
+        self._end(code, reason, None)
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -283,7 +329,7 @@ class SSEConnection(Connection):
         want = self.rooms | self._pending if self._pending else self.rooms
         if want == self._pos.keys():
             return False
-        latest = self.streaming.history.latest
+        latest = self.streaming.room_position
         positions: dict[str, int] = {}
         for room in sorted(want):
             seq = self._pos.get(room)
@@ -303,7 +349,7 @@ class SSEConnection(Connection):
         room is held, then sent sorted, skipping what the client already has.
         """
         if since is None:
-            await self.streaming.handle_client_frame(self, raw)
+            await self.streaming.room_protocol_frame(self, raw)
             return
         self._settle()
         have = self._pos.get(room, since) if room in self.rooms else since
@@ -312,7 +358,7 @@ class SSEConnection(Connection):
             self._pos.setdefault(room, since)
         self._resuming.add(room)
         try:
-            await self.streaming.handle_client_frame(self, raw)
+            await self.streaming.room_protocol_frame(self, raw)
         finally:
             self._pending.discard(room)
             self._resuming.discard(room)
@@ -327,13 +373,20 @@ class SSEConnection(Connection):
 
     # -- life of the stream -------------------------------------------------------------------
 
-    async def start(self, scope: dict[str, Any], receive: Receive, send: Send, headers: list[tuple[bytes, bytes]],
-                    *, fast_path: bool) -> None:
-        """Send the response headers and the ``retry:`` hint; from now on events can be written."""
+    async def accept(self) -> None:
+        """Start the response: headers, then the writer (socket or pump), the disconnect watcher, keep-alive.
+
+        The ``retry:`` hint goes in front of the first event. From now on
+        events can be written, and POSTs can reach this stream.
+        """
         settings = self._sse.settings
-        self._task = asyncio.current_task()
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        direct = scope.get("extensions", {}).get("forge_streaming.sse") if fast_path else None
+        send = self._send
+        await send({"type": "http.response.start", "status": 200, "headers": list(STREAM_HEADERS)})
+        if self.closed.is_set():  # ended (server drain) while the headers went out
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            raise ConnectionClosed(self.close_code or CloseCode.GOING_AWAY, self.close_reason)
+        scope = self.request.scope or {}
+        direct = scope.get("extensions", {}).get("forge_streaming.sse") if settings.fast_path else None
         if isinstance(direct, DirectWrite) and direct.usable():
             # the writer writes to the socket itself, each flush framed as one HTTP chunk
             self._direct = self._target = direct
@@ -343,28 +396,36 @@ class SSEConnection(Connection):
             sink = self._target = QueueTarget()
             join = None
             self._pump = asyncio.ensure_future(sink.pump(send))
-        limit = settings.send_buffer or self.streaming.config.limits.send_buffer
-        self._writer = BufferedWriter(sink, limit=limit, scheduler=self.streaming.flusher,
+        self._writer = BufferedWriter(sink, limit=self._send_buffer(), scheduler=self.streaming.flush_scheduler,
                                       on_overflow=self._overflow, join=join)
-        self._watcher = asyncio.ensure_future(self._watch(receive))
+        self._watcher = asyncio.ensure_future(self._watch(self._receive))
         if settings.keep_alive_interval > 0:
             self._keepalive = asyncio.get_running_loop().call_later(settings.keep_alive_interval, self._ping)
         self._prefix = events.retry(settings.retry)
+        self._sse.streams[self.id] = self
+
+    async def refuse(self, status: int, code: str, reason: str) -> None:
+        """Answer the opening request with ``status`` and ``{"error": code, "message": reason}``."""
+        await json_response(self._send, status, {"error": code, "message": reason})
+
+    def _send_buffer(self) -> int:
+        """The bound on this stream's unsent bytes."""
+        return self._sse.settings.send_buffer or self.streaming.config.limits.send_buffer
 
     def _write(self, data: bytes) -> None:
         if self._prefix:
             data, self._prefix = self._prefix + data, b""
             self._refresh()
         self._active = True
-        self._writer.write(data)  # type: ignore[union-attr]
+        self._writer.write(data)
 
     def _ping(self) -> None:
         if self.closed.is_set():
             return
-        if self._writer is not None and self._writer.unsent == 0:
+        if self._writer.unsent == 0:
             self.touch()  # the client drained all we sent: a listening stream is not idle
         if not self._active and self._one_seq == self._pinged_seq:  # nothing sent, not even on the fast path
-            self._writer.write(events.KEEP_ALIVE)  # type: ignore[union-attr]
+            self._writer.write(events.KEEP_ALIVE)
         self._active = False
         self._pinged_seq = self._one_seq
         self._keepalive = asyncio.get_running_loop().call_later(self._sse.settings.keep_alive_interval, self._ping)
@@ -375,66 +436,73 @@ class SSEConnection(Connection):
             pass
         if not self.closed.is_set():
             self.log.debug("stream %s: client disconnected", self.id)
-            if self._writer is not None:
-                self._writer.discard()
+            self._writer.discard()
             self._end(CloseCode.GOING_AWAY, "client disconnected", None)
 
     def _overflow(self, unsent: int) -> None:
+        if self.closed.is_set():
+            return  # the last bytes of a stream that is ending anyway
         self.log.warning("stream %s is %d bytes behind (bound %d): ending it as a slow consumer",
-                         self.id, unsent, self._writer._limit if self._writer else 0)  # noqa: SLF001
-        self.streaming.dropped(self, "slow consumer")
+                         self.id, unsent, self._send_buffer())
         self._end(CloseCode.POLICY_VIOLATION, "slow consumer",
                   system_event("connection.closed", {"code": int(CloseCode.POLICY_VIOLATION),
                                                      "reason": "slow consumer", "unsent_bytes": unsent}))
+        self.drop("slow consumer")  # counted, the hook, out of its rooms at once
 
     def _end(self, code: int, reason: str, notice: bytes | None) -> None:
-        """Mark the stream ended (once) and queue its last words; the endpoint task finishes it."""
+        """The one way a stream ends (once): tell the kernel, send the last words, end the response."""
         if self.closed.is_set():
             return
-        self.close_code, self.close_reason = code, reason
+        self.closed.set()
+        super().ended(code, reason)
+        self._inbox_ready.set()
+        self._sse.streams.pop(self.id, None)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         writer = self._writer
-        if writer is not None and not writer.closed:
+        if not writer.closed:
             writer.flush()
             writer.discard()
         if notice and self._target is not None and not self._target.is_closing():
             self._target.write(notice)
-        self.closed.set()
-        self._inbox_ready.set()
+        self._end_response()
+
+    def _end_response(self) -> None:
+        """End the HTTP response without waiting on the client.
+
+        On the fast path the socket closes once its last bytes are taken (cut
+        after ``server.handler_grace``); on the fallback the pump gets that
+        long to send them.
+        """
+        grace = self.streaming.config.server.handler_grace
+        loop = asyncio.get_running_loop()
+        if self._direct is not None:
+            self._direct.end()
+            loop.call_later(grace, _abort, self._direct.transport)
+        elif self._pump is not None and isinstance(self._target, QueueTarget):
+            self._target.close()
+            pump = self._pump
+            if not pump.done():
+                timer = loop.call_later(grace, self._give_up, pump, grace)
+                pump.add_done_callback(lambda _: timer.cancel())
+
+    def _give_up(self, pump: asyncio.Task[None], grace: float) -> None:
+        if not pump.done():
+            self.log.info("stream %s: client did not take its last bytes in %.1fs", self.id, grace)
+            pump.cancel()
 
     async def finish(self) -> None:
-        """Forget the stream (rooms, presence, hooks) at once, then end the HTTP response.
-
-        The response is ended without waiting on the client: on the fast path
-        the socket closes once its last bytes are taken (cut after
-        ``close_grace``); on the fallback the pump gets ``close_grace`` to send them.
-        """
-        if not self.closed.is_set():
-            self._end(CloseCode.NORMAL, "", None)
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-        try:
-            await self.streaming.closed(self, self.close_code or CloseCode.NORMAL, self.close_reason)
-        finally:
-            await self._end_response()
-            self._finished.set()
-
-    async def _end_response(self) -> None:
-        grace = self._sse.settings.close_grace
-        try:
-            if self._direct is not None:
-                self._direct.end()
-                asyncio.get_running_loop().call_later(grace, _abort, self._direct.transport)
-            elif self._pump is not None and isinstance(self._target, QueueTarget):
-                self._target.close()
-                done, _ = await asyncio.wait({self._pump}, timeout=grace)
-                if not done:
-                    self.log.info("stream %s: client did not take its last bytes in %.1fs", self.id, grace)
-        finally:
-            for task in (self._pump, self._watcher):
-                if task is not None and not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+        """After the kernel is done with the stream: end it if it is not yet, stop its helper tasks."""
+        if self._target is not None:  # it was accepted (a refused request has nothing to end)
+            self._end(self.close_code or CloseCode.NORMAL, self.close_reason, None)
+        pump = self._pump
+        if pump is not None and not pump.done():
+            await asyncio.wait({pump})  # bounded by _give_up
+        for task in (self._pump, self._watcher):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
 def _abort(transport: asyncio.Transport) -> None:

@@ -6,6 +6,11 @@ httptools one, otherwise unchanged) puts a :class:`DirectWrite` in the ASGI
 scope under :data:`EXTENSION`; once the response headers went out through
 ``send``, a stream writes chunk-framed bytes to the asyncio transport itself
 and finishes the response through ``send`` as usual.
+
+The uvicorn names used here (``HttpToolsProtocol``, its ``cycle`` with
+``response_started``, ``response_complete``, ``chunked_encoding``,
+``keep_alive``, ``disconnected``) were checked in the sources of uvicorn
+0.30.0 and 0.54.0, the floor and the tested release.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ class SSEHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._sse_direct = DirectWrite(self.transport)
+        # uvicorn types extension values as dicts (ASGI's convention); this one is the writer object
         self.scope["extensions"] = {EXTENSION: self._sse_direct}  # type: ignore[dict-item]
 
     def on_headers_complete(self) -> None:

@@ -31,9 +31,6 @@ class SSESettings(ConfigSection):
     happens anyway under another ASGI server).
     """
 
-    close_grace: Duration = 5.0
-    """How long an ended stream may take to hand its last bytes to the client before the socket is cut."""
-
     @field_validator("send_path")
     @classmethod
     def _absolute(cls, value: str) -> str:

@@ -1,52 +1,34 @@
 """The SSE transport: user handlers, the ``/sse`` room endpoint and the send URL.
 
-A stream's life: authenticate (Refused -> JSON error with its status), open
-(limits), headers plus ``retry:``, then the user's handler or the room
-endpoint (``session`` event, joins from ``?rooms=`` and the resume cursor),
-until the client goes, the server closes it or it falls too far behind;
-then ``streaming.closed`` exactly once.
+The kernel runs each stream's life (``streaming.serve_connection``):
+authenticate and admit (a refusal is a JSON error with its status), the
+response headers plus ``retry:`` (:meth:`SSEConnection.accept`), then the
+user's handler or the room endpoint's (``session`` event, joins from
+``?rooms=`` and the resume cursor, then wait), until the client goes, the
+server closes it or it falls too far behind. Frames the client POSTs to the
+send URL go to the handler's inbox, or through the room protocol
+(``streaming.room_protocol_frame``) for the room endpoint.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 from forge_streaming import (
-    CloseCode,
-    ConnectionClosed,
     ConnectionRequest,
     Handler,
-    Refused,
     Streaming,
     Transport,
 )
 from starlette.routing import BaseRoute, Route
 
 from . import cursor, events
-from .connection import Receive, Send, SSEConnection, system_event
+from .connection import Receive, Send, SSEConnection, json_response, system_event
 from .protocol import SSEHttpToolsProtocol
 from .settings import SSESettings
-
-log = logging.getLogger("forge_streaming.sse")
-
-STREAM_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
-
-
-async def json_response(send: Send, status: int, body: dict[str, Any],
-                        headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)), *(headers or [])]})
-    await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
 class SSETransport(Transport):
@@ -60,11 +42,10 @@ class SSETransport(Transport):
         self.settings: SSESettings = streaming.config.section("sse", SSESettings)
         self.streams: dict[str, SSEConnection] = {}
 
-    def routes(self, handlers: Mapping[str, Handler], *, room_endpoint: bool) -> list[BaseRoute]:
+    def routes(self, endpoints: Mapping[str, Handler | None]) -> list[BaseRoute]:
+        """A GET route per endpoint (None: the room endpoint), plus the send URL when there is any."""
         routes: list[BaseRoute] = [Route(path, StreamEndpoint(self, handler), methods=["GET"])
-                                   for path, handler in handlers.items()]
-        if room_endpoint and self.default_path not in handlers:
-            routes.append(Route(self.default_path, StreamEndpoint(self, None), methods=["GET"]))
+                                   for path, handler in endpoints.items()]
         if routes:
             routes.append(Route(self.settings.send_path, SendEndpoint(self), methods=["POST"]))
         return routes
@@ -89,75 +70,25 @@ class StreamEndpoint:
         self.handler = handler
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        streaming = self.sse.streaming
-        request = ConnectionRequest.from_scope("sse", scope)
+        conn = SSEConnection(ConnectionRequest.from_scope("sse", scope), self.sse.streaming, sse=self.sse,
+                             room_endpoint=self.handler is None, receive=receive, send=send)
+        handler: Handler
+        if scope.get("method") == "HEAD":
+            handler = _head  # the headers only: nothing to stream
+        elif self.handler is None:
+            handler = self._rooms
+        else:
+            handler = self.handler
         try:
-            identity = await streaming.authenticate(request)
-        except Refused as exc:
-            await json_response(send, exc.status, {"error": exc.code, "message": exc.reason})
-            return
-        conn = SSEConnection(request, streaming, sse=self.sse, room_endpoint=self.handler is None)
-        conn.identity = identity
-        try:
-            await streaming.open(conn)
-        except Refused as exc:
-            await json_response(send, exc.status, {"error": exc.code, "message": exc.reason})
-            return
-        except Exception:
-            log.exception("opening SSE stream %s failed", conn.id)
-            await streaming.closed(conn, CloseCode.INTERNAL_ERROR, "open failed")
-            await json_response(send, 500, {"error": "internal", "message": "the stream could not be opened"})
-            return
-        self.sse.streams[conn.id] = conn
-        handler_task: asyncio.Future[None] | None = None
-        try:
-            await conn.start(scope, receive, send, list(STREAM_HEADERS), fast_path=self.sse.settings.fast_path)
-            if scope.get("method") == "HEAD":
-                return
-            if self.handler is None:
-                await self._rooms(conn)
-                await conn.wait_closed()
-            else:
-                handler_task = asyncio.ensure_future(self.handler(conn))
-                closed = asyncio.ensure_future(conn.wait_closed())
-                try:
-                    await asyncio.wait({handler_task, closed}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    closed.cancel()
-                if handler_task.done():
-                    self._handler_result(conn, handler_task)
-        except ConnectionClosed:
-            pass  # ended (server drain, slow consumer) while it was opening
-        except Exception as exc:
-            conn.log.error("SSE stream %s at %s failed: %r", conn.id, request.path, exc, exc_info=exc)
-            conn.close_code, conn.close_reason = CloseCode.INTERNAL_ERROR, "internal error"
+            await self.sse.streaming.serve_connection(conn, handler)
         finally:
-            self.sse.streams.pop(conn.id, None)
             await conn.finish()
-            if handler_task is not None and not handler_task.done():
-                await self._stop_handler(conn, handler_task)
-
-    def _handler_result(self, conn: SSEConnection, task: asyncio.Future[None]) -> None:
-        exc = task.exception()
-        if exc is None or isinstance(exc, ConnectionClosed):
-            return
-        conn.log.error("handler for %s failed on stream %s: %r", conn.request.path, conn.id, exc, exc_info=exc)
-        if not conn.done:
-            conn._end(CloseCode.INTERNAL_ERROR, "handler failed", None)  # noqa: SLF001
-
-    async def _stop_handler(self, conn: SSEConnection, task: asyncio.Future[None]) -> None:
-        """The stream ended under a running handler: let it notice ``stream.done``, then cancel it."""
-        done, _ = await asyncio.wait({task}, timeout=self.sse.settings.close_grace)
-        if not done:
-            conn.log.info("handler for %s did not return after stream %s ended; cancelling it",
-                          conn.request.path, conn.id)
-            task.cancel()
-            await asyncio.wait({task})
-        if not task.cancelled():
-            self._handler_result(conn, task)
 
     async def _rooms(self, conn: SSEConnection) -> None:
-        """The room endpoint's opening: session event, then joins (resuming where the cursor says)."""
+        """The room endpoint's handler: session event, joins (resuming where the cursor says), then wait.
+
+        Frames the client POSTs meanwhile are acted on by :class:`SendEndpoint`.
+        """
         streaming = self.sse.streaming
         await conn.send_event_bytes(events.named("session", {
             "connection_id": conn.id, "token": conn.token, "send_url": conn.send_url}))
@@ -181,6 +112,11 @@ class StreamEndpoint:
             if since is not None:
                 frame["since"] = since
             await conn.join_from(json.dumps(frame), room, since)
+        await conn.wait_ended()
+
+
+async def _head(conn: SSEConnection) -> None:
+    """A HEAD request gets the stream's headers and nothing else."""
 
 
 class SendEndpoint:
@@ -226,7 +162,7 @@ class SendEndpoint:
             if room is not None:
                 await conn.join_from(text, room, since)
             else:
-                await self.sse.streaming.handle_client_frame(conn, text)
+                await self.sse.streaming.room_protocol_frame(conn, text)
         await json_response(send, 202, {"accepted": True})
 
 

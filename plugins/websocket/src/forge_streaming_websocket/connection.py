@@ -59,18 +59,41 @@ class Limits:
     write_buffer_size: int | None = None
 
 
+async def reject(scope: dict[str, Any], send: Any, status: int, message: str) -> None:
+    """Answer the upgrade request with an HTTP error (before any WebSocket exists)."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+        await send({"type": "websocket.http.response.body", "body": message.encode("utf-8")})
+    else:  # servers without the denial-response extension answer 403
+        await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION, "reason": message[:120]})
+
+
+
 class WebSocketConnection(Connection):
-    """What both flavours share: reading, the size limit, how the connection ended."""
+    """What both flavours share: the handshake, reading, the size limit, how the connection ended."""
 
     transport = "websocket"
+    subprotocol: str | None = None
+    """The negotiated subprotocol (kept in the instance only when there is one)."""
+    _ended: tuple[int, str] | None = None
 
-    def __init__(self, request: ConnectionRequest, streaming: Streaming, receive: Receive, limits: Limits) -> None:
+    def __init__(self, request: ConnectionRequest, streaming: Streaming, receive: Receive, send: Send,
+                 scope: dict[str, Any], limits: Limits, subprotocol: str | None) -> None:
         super().__init__(request, streaming)
         self._receive = receive
+        self._send = send
+        self._scope = scope
         self.limits = limits
-        self.subprotocol: str | None = None
-        self._ended: tuple[int, str] | None = None
-        self._removal: asyncio.Future[None] | None = None
+        if subprotocol is not None:
+            self.subprotocol = subprotocol
+
+    async def accept(self) -> None:
+        await self._send({"type": "websocket.accept", "subprotocol": self.subprotocol})
+        self.attach()
+
+    async def refuse(self, status: int, code: str, reason: str) -> None:
+        await reject(self._scope, self._send, status, reason)
 
     async def read_message(self) -> Message:
         if self._ended is not None:
@@ -89,6 +112,7 @@ class WebSocketConnection(Connection):
             return Message(data)
         if kind == "websocket.disconnect":
             self._ended = self.final_close(int(event.get("code", 1005)), str(event.get("reason") or ""))
+            self.ended(*self._ended)
             raise ConnectionClosed(*self._ended)
         raise ConnectionClosed(CloseCode.PROTOCOL_ERROR, f"unexpected ASGI event {kind!r}")
 
@@ -98,11 +122,6 @@ class WebSocketConnection(Connection):
 
     def attach(self) -> None:
         """Start writing: called once the handshake response was sent."""
-
-    def _drop(self, reason: str) -> None:
-        """Remove the connection from its rooms now, whatever its handler is doing."""
-        self.streaming.dropped(self, reason)
-        self._removal = asyncio.ensure_future(self.streaming.closed(self, CloseCode.POLICY_VIOLATION, reason))
 
 
 def _size(data: str | bytes) -> int:
@@ -120,9 +139,10 @@ def _as_payload(message: str | bytes) -> tuple[bytes, bool]:
 class DirectConnection(WebSocketConnection):
     """Writes straight to the socket through the protocol; see the module docstring."""
 
-    def __init__(self, request: ConnectionRequest, streaming: Streaming, receive: Receive, limits: Limits,
+    def __init__(self, request: ConnectionRequest, streaming: Streaming, receive: Receive, send: Send,
+                 scope: dict[str, Any], limits: Limits, subprotocol: str | None,
                  protocol: ForgeWebSocketProtocol) -> None:
-        super().__init__(request, streaming, receive, limits)
+        super().__init__(request, streaming, receive, send, scope, limits, subprotocol)
         self._protocol = protocol
         self._writer: BufferedWriter | None = None
         self._compressed = False
@@ -134,9 +154,14 @@ class DirectConnection(WebSocketConnection):
             return
         self._set_socket_buffers(transport)
         self._compressed = bool(protocol.conn.extensions)
-        self._writer = BufferedWriter(transport, limit=self.limits.send_buffer, scheduler=self.streaming.flusher,
-                                      on_overflow=self._overflow)
+        self._writer = BufferedWriter(transport, limit=self.limits.send_buffer,
+                                      scheduler=self.streaming.flush_scheduler, on_overflow=self._overflow)
         protocol.writer = self._writer
+        protocol.connection = self
+
+    def socket_lost(self) -> None:
+        """The socket is gone (whoever closed it): a handler that is not reading learns it too."""
+        self.ended(*self._protocol.final_close())
 
     def _set_socket_buffers(self, transport: asyncio.Transport) -> None:
         sock = transport.get_extra_info("socket")
@@ -205,10 +230,11 @@ class DirectConnection(WebSocketConnection):
         self.log.warning("connection %s has %d unsent bytes (limit %d): closing as %s",
                          self.id, unsent, self.limits.send_buffer, SLOW_CONSUMER)
         self._protocol.send_close_now(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER, timeout=self.limits.close_timeout)
-        self._drop(SLOW_CONSUMER)
+        self.drop(SLOW_CONSUMER)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         self._protocol.send_close_now(int(code), reason, timeout=self.limits.close_timeout)
+        self.ended(*self._protocol.final_close())
 
     def final_close(self, code: int = CloseCode.ABNORMAL, reason: str = "connection lost") -> tuple[int, str]:
         return self._protocol.final_close()
@@ -217,10 +243,9 @@ class DirectConnection(WebSocketConnection):
 class QueuedConnection(WebSocketConnection):
     """Fallback for ASGI servers without the protocol extension; see the module docstring."""
 
-    def __init__(self, request: ConnectionRequest, streaming: Streaming, receive: Receive, limits: Limits,
-                 send: Send) -> None:
-        super().__init__(request, streaming, receive, limits)
-        self._send = send
+    def __init__(self, request: ConnectionRequest, streaming: Streaming, receive: Receive, send: Send,
+                 scope: dict[str, Any], limits: Limits, subprotocol: str | None) -> None:
+        super().__init__(request, streaming, receive, send, scope, limits, subprotocol)
         self._queue: deque[tuple[str | bytes, int]] = deque()
         self._queued = 0
         self._wakeup = asyncio.Event()
@@ -229,6 +254,7 @@ class QueuedConnection(WebSocketConnection):
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._close_record: tuple[int, str] | None = None
+        self._closing: asyncio.Future[None] | None = None
 
     def attach(self) -> None:
         self._accepting = True
@@ -292,8 +318,8 @@ class QueuedConnection(WebSocketConnection):
         if self._task is not None:
             self._task.cancel()
         self._close_record = (CloseCode.POLICY_VIOLATION, SLOW_CONSUMER)
-        asyncio.ensure_future(self._send_close(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER))
-        self._drop(SLOW_CONSUMER)
+        self._closing = asyncio.ensure_future(self._send_close(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER))
+        self.drop(SLOW_CONSUMER)
 
     async def _send_close(self, code: int, reason: str) -> None:
         try:
@@ -314,15 +340,17 @@ class QueuedConnection(WebSocketConnection):
                 pass
             self._task.cancel()
         await self._send_close(int(code), reason)
+        self.ended(*self.final_close())
 
     def final_close(self, code: int = CloseCode.ABNORMAL, reason: str = "connection lost") -> tuple[int, str]:
         return self._close_record or self._ended or (code, reason)
 
-    async def stop(self) -> None:
-        """Cancel the writer task (the connection has ended)."""
+    def ended(self, code: int, reason: str) -> None:
+        """Over: the writer task stops too."""
         self._accepting = False
         if self._task is not None:
             self._task.cancel()
+        super().ended(code, reason)
 
 
 def _decode(frame: OutboundFrame) -> str:

@@ -16,12 +16,19 @@ the ASGI scope's header list), uvicorn's ``asyncio.Queue`` and
 :class:`_ReceiveQueue` and :class:`_WritableEvent`, which allocate only
 while something is queued or waiting, and uvicorn's attributes live in
 slots (a protocol has more attributes than CPython shares dict keys for).
+
+This module is the plugin's one adapter to uvicorn's internals: it
+subclasses ``WebSocketsSansIOProtocol`` and uses its attributes. Every name
+it relies on (``close_timer``, ``pending_ping_payload``, ``stop_keepalive``,
+``keepalive_timeout``, ...) exists from uvicorn 0.52.1, checked in the
+sources of 0.52.1 to 0.54.0; hence ``uvicorn>=0.52.1,<0.55`` in the
+plugin's ``pyproject.toml``. Check again before raising the ceiling.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from forge_streaming import BufferedWriter
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -53,6 +60,10 @@ class _OrderedTransport:
 
 
 _T = TypeVar("_T")
+
+
+class _Connection(Protocol):
+    def socket_lost(self) -> None: ...
 
 
 class _ReceiveQueue(Generic[_T]):
@@ -175,7 +186,7 @@ _PROTOCOL_SLOTS = (
     "conn", "read_paused", "writable", "ping_interval", "ping_timeout", "ping_timer", "pong_timer",
     "pending_ping_payload", "ping_sent_at", "last_ping_rtt", "frames", "curr_msg_data_type", "request",
     "response", "scope",
-    "raw_transport", "writer", "close_record",
+    "raw_transport", "writer", "close_record", "connection",
 )
 
 
@@ -197,6 +208,8 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
         self.raw_transport: asyncio.Transport | None = None
         self.writer: BufferedWriter | None = None
         self.close_record: tuple[int, str] | None = None
+        self.connection: _Connection | None = None
+        """The app's connection on this socket, told once when the socket is gone."""
 
     # -- wiring ---------------------------------------------------------------
 
@@ -336,3 +349,6 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_writer()
         super().connection_lost(exc)
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.socket_lost()

@@ -6,17 +6,10 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from forge_streaming import (
-    CloseCode,
-    ConnectionClosed,
-    ConnectionRequest,
-    Handler,
-    Refused,
-    Transport,
-)
+from forge_streaming import ConnectionRequest, Handler, Transport
 from starlette.routing import BaseRoute, WebSocketRoute
 
-from .connection import DirectConnection, Limits, QueuedConnection, WebSocketConnection
+from .connection import DirectConnection, Limits, QueuedConnection, WebSocketConnection, reject
 from .origins import origin_allowed
 from .protocol import EXTENSION, ForgeWebSocketProtocol
 from .settings import WebSocketSettings
@@ -48,11 +41,8 @@ class WebSocketTransport(Transport):
             write_buffer_size=s.write_buffer_size,
         )
 
-    def routes(self, handlers: Mapping[str, Handler], *, room_endpoint: bool) -> list[BaseRoute]:
-        routes: list[BaseRoute] = [WebSocketRoute(path, Endpoint(self, handler)) for path, handler in handlers.items()]
-        if room_endpoint and self.default_path not in handlers:
-            routes.append(WebSocketRoute(self.default_path, Endpoint(self, None)))
-        return routes
+    def routes(self, endpoints: Mapping[str, Handler | None]) -> list[BaseRoute]:
+        return [WebSocketRoute(path, Endpoint(self, handler)) for path, handler in endpoints.items()]
 
     def server_options(self) -> dict[str, Any]:
         s = self.settings
@@ -81,18 +71,12 @@ class WebSocketTransport(Transport):
         return next((p for p in offered if p in supported), None)
 
 
-async def _reject(scope: Scope, send: Any, status: int, message: str) -> None:
-    """Answer the upgrade request with an HTTP error (before any WebSocket exists)."""
-    if "websocket.http.response" in scope.get("extensions", {}):
-        await send({"type": "websocket.http.response.start", "status": status,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
-        await send({"type": "websocket.http.response.body", "body": message.encode("utf-8")})
-    else:  # servers without the denial-response extension answer 403
-        await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION, "reason": message[:120]})
-
-
 class Endpoint:
-    """The ASGI app of one path: a user handler, or the room protocol when ``handler`` is None."""
+    """The ASGI app of one path: a user handler, or the room protocol when ``handler`` is None.
+
+    Only the WebSocket part is here (the origin rule, which connection
+    flavour to build); the kernel runs the connection's life.
+    """
 
     def __init__(self, transport: WebSocketTransport, handler: Handler | None) -> None:
         self.transport = transport
@@ -109,52 +93,14 @@ class Endpoint:
                               scheme="https" if scheme == "wss" else "http"):
             log.info("refused WebSocket to %s from origin %r (allowed: %s)", request.path, request.origin,
                      transport.settings.allowed_origins or "same origin only")
-            await _reject(scope, send, 403, f"origin {request.origin!r} is not allowed; "
-                                            "list it in websocket.allowed_origins")
-            return
-        try:
-            identity = await streaming.authenticate(request)
-        except Refused as exc:
-            await _reject(scope, send, exc.status, exc.reason)
+            await reject(scope, send, 403, f"origin {request.origin!r} is not allowed; "
+                                           "list it in websocket.allowed_origins")
             return
         protocol = scope.get("extensions", {}).get(EXTENSION)
+        subprotocol = transport.choose_subprotocol(list(scope.get("subprotocols") or ()))
         conn: WebSocketConnection
         if isinstance(protocol, ForgeWebSocketProtocol):
-            conn = DirectConnection(request, streaming, receive, transport.limits, protocol)
+            conn = DirectConnection(request, streaming, receive, send, scope, transport.limits, subprotocol, protocol)
         else:
-            conn = QueuedConnection(request, streaming, receive, transport.limits, send)
-        conn.identity = identity
-        try:
-            await streaming.open(conn)
-        except Refused as exc:
-            await _reject(scope, send, exc.status, exc.reason)
-            return
-        try:
-            conn.subprotocol = transport.choose_subprotocol(list(scope.get("subprotocols") or ()))
-            await send({"type": "websocket.accept", "subprotocol": conn.subprotocol})
-            conn.attach()
-            await self._run(conn)
-        finally:
-            if isinstance(conn, QueuedConnection):
-                await conn.stop()
-            code, reason = conn.final_close()
-            await streaming.closed(conn, code, reason)
-
-    async def _run(self, conn: WebSocketConnection) -> None:
-        """Run the handler; however it ends, the connection ends with the right close code."""
-        try:
-            if self.handler is None:
-                await conn.streaming.serve_room_protocol(conn)
-            else:
-                await self.handler(conn)
-        except ConnectionClosed:
-            return
-        except Refused as exc:
-            conn.log.info("connection %s refused by its handler: %s", conn.id, exc.reason)
-            await conn.close(exc.close_code, exc.reason)
-        except Exception as exc:
-            conn.log.error("handler for %s failed on connection %s: %r", conn.request.path, conn.id, exc,
-                           exc_info=exc)
-            await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
-        else:
-            await conn.close(CloseCode.NORMAL, "")
+            conn = QueuedConnection(request, streaming, receive, send, scope, transport.limits, subprotocol)
+        await streaming.serve_connection(conn, self.handler)

@@ -1,10 +1,15 @@
-"""The HTTP/3 server: QUIC connections, extended CONNECT, and session admission.
+"""The HTTP/3 server: QUIC connections, extended CONNECT, and the transport's own refusals.
 
-One :class:`WebTransportServer` per service owns the UDP socket (aioquic's
-``serve``), the live sessions, the tasks it started, and a transmit
-scheduler: anything that writes to a QUIC connection marks it, and one
-callback at the end of the loop iteration sends every marked connection's
-packets, so a burst of deliveries costs one ``transmit()`` per client.
+One :class:`WebTransportServer` per service owns the UDP socket, the live
+sessions and the tasks it started. A CONNECT that passes the transport's
+own checks (a path served, the origin, ``webtransport.max_sessions``)
+becomes a :class:`WebTransportSession` that the kernel runs from there:
+``streaming.serve_connection(session, handler)``.
+
+Transmits are batched: anything that writes to a QUIC connection marks its
+:class:`WebTransportProtocol` on the kernel's flush scheduler, which calls
+its ``flush()`` (one ``transmit()``) once at the end of the loop iteration,
+so a burst of deliveries costs one transmit per client.
 """
 
 from __future__ import annotations
@@ -12,19 +17,21 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
+from aioquic.asyncio.server import QuicServer
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DatagramReceived, DataReceived, H3Event, HeadersReceived, WebTransportStreamDataReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StopSendingReceived, StreamReset
-from forge_streaming import CloseCode, ConnectionClosed, ConnectionRequest, Refused, Streaming
+from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StopSendingReceived
+from aioquic.quic.events import StreamReset as QuicStreamReset
+from forge_streaming import CloseCode, ConnectionRequest, FlushScheduler, Streaming
 
+from . import aioquic_adapter
 from .certificate import CertificatePair
+from .events import Datagram, SessionEnded, SessionEvent, StopSending, StreamData, StreamReset
 from .framing import parse_close_capsule
 from .session import WebTransportSession
 from .settings import WebTransportSettings
@@ -36,68 +43,180 @@ if TYPE_CHECKING:
 log = logging.getLogger("forge_streaming.webtransport")
 
 
-class WebTransportProtocol(QuicConnectionProtocol):
-    """One QUIC connection: HTTP/3 framing and the sessions opened on it."""
+class WebTransportProtocol(aioquic_adapter.QuicProtocolBase):
+    """One QUIC connection: HTTP/3 framing, and the sessions opened on it.
+
+    Its public methods are what sessions and streams use of the connection
+    (``send_stream_data``, ``open_stream``, ``respond``, ...); aioquic's
+    events reach a session as ``events`` objects through ``handle_event``.
+    """
 
     def __init__(self, *args: Any, server: WebTransportServer, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.server = server
         self.h3: H3Connection | None = None
         self.sessions: dict[int, WebTransportSession] = {}
-        self.terminated = False
+        self._connection = self.quic  # looked up once: the hot path uses it per delivery
+        self._terminated = False
         self._dirty = False
-        self._refused: set[int] = set()
+        self._scheduler = server.scheduler
+        self._refused_streams: set[int] = set()
+
+    @property
+    def terminated(self) -> bool:
+        """The QUIC connection is gone: nothing can be sent any more."""
+        return self._terminated
+
+    # -- sending (hot path: no transmit here, one per loop iteration) ------------------
 
     def schedule_transmit(self) -> None:
         if not self._dirty:
             self._dirty = True
-            self.server.mark(self)
+            self._scheduler.mark(self)
+
+    def flush(self) -> None:
+        """Send what was written during this loop iteration (the flush scheduler calls this)."""
+        self._dirty = False
+        if not self._terminated:
+            self.transmit()
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        self._connection.send_stream_data(stream_id, data, end_stream)
+        self.schedule_transmit()
+
+    def write_counted(self, stream_id: int, data: bytes) -> int:
+        """Send ``data`` on ``stream_id``; return the bytes on it the client has not acknowledged (hot path)."""
+        connection = self._connection
+        connection.send_stream_data(stream_id, data)
+        if not self._dirty:
+            self._dirty = True
+            self._scheduler.mark(self)
+        return aioquic_adapter.unacked_bytes(connection, stream_id)
+
+    def unacked(self, stream_id: int) -> int:
+        """Bytes written to ``stream_id`` that the client has not acknowledged yet."""
+        return aioquic_adapter.unacked_bytes(self._connection, stream_id)
+
+    def open_stream(self, session_id: int, *, unidirectional: bool) -> int:
+        """Open a WebTransport stream of ``session_id`` to the client; return its id."""
+        h3 = self._h3()
+        stream_id = h3.create_webtransport_stream(session_id, is_unidirectional=unidirectional)
+        if not unidirectional:
+            # aioquic parses replies on a bidirectional stream it opened as HTTP frames
+            # unless told it carries WebTransport data for this session
+            aioquic_adapter.carry_webtransport(h3, stream_id, session_id)
+        self.schedule_transmit()
+        return stream_id
+
+    def peer_address(self) -> tuple[str, int] | None:
+        """Where the client's datagrams come from (it may change while the connection lives)."""
+        peer = self._connection.get_peer_address()
+        return (str(peer[0]), int(peer[1])) if peer else None
+
+    def send_datagram(self, session_id: int, data: bytes) -> None:
+        self._h3().send_datagram(session_id, data)
+        self.schedule_transmit()
+
+    def abort_stream(self, stream_id: int, *, reset_sending: bool, stop_receiving: bool) -> None:
+        """Reset our side and/or ask the client to stop sending, with ``STREAM_REJECTED``."""
+        if self._terminated:
+            return
+        try:
+            if reset_sending:
+                self._connection.reset_stream(stream_id, STREAM_REJECTED)
+            if stop_receiving:
+                self._connection.stop_stream(stream_id, STREAM_REJECTED)
+        except Exception:  # aioquic already discarded the stream
+            pass
+        self.schedule_transmit()
+
+    def release_stream(self, stream_id: int) -> None:
+        """A WebTransport stream carries nothing more: free the HTTP/3 state aioquic keeps for it."""
+        if self.h3 is not None:
+            aioquic_adapter.forget_stream(self.h3, stream_id)
+
+    def respond(self, stream_id: int, status: int, *, end_stream: bool, body: bytes = b"") -> None:
+        """Answer the request on ``stream_id`` (a CONNECT: 200 opens the session)."""
+        if self._terminated or self.h3 is None:
+            return
+        headers = [(b":status", str(status).encode())]
+        if status == 200:
+            headers.append((b"sec-webtransport-http3-draft", b"draft02"))
+        elif body:
+            headers.append((b"content-type", b"text/plain; charset=utf-8"))
+        try:
+            self.h3.send_headers(stream_id, headers, end_stream=end_stream and not body)
+            if body:
+                self.h3.send_data(stream_id, body, end_stream=True)
+        except Exception as exc:  # the client reset the request meanwhile
+            log.debug("answering stream %d with %d failed: %r", stream_id, status, exc)
+        self.schedule_transmit()
+
+    def end_session(self, session_id: int, capsule: bytes) -> None:
+        """Send ``capsule`` (CLOSE_WEBTRANSPORT_SESSION) and finish the CONNECT stream."""
+        self._h3().send_data(session_id, capsule, end_stream=True)
+        self.schedule_transmit()
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def add_session(self, session: WebTransportSession) -> None:
+        """Route the session's events to it (also streams it gets before it is accepted)."""
+        self.sessions[session.session_id] = session
+
+    def session_accepted(self, session: WebTransportSession) -> None:
+        self.server.session_accepted(session)
 
     def forget(self, session: WebTransportSession) -> None:
+        """The session is over: route nothing more to it."""
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
-        self.server.sessions.discard(session)
+        self.server.session_over(session)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return self.server.spawn(coro)
+
+    # -- aioquic's events --------------------------------------------------------------------
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, ProtocolNegotiated):
             if event.alpn_protocol in H3_ALPN:
-                self.h3 = H3Connection(self._quic, enable_webtransport=True)
-        elif isinstance(event, StreamReset):
-            self._route_stream(event.stream_id, lambda s: s._stream_reset(event.stream_id, event.error_code))
+                self.h3 = H3Connection(self._connection, enable_webtransport=True)
+        elif isinstance(event, QuicStreamReset):
+            self._stream_event(event.stream_id, StreamReset(event.stream_id, event.error_code))
         elif isinstance(event, StopSendingReceived):
-            self._route_stream(event.stream_id, lambda s: s._stop_sending(event.stream_id))
+            self._stream_event(event.stream_id, StopSending(event.stream_id))
         elif isinstance(event, ConnectionTerminated):
-            self.terminated = True
+            self._terminated = True
             code = CloseCode.NORMAL if event.error_code == 0 else CloseCode.ABNORMAL
-            reason = event.reason_phrase or "QUIC connection closed"
+            ended = SessionEnded(code, event.reason_phrase or "QUIC connection closed")
             for session in list(self.sessions.values()):
-                session._peer_closed(code, reason)
+                session.handle_event(ended)
             return
         if self.h3 is not None:
             for h3_event in self.h3.handle_event(event):
                 self._h3_event(h3_event)
 
-    def _route_stream(self, stream_id: int, action: Callable[[WebTransportSession], None]) -> None:
+    def _stream_event(self, stream_id: int, event: SessionEvent) -> None:
         session = self.sessions.get(stream_id)
-        if session is not None:  # the CONNECT stream itself was reset: the session is over
-            session._peer_closed(CloseCode.ABNORMAL, "session stream reset by the client")
+        if session is not None:  # the CONNECT stream itself: the session is over
+            session.handle_event(SessionEnded(CloseCode.ABNORMAL, "session stream reset by the client"))
             return
         for session in self.sessions.values():
-            if stream_id in session._streams:
-                action(session)
+            if session.has_stream(stream_id):
+                session.handle_event(event)
                 return
 
     def _h3_event(self, event: H3Event) -> None:
         if isinstance(event, WebTransportStreamDataReceived):
             session = self.sessions.get(event.session_id)
             if session is not None:
-                session._stream_data(event.stream_id, event.data, event.stream_ended)
-            elif event.stream_id not in self._refused:
+                session.handle_event(StreamData(event.stream_id, event.data, event.stream_ended))
+            elif event.stream_id not in self._refused_streams:
                 self._refuse_stream(event.stream_id)
         elif isinstance(event, DatagramReceived):
             session = self.sessions.get(event.stream_id)
             if session is not None:
-                session._datagram(event.data)
+                session.handle_event(Datagram(event.data))
         elif isinstance(event, HeadersReceived):
             self.server.on_request(self, event)
         elif isinstance(event, DataReceived):
@@ -106,32 +225,19 @@ class WebTransportProtocol(QuicConnectionProtocol):
                 return
             closing = parse_close_capsule(event.data)
             if closing is not None:
-                session._peer_closed(*closing)
+                session.handle_event(SessionEnded(*closing))
             elif event.stream_ended:
-                session._peer_closed(CloseCode.NORMAL, "session closed by the client")
+                session.handle_event(SessionEnded(CloseCode.NORMAL, "session closed by the client"))
 
     def _refuse_stream(self, stream_id: int) -> None:
         """A stream for a session that is gone (or never was): tell the client to stop."""
-        self._refused.add(stream_id)
-        try:
-            self._quic.stop_stream(stream_id, STREAM_REJECTED)
-            if not stream_id & 2:
-                self._quic.reset_stream(stream_id, STREAM_REJECTED)
-        except Exception:  # aioquic already discarded the stream
-            pass
-        self.schedule_transmit()
+        self._refused_streams.add(stream_id)
+        self.abort_stream(stream_id, reset_sending=not stream_id & 2, stop_receiving=True)
 
-    def respond(self, stream_id: int, status: int, *, end_stream: bool, body: bytes = b"") -> None:
-        assert self.h3 is not None
-        headers = [(b":status", str(status).encode())]
-        if status == 200:
-            headers.append((b"sec-webtransport-http3-draft", b"draft02"))
-        elif body:
-            headers.append((b"content-type", b"text/plain; charset=utf-8"))
-        self.h3.send_headers(stream_id, headers, end_stream=end_stream and not body)
-        if body:
-            self.h3.send_data(stream_id, body, end_stream=True)
-        self.schedule_transmit()
+    def _h3(self) -> H3Connection:
+        if self.h3 is None:
+            raise RuntimeError("no HTTP/3 on this QUIC connection")
+        return self.h3
 
 
 def _headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[str, str], dict[str, str]]:
@@ -151,20 +257,20 @@ class WebTransportServer:
         self.settings = settings
         self.certificate = certificate
         self.sessions: set[WebTransportSession] = set()
-        self.pending = 0
+        """Accepted sessions, until they end."""
+        self.pending: set[WebTransportSession] = set()
+        """Sessions the kernel is deciding about (authenticate, limits)."""
         self.address: tuple[str, int] | None = None
+        self.scheduler: FlushScheduler = streaming.flush_scheduler
         self._quic_server: QuicServer | None = None
-        self._dirty: list[WebTransportProtocol] = []
-        self._scheduled = False
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         limits = streaming.config.limits
         self._send_limit = settings.send_buffer if settings.send_buffer is not None else limits.send_buffer
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.scheduler = self.streaming.flush_scheduler  # the one of the running loop
         idle = self.settings.idle_timeout
         configuration = QuicConfiguration(
             is_client=False,
@@ -173,59 +279,54 @@ class WebTransportServer:
             idle_timeout=idle + 5.0 if idle > 0 else 600.0,  # the session check fires first, cleanly
         )
         configuration.load_cert_chain(self.certificate.cert_file, self.certificate.key_file)
-        self._quic_server = await serve(
-            host, port, configuration=configuration,
-            create_protocol=lambda *a, **kw: WebTransportProtocol(*a, server=self, **kw),
-        )
-        udp = self._quic_server._transport
-        assert udp is not None
-        sockname = udp.get_extra_info("sockname")
-        self.address = (host, int(sockname[1]))
+
+        def create(*args: Any, **kwargs: Any) -> WebTransportProtocol:
+            return WebTransportProtocol(*args, server=self, **kwargs)
+
+        self._quic_server, self.address = await aioquic_adapter.listen(host, port, configuration=configuration,
+                                                                       create_protocol=create)
 
     async def stop(self) -> None:
-        for session in list(self.sessions):
-            if not session._finished:
+        """Close what the kernel's drain left open, wait for our tasks a while, then close the socket."""
+        for session in list(self.sessions | self.pending):
+            if not session.closed.is_set():
                 self.spawn(session.close(CloseCode.GOING_AWAY, "server shutting down"))
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.streaming.config.server.drain_timeout)
-        for task in list(self._tasks):
-            task.cancel()
-        self.flush()
+        timeout = self.streaming.config.server.drain_timeout
+        for _ in range(2):  # cancelled tasks may spawn a last close: give those their turn too
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=timeout)
+            for task in list(self._tasks):
+                task.cancel()
+            timeout = 1.0
+        self.scheduler.flush_all()
         if self._quic_server is not None:
             self._quic_server.close()
             self._quic_server = None
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` in a task this server keeps and cancels at stop."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("WebTransport server task failed: %r", task.exception(), exc_info=task.exception())
 
-    # -- transmit scheduling (hot path) ----------------------------------------------------------
+    # -- sessions -----------------------------------------------------------------------------
 
-    def mark(self, protocol: WebTransportProtocol) -> None:
-        self._dirty.append(protocol)
-        if not self._scheduled:
-            self._scheduled = True
-            (self._loop or asyncio.get_running_loop()).call_soon(self.flush)
+    def session_accepted(self, session: WebTransportSession) -> None:
+        self.pending.discard(session)
+        self.sessions.add(session)
 
-    def flush(self) -> None:
-        self._scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for protocol in dirty:
-            protocol._dirty = False
-            if not protocol.terminated:
-                protocol.transmit()
-
-    # -- admission --------------------------------------------------------------------------------
+    def session_over(self, session: WebTransportSession) -> None:
+        self.pending.discard(session)
+        self.sessions.discard(session)
 
     def on_request(self, protocol: WebTransportProtocol, event: HeadersReceived) -> None:
+        """A request on a new stream: refuse it here, or make a session of it for the kernel to run."""
         pseudo, headers = _headers(event.headers)
         stream_id = event.stream_id
         if pseudo.get(":method") != "CONNECT" or pseudo.get(":protocol") != "webtransport":
@@ -233,8 +334,8 @@ class WebTransportServer:
                              body=b"this HTTP/3 endpoint serves WebTransport sessions only\n")
             return
         path, _, query = pseudo.get(":path", "/").partition("?")
-        handler = self._handler(path)
-        if handler is None:
+        found, handler = self.streaming.endpoint("webtransport", path)
+        if not found:
             log.info("WebTransport session refused: no handler at %s", path)
             protocol.respond(stream_id, 404, end_stream=True)
             return
@@ -243,72 +344,31 @@ class WebTransportServer:
         if origin is not None and not self._origin_allowed(origin, authority):
             log.info("WebTransport session to %s refused: origin %r is not allowed (webtransport.allowed_origins)",
                      path, origin)
-            protocol.respond(stream_id, 403, end_stream=True)
+            protocol.respond(stream_id, 403, end_stream=True, body=b"origin not allowed\n")
             return
-        if len(self.sessions) + self.pending >= self.settings.max_sessions:
+        if len(self.sessions) + len(self.pending) >= self.settings.max_sessions:
             log.warning("WebTransport session refused: webtransport.max_sessions (%d) reached",
                         self.settings.max_sessions)
-            protocol.respond(stream_id, 503, end_stream=True)
+            protocol.respond(stream_id, 503, end_stream=True, body=b"too many sessions\n")
             return
         headers.setdefault("host", authority)
-        peer = protocol._quic._network_paths[0].addr if protocol._quic._network_paths else None
+        peer = protocol.peer_address()
         request = ConnectionRequest(transport="webtransport", path=path, query_string=query, headers=headers,
-                                    client=(str(peer[0]), int(peer[1])) if peer else None)
+                                    client=peer)
         settings = self.settings
         session = WebTransportSession(
             request, self.streaming, protocol=protocol, session_id=stream_id, send_limit=self._send_limit,
             read_limit=settings.read_buffer, max_streams=settings.max_streams_per_session,
             max_datagram_size=settings.max_datagram_size, idle_timeout=settings.idle_timeout)
-        protocol.sessions[stream_id] = session  # streams opened before the answer are kept for it
-        self.pending += 1
-        self.spawn(self._admit(session, handler))
+        protocol.add_session(session)  # streams opened before the answer are kept for it
+        self.pending.add(session)
+        self.spawn(self._serve(session, handler))
 
-    async def _admit(self, session: WebTransportSession, handler: Handler) -> None:
-        protocol = session._protocol
+    async def _serve(self, session: WebTransportSession, handler: Handler | None) -> None:
         try:
-            try:
-                session.identity = await self.streaming.authenticate(session.request)
-                await self.streaming.open(session)
-            except Refused as exc:
-                log.info("WebTransport session %s to %s refused (%d): %s", session.id, session.request.path,
-                         exc.status, exc.reason)
-                protocol.sessions.pop(session.session_id, None)
-                session._finished = True
-                if not protocol.terminated:
-                    protocol.respond(session.session_id, exc.status, end_stream=True)
-                return
+            await self.streaming.serve_connection(session, handler)
         finally:
-            self.pending -= 1
-        if session._finished:  # the client left while we were deciding
-            await self.streaming.closed(session, session.close_code or CloseCode.ABNORMAL, session.close_reason)
-            return
-        self.sessions.add(session)
-        protocol.respond(session.session_id, 200, end_stream=False)
-        session.start_idle_timer()
-        session.log.debug("WebTransport session %s open at %s", session.id, session.request.path)
-        code, reason = CloseCode.NORMAL, ""
-        try:
-            await handler(session)
-        except ConnectionClosed:
-            pass
-        except asyncio.CancelledError:
-            code, reason = CloseCode.GOING_AWAY, "server shutting down"
-            raise
-        except Exception as exc:
-            session.log.error("handler for %s failed on session %s: %r", session.request.path, session.id, exc,
-                              exc_info=exc)
-            code, reason = CloseCode.INTERNAL_ERROR, "internal error"
-        finally:
-            if not session._finished:
-                await asyncio.shield(self.spawn(session.close(code, reason)))
-
-    def _handler(self, path: str) -> Handler | None:
-        handlers: Mapping[str, Handler] = self.streaming.handlers("webtransport")
-        if path in handlers:
-            return handlers[path]
-        if path == "/wt" and self.streaming.config.server.room_endpoints:
-            return self.streaming.serve_room_protocol
-        return None
+            self.pending.discard(session)
 
     def _origin_allowed(self, origin: str, authority: str) -> bool:
         parts = urlsplit(origin)

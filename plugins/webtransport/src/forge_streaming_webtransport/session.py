@@ -2,11 +2,16 @@
 
 Handlers get streams and datagrams (``accept_bidirectional_stream``,
 ``open_unidirectional_stream``, ``send_datagram``, ...). The kernel gets
-``read_message``/``write_message``/``deliver`` over the *message stream*:
-the first client-opened bidirectional stream the handler has not accepted
-itself (see ``framing`` for its framing). ``deliver`` is the hot path: it
-writes the shared, already framed bytes into the QUIC stream and asks for
-one transmit per event-loop iteration, never awaiting.
+``accept``/``refuse``/``read_message``/``write_message``/``deliver``/``close``
+over the *message stream*: the first client-opened bidirectional stream the
+handler has not accepted itself (see ``framing`` for its framing), and runs
+the session's life (``streaming.serve_connection``). ``deliver`` is the hot
+path: it writes the shared, already framed bytes into the QUIC stream and
+asks for one transmit per event-loop iteration, never awaiting.
+
+The session hears from its QUIC connection through :meth:`handle_event`
+(the small event objects of ``events``) and reaches it through the public
+methods of :class:`~forge_streaming_webtransport.server.WebTransportProtocol`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from aioquic.h3.connection import FrameType
 from forge_streaming import (
     CloseCode,
     Connection,
@@ -27,8 +31,9 @@ from forge_streaming import (
     Streaming,
 )
 
+from .events import Datagram, SessionEnded, SessionEvent, StopSending, StreamData, StreamReset
 from .framing import FramingError, MessageDecoder, close_capsule, encode_message
-from .streams import STREAM_REJECTED, StreamClosed, WebTransportStream
+from .streams import StreamClosed, WebTransportStream
 
 if TYPE_CHECKING:
     from .server import WebTransportProtocol
@@ -36,6 +41,10 @@ if TYPE_CHECKING:
 MAX_QUEUED_DATAGRAMS = 256
 ACK_WAIT = 1.0
 """How long ``close`` waits for the client to acknowledge the message stream before closing."""
+
+SLOW_CONSUMER = "slow consumer"
+TOO_LARGE = "too large"
+IDLE_TIMEOUT = "idle timeout"
 
 
 def _wt_bytes(frame: OutboundFrame) -> bytes:
@@ -53,7 +62,6 @@ class WebTransportSession(Connection):
         super().__init__(request, streaming)
         self.session_id = session_id
         self._protocol = protocol
-        self._quic = protocol._quic
         self._loop = asyncio.get_running_loop()
         self._send_limit = send_limit
         self._read_limit = read_limit
@@ -72,8 +80,9 @@ class WebTransportSession(Connection):
         self._queued = 0
         self._decoder = MessageDecoder(streaming.config.limits.max_message_size)
         self._changed = asyncio.Event()
-        self._finished = False
-        self._finish_task: asyncio.Task[None] | None = None
+        self._over = False
+        """The session's I/O is over (closed by either side, refused, or its QUIC connection gone)."""
+        self._close_task: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
         """Set once the session has ended, whoever ended it."""
 
@@ -82,14 +91,14 @@ class WebTransportSession(Connection):
     async def accept_bidirectional_stream(self) -> WebTransportStream:
         """The next bidirectional stream the client opens; ConnectionClosed once the session ends."""
         while not self._incoming_bidi:
-            self._raise_if_finished()
+            self._raise_if_ended()
             await self._wait_change()
         return self._incoming_bidi.popleft()
 
     async def accept_unidirectional_stream(self) -> WebTransportStream:
         """The next unidirectional (client-to-server) stream; ConnectionClosed once the session ends."""
         while not self._incoming_uni:
-            self._raise_if_finished()
+            self._raise_if_ended()
             await self._wait_change()
         return self._incoming_uni.popleft()
 
@@ -100,23 +109,18 @@ class WebTransportSession(Connection):
         return self._open_stream(unidirectional=True)
 
     def _open_stream(self, *, unidirectional: bool) -> WebTransportStream:
-        self._raise_if_finished()
+        self._raise_if_ended()
         if len(self._streams) >= self._max_streams:
             raise StreamClosed(f"session {self.id} has {len(self._streams)} open streams, the limit "
                                f"(webtransport.max_streams_per_session) is {self._max_streams}")
-        h3 = self._protocol.h3
-        assert h3 is not None
-        stream_id = h3.create_webtransport_stream(self.session_id, is_unidirectional=unidirectional)
-        if not unidirectional:
-            # aioquic parses replies on a bidirectional stream it opened as HTTP frames
-            # unless told it carries WebTransport data for this session
-            with h3._get_or_create_stream(stream_id) as h3_stream:
-                h3_stream.frame_type = FrameType.WEBTRANSPORT_STREAM
-                h3_stream.session_id = self.session_id
-        stream = WebTransportStream(self, stream_id, readable=not unidirectional, writable=True)
+        stream_id = self._protocol.open_stream(self.session_id, unidirectional=unidirectional)
+        stream = self._new_stream(stream_id, readable=not unidirectional, writable=True)
         self._streams[stream_id] = stream
-        self._protocol.schedule_transmit()
         return stream
+
+    def has_stream(self, stream_id: int) -> bool:
+        """True if ``stream_id`` is one of this session's open streams."""
+        return stream_id in self._streams
 
     # -- handler API: datagrams -----------------------------------------------------
 
@@ -125,16 +129,13 @@ class WebTransportSession(Connection):
         if len(data) > self.max_datagram_size:
             raise ValueError(f"datagram of {len(data)} bytes is larger than webtransport.max_datagram_size "
                              f"({self.max_datagram_size} bytes)")
-        self._raise_if_finished()
-        h3 = self._protocol.h3
-        assert h3 is not None
-        h3.send_datagram(self.session_id, data)
-        self._protocol.schedule_transmit()
+        self._raise_if_ended()
+        self._protocol.send_datagram(self.session_id, data)
 
     async def receive_datagram(self) -> bytes:
         """The next datagram from the client; ConnectionClosed once the session ends."""
         while not self._datagrams:
-            self._raise_if_finished()
+            self._raise_if_ended()
             await self._wait_change()
         return self._datagrams.popleft()
 
@@ -142,12 +143,31 @@ class WebTransportSession(Connection):
         """Return when the session has ended (peer went away, idle, closed, shutdown)."""
         await self.closed.wait()
 
-    # -- kernel Connection -------------------------------------------------------------
+    # -- kernel Connection: opening --------------------------------------------------
+
+    async def accept(self) -> None:
+        """Answer the CONNECT with 200 and start the idle timer (the kernel admitted the session)."""
+        if self.is_ended:  # the client left, or broke the framing, while the kernel was deciding
+            raise ConnectionClosed(self.close_code or CloseCode.ABNORMAL, self.close_reason)
+        self._protocol.respond(self.session_id, 200, end_stream=False)
+        self._protocol.session_accepted(self)
+        if self._idle_timeout > 0:
+            self._idle_timer = self._loop.call_later(self._idle_timeout, self._check_idle)
+        self.log.debug("WebTransport session %s open at %s", self.id, self.request.path)
+
+    async def refuse(self, status: int, code: str, reason: str) -> None:
+        """Answer the CONNECT with ``status`` (and ``reason`` as a text body); the session never opens."""
+        if self._over:  # the client gave up first: nobody to answer
+            return
+        self._end_io()
+        self._protocol.respond(self.session_id, status, end_stream=True, body=f"{reason}\n".encode())
+
+    # -- kernel Connection: messages ---------------------------------------------------
 
     async def read_message(self) -> Message:
         await self._claim_message_stream()
         while not self._messages:
-            self._raise_if_finished()
+            self._raise_if_ended()
             stream = self._message_stream
             if stream is not None and stream.receive_ended:
                 raise ConnectionClosed(CloseCode.NORMAL, "message stream finished by the client")
@@ -159,10 +179,10 @@ class WebTransportSession(Connection):
 
     async def write_message(self, message: str | bytes) -> None:
         stream = await self._claim_message_stream()
-        while self._unacked(stream.stream_id) > self._send_limit // 2:
-            self._raise_if_finished()
+        while self._protocol.unacked(stream.stream_id) > self._send_limit // 2:
+            self._raise_if_ended()
             await asyncio.sleep(0.005)  # waits on the client's acknowledgements; not the hot path
-        self._raise_if_finished()
+        self._raise_if_ended()
         binary = isinstance(message, bytes)
         payload = message if isinstance(message, bytes) else message.encode("utf-8")
         self._write_message_bytes(encode_message(payload, binary))
@@ -177,17 +197,8 @@ class WebTransportSession(Connection):
         assert stream is not None
         if stream.send_ended:  # the client stopped the stream; the session is being closed
             return
-        stream_id = stream.stream_id
-        self._quic.send_stream_data(stream_id, data)
-        self._protocol.schedule_transmit()
-        if self._unacked(stream_id) > self._send_limit:
-            self.streaming.dropped(self, "slow consumer")
-            self._close_soon(CloseCode.POLICY_VIOLATION, "slow consumer")
-
-    def _unacked(self, stream_id: int) -> int:
-        """Bytes written to the stream the client has not acknowledged yet (aioquic keeps them)."""
-        stream = self._quic._streams.get(stream_id)
-        return len(stream.sender._buffer) if stream is not None else 0
+        if self._protocol.write_counted(stream.stream_id, data) > self._send_limit:
+            self._cut(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER, SLOW_CONSUMER)
 
     async def _claim_message_stream(self) -> WebTransportStream:
         if self._message_stream is None:
@@ -196,10 +207,7 @@ class WebTransportSession(Connection):
                 self._incoming_bidi.appendleft(stream)
                 return self._message_stream
             self._message_stream = stream
-            stream._sink = self._message_data
-            early = stream._take_buffered()
-            if early or stream.receive_ended:
-                self._message_data(early, stream.receive_ended)
+            stream.divert(self._message_data)
         return self._message_stream
 
     def _message_data(self, data: bytes, ended: bool) -> None:
@@ -207,93 +215,110 @@ class WebTransportSession(Connection):
             messages = self._decoder.feed(data)
         except FramingError as exc:
             self.log.info("session %s broke the message framing: %s", self.id, exc)
-            self.streaming.dropped(self, "too large" if exc.close_code == CloseCode.MESSAGE_TOO_BIG
-                                   else "protocol error")
-            self._close_soon(exc.close_code, str(exc))
+            why = TOO_LARGE if exc.close_code == CloseCode.MESSAGE_TOO_BIG else "protocol error"
+            self._cut(exc.close_code, str(exc), why)
             return
         for message in messages:
             self._messages.append(message)
             self._queued += len(message)
         if self._queued > self._read_limit:
             self._overflowed(f"{self._queued} bytes of messages not yet read")
+        self._notify()
 
     # -- closing -------------------------------------------------------------------------
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Flush the message stream, tell the client ``code``/``reason``, and forget the session."""
-        if self._finished:
-            if self._finish_task is not None:
-                await asyncio.shield(self._finish_task)
-            return
-        self.state = ConnectionState.CLOSING
+        if self._close_task is None:
+            if self._over:
+                return
+            self._close_task = self._protocol.spawn(self._close(int(code), reason))
+        await asyncio.shield(self._close_task)
+
+    def ended(self, code: int, reason: str) -> None:
+        """Over for the kernel; if the session is still open on the wire, close it with that code."""
+        first = not self.is_ended
+        super().ended(code, reason)
+        if first:
+            self._close_soon(int(code), reason)
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.state is ConnectionState.OPEN:
+            self.state = ConnectionState.CLOSING
         stream = self._message_stream
-        if stream is not None and not stream.send_ended and not self._protocol.terminated:
-            stream.send_ended = True
-            self._quic.send_stream_data(stream.stream_id, b"", end_stream=True)
-            self._protocol.schedule_transmit()
+        protocol = self._protocol
+        if stream is not None and not stream.send_ended and not protocol.terminated:
+            stream.close()  # what was delivered goes out before the close capsule
             deadline = self._loop.time() + ACK_WAIT
-            while self._unacked(stream.stream_id) and self._loop.time() < deadline and not self._finished:
+            while protocol.unacked(stream.stream_id) and self._loop.time() < deadline and not self._over:
                 await asyncio.sleep(0.01)
-        if self._finished:
+        if self._over:
             return
-        if not self._protocol.terminated:
-            h3 = self._protocol.h3
+        if not protocol.terminated:
             try:
-                if h3 is not None:
-                    h3.send_data(self.session_id, close_capsule(int(code), reason), end_stream=True)
+                protocol.end_session(self.session_id, close_capsule(code, reason))
             except Exception as exc:  # the CONNECT stream may be gone already
                 self.log.debug("session %s: close capsule not sent: %r", self.id, exc)
-            self._protocol.schedule_transmit()
-        self._start_finish(int(code), reason)
-        await asyncio.shield(self._finish_task)  # type: ignore[arg-type]
+        self._finish(code, reason)
 
     def _close_soon(self, code: int, reason: str) -> None:
-        if not self._finished and self.state is not ConnectionState.CLOSING:
-            self.state = ConnectionState.CLOSING
-            self._protocol.server.spawn(self.close(code, reason))
+        if self._close_task is None and not self._over:
+            self._close_task = self._protocol.spawn(self._close(code, reason))
+
+    def _cut(self, code: int, reason: str, why: str) -> None:
+        """Drop the session for cause ``why`` (counted, hooked) and close it with ``code``/``reason``."""
+        if self.is_ended:
+            return
+        self._close_soon(code, reason)  # first, so that the close the drop asks for carries ``reason``
+        self.drop(why, code)
 
     def _overflowed(self, detail: str) -> None:
         self.log.info("session %s: read buffer overflow: %s", self.id, detail)
-        self.streaming.dropped(self, "too large")
-        self._close_soon(CloseCode.MESSAGE_TOO_BIG, "read buffer overflow")
+        self._cut(CloseCode.MESSAGE_TOO_BIG, "read buffer overflow", TOO_LARGE)
 
-    def _peer_closed(self, code: int, reason: str) -> None:
-        """The client closed the session, or the QUIC connection went away."""
-        self._start_finish(code, reason)
-
-    def _start_finish(self, code: int, reason: str) -> None:
-        if self._finished:
+    def _finish(self, code: int, reason: str) -> None:
+        """The session's I/O is over: end its streams, forget it, and tell the kernel."""
+        if self._over:
             return
-        self._finished = True
-        self.close_code, self.close_reason = code, reason
+        self._end_io()
+        self.ended(code, reason)
+
+    def _end_io(self) -> None:
+        self._over = True
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        if not self._protocol.terminated:
-            for stream in list(self._streams.values()):
-                if stream is not self._message_stream:
-                    self._abandon(stream)
+            self._idle_timer = None
+        terminated = self._protocol.terminated
+        for stream in list(self._streams.values()):
+            if terminated or stream is self._message_stream:
+                stream.end()
+            else:
+                stream.abandon()
         self._protocol.forget(self)
         self.closed.set()
         self._notify()
-        self._finish_task = self._protocol.server.spawn(self.streaming.closed(self, code, reason))
-
-    def _abandon(self, stream: WebTransportStream) -> None:
-        quic = self._quic
-        try:
-            if not stream.send_ended:
-                quic.reset_stream(stream.stream_id, STREAM_REJECTED)
-            if not stream.receive_ended:
-                quic.stop_stream(stream.stream_id, STREAM_REJECTED)
-        except Exception:  # stream state already discarded by aioquic
-            pass
-        stream.send_ended = stream.receive_ended = True
-        self._protocol.schedule_transmit()
 
     # -- fed by the protocol --------------------------------------------------------------
 
-    def start_idle_timer(self) -> None:
-        if self._idle_timeout > 0:
-            self._idle_timer = self._loop.call_later(self._idle_timeout, self._check_idle)
+    def handle_event(self, event: SessionEvent) -> None:
+        """What the QUIC connection has for this session (see ``events``)."""
+        if isinstance(event, StreamData):
+            self._stream_data(event.stream_id, event.data, event.ended)
+        elif isinstance(event, Datagram):
+            self._datagram(event.data)
+        elif isinstance(event, StreamReset):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.peer_reset(event.error_code)
+                self._notify()
+        elif isinstance(event, StopSending):
+            stream = self._streams.get(event.stream_id)
+            if stream is not None:
+                stream.peer_stopped()
+                if stream is self._message_stream:
+                    self._close_soon(CloseCode.POLICY_VIOLATION, "message stream stopped by the client")
+        elif isinstance(event, SessionEnded):
+            self._finish(event.code, event.reason)
 
     def _check_idle(self) -> None:
         remaining = self._last_activity + self._idle_timeout - self._loop.time()
@@ -302,68 +327,48 @@ class WebTransportSession(Connection):
             return
         self._idle_timer = None
         if self.state is ConnectionState.OPEN:
-            self.streaming.dropped(self, "idle timeout")
-            self._close_soon(CloseCode.GOING_AWAY, "idle timeout")
+            self._cut(CloseCode.GOING_AWAY, IDLE_TIMEOUT, IDLE_TIMEOUT)
 
     def _stream_data(self, stream_id: int, data: bytes, ended: bool) -> None:
         self._last_activity = self._loop.time()
         stream = self._streams.get(stream_id)
         if stream is None:
-            if self._finished or stream_id & 1:  # server-initiated but forgotten: ignore
+            if self._over or stream_id & 1:  # server-initiated but forgotten: ignore
                 return
             unidirectional = bool(stream_id & 2)
+            stream = self._new_stream(stream_id, readable=True, writable=not unidirectional)
             if len(self._streams) >= self._max_streams:
                 self.log.info("session %s: stream %d refused, webtransport.max_streams_per_session is %d",
                               self.id, stream_id, self._max_streams)
-                self._abandon(WebTransportStream(self, stream_id, readable=True, writable=not unidirectional))
+                stream.abandon()
                 return
-            stream = WebTransportStream(self, stream_id, readable=True, writable=not unidirectional)
             self._streams[stream_id] = stream
             (self._incoming_uni if unidirectional else self._incoming_bidi).append(stream)
-        stream._feed(data, ended)
-        if ended:
-            self._release(stream)
-
-    def _stream_reset(self, stream_id: int, error_code: int) -> None:
-        stream = self._streams.get(stream_id)
-        if stream is not None:
-            stream.reset_code = error_code
-            stream.receive_ended = True
-            self._release(stream)
             self._notify()
-
-    def _stop_sending(self, stream_id: int) -> None:
-        stream = self._streams.get(stream_id)
-        if stream is not None:
-            stream.send_ended = True  # aioquic has reset our side already
-            self._forget_if_done(stream)
-            if stream is self._message_stream:
-                self._close_soon(CloseCode.POLICY_VIOLATION, "message stream stopped by the client")
+        stream.receive(data, ended)
+        if stream.buffered > self._read_limit:
+            self._overflowed(f"stream {stream_id} holds {stream.buffered} unread bytes")
 
     def _datagram(self, data: bytes) -> None:
         self._last_activity = self._loop.time()
         if len(data) > self.max_datagram_size or len(self._datagrams) >= MAX_QUEUED_DATAGRAMS:
-            self.streaming.counters["webtransport.datagrams_dropped"] += 1
+            self.streaming.count("webtransport.datagrams_dropped")
             return
         self._datagrams.append(data)
         self._notify()
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _send_stream(self, stream_id: int, data: bytes, end_stream: bool) -> None:
-        self._quic.send_stream_data(stream_id, data, end_stream)
-        self._protocol.schedule_transmit()
+    def _new_stream(self, stream_id: int, *, readable: bool, writable: bool) -> WebTransportStream:
+        return WebTransportStream(self, stream_id, readable=readable, writable=writable, wire=self._protocol,
+                                  on_finished=self._stream_finished)
 
-    def _release(self, stream: WebTransportStream) -> None:
-        """The peer will send nothing more on ``stream``: aioquic's HTTP/3 state for it can go."""
-        self._forget_if_done(stream)
-        h3 = self._protocol.h3
-        if h3 is not None and stream.stream_id not in self._streams and stream is not self._message_stream:
-            h3._stream.pop(stream.stream_id, None)  # aioquic never frees WebTransport streams itself
-
-    def _forget_if_done(self, stream: WebTransportStream) -> None:
-        if stream.receive_ended and stream.send_ended and stream is not self._message_stream:
-            self._streams.pop(stream.stream_id, None)
+    def _stream_finished(self, stream: WebTransportStream) -> None:
+        """Both sides of ``stream`` are over: forget it, and the HTTP/3 state aioquic keeps for it."""
+        if stream is self._message_stream or self._streams.get(stream.stream_id) is not stream:
+            return
+        del self._streams[stream.stream_id]
+        self._protocol.release_stream(stream.stream_id)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -372,8 +377,8 @@ class WebTransportSession(Connection):
         self._changed.clear()
         await self._changed.wait()
 
-    def _raise_if_finished(self) -> None:
-        if self._finished:
+    def _raise_if_ended(self) -> None:
+        if self.is_ended or self._over:
             raise ConnectionClosed(self.close_code or CloseCode.ABNORMAL, self.close_reason)
 
     def describe(self) -> dict[str, Any]:

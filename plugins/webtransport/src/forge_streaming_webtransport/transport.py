@@ -47,7 +47,8 @@ class WebTransportTransport(Transport):
             return self.server.address[1]
         return self.settings.port if self.settings.port is not None else self.streaming.http_address[1]
 
-    def routes(self, handlers: Mapping[str, Handler], *, room_endpoint: bool) -> list[BaseRoute]:
+    def routes(self, endpoints: Mapping[str, Handler | None]) -> list[BaseRoute]:
+        """Only the certificate hash: sessions arrive over UDP, and the server looks their paths up itself."""
         return [Route(HASH_PATH, self._certificate_hash)]
 
     def response_headers(self) -> Mapping[str, str]:
