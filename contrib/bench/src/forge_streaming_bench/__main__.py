@@ -21,7 +21,6 @@ from typing import Any
 from . import cases as case_module
 from . import machine, procstat, report
 
-
 PRESETS: dict[str, dict[str, Any]] = {  # fields of cases.Options
     "quick": {"sizes": [100], "deliveries": 40_000, "repeats": 1, "echo_pairs": 50, "echo_rounds": 20,
               "idle_connections": 1_000, "capacity_target": 0, "probe_messages": 100},
