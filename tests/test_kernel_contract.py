@@ -159,3 +159,22 @@ async def test_the_first_identity_wins_and_later_plugins_are_not_asked() -> None
         conn = await open_connection(streaming)
         assert conn.user_id == "first"
         assert asked == ["none", "first"]
+
+
+async def test_a_hook_nobody_implements_costs_nothing_and_a_later_registration_is_seen() -> None:
+    from forge_streaming.plugins import make_plugin_manager
+
+    manager = make_plugin_manager(entry_points=False)
+    assert not manager.implemented("streaming_before_publish")
+    assert await manager.acall("streaming_before_publish", message=None) == []
+    seen: list[object] = []
+
+    class Late:
+        @hookimpl
+        def streaming_before_publish(self, message: object) -> None:
+            seen.append(message)
+
+    manager.register(Late())
+    assert manager.implemented("streaming_before_publish")
+    await manager.acall("streaming_before_publish", message="m")
+    assert seen == ["m"]
