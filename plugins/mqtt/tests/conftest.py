@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
@@ -49,18 +50,20 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
 class Broker:
     """A mosquitto process that a test may kill and restart on the same port."""
 
-    def __init__(self, port: int, log_path: Path, config: list[str] | None = None) -> None:
+    def __init__(self, port: int, log_path: Path, config: list[str] | None = None, *, anonymous: bool = True) -> None:
         self.port = port
         self.url = f"mqtt://127.0.0.1:{port}"
         self.log_path = log_path
         self.config = config  # mosquitto.conf lines beyond the loopback listener
+        self.anonymous = anonymous
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         command = [mosquitto_path(), "-p", str(self.port)]
         if self.config is not None:
             conf = self.log_path.with_suffix(".conf")
-            conf.write_text("\n".join([f"listener {self.port} 127.0.0.1", "allow_anonymous true", *self.config]) + "\n")
+            anonymous = f"allow_anonymous {'true' if self.anonymous else 'false'}"
+            conf.write_text("\n".join([f"listener {self.port} 127.0.0.1", anonymous, *self.config]) + "\n")
             command = [mosquitto_path(), "-c", str(conf)]
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=out)
@@ -125,6 +128,33 @@ def small_queue_broker(tmp_path: Path) -> Iterator[Broker]:
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[Broker]:
     b = Broker(free_port(), tmp_path / "broker.log")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.kill()
+
+
+ACL_EXAMPLE = Path(__file__).parent.parent / "acl.example"
+# the users acl.example names: two nodes and a device, each with its own password
+ACL_PASSWORDS = {"forge-node-1": "node-1-secret", "forge-node-2": "node-2-secret", "thermo-1": "device-secret"}
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A broker that admits only the users of a password file (made with mosquitto_passwd), with the
+    plugin's acl.example as its ACL file, as shipped."""
+    mosquitto_passwd = shutil.which("mosquitto_passwd")
+    if mosquitto_passwd is None:
+        pytest.skip("mosquitto_passwd is not installed")
+    passwd = tmp_path / "passwd"
+    for user, password in ACL_PASSWORDS.items():
+        create = [] if passwd.exists() else ["-c"]
+        subprocess.run([mosquitto_passwd, "-b", *create, str(passwd), user, password], check=True,
+                       capture_output=True, timeout=10)
+    # as root, mosquitto would switch to the user "mosquitto", who cannot read the test's directory
+    b = Broker(free_port(), tmp_path / "broker.log", anonymous=False,
+               config=[f"user {getpass.getuser()}", f"password_file {passwd}", f"acl_file {ACL_EXAMPLE}"])
     b.start()
     try:
         yield b

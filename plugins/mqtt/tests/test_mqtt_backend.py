@@ -14,7 +14,7 @@ import pytest
 from forge_streaming import BackendState, ConfigError, Envelope, EnvelopeKind, Streaming
 from forge_streaming.testing import RecordingListener, run
 from forge_streaming_mqtt import MqttPubSub, MqttSettings
-from forge_streaming_mqtt.continuity import DUPLICATE, Continuity, Numbering
+from forge_streaming_mqtt.continuity import DUPLICATE, MALFORMED, Continuity, Numbering
 from forge_streaming_mqtt.pubsub import MARK_DELAY
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -147,7 +147,8 @@ def test_device_publishes_are_handed_to_the_listener_to_ingest(broker: Any, inge
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.1)
             if ingest:
-                assert listener.ingested == [("sensors", {"t": 21.5}, "sensor-1"), ("sensors", "door open", "mqtt")]
+                assert listener.ingested == [("sensors", {"t": 21.5}, "device:sensor-1"),
+                                             ("sensors", "door open", "device:mqtt")]
                 assert (backend.counters["ingested"], backend.counters["ingest_rejected"]) == (2, 1)
             else:
                 assert listener.ingested == [] and backend.counters["ingested"] == 0
@@ -169,11 +170,14 @@ def test_numbering_and_continuity() -> None:
     assert again.endswith(":1") and not again.startswith(stream)
     assert numbering.last("a") == again and numbering.last("never") is None
     seen = Continuity()
-    assert [seen.check("r", "n", c) for c in ("x:5", "x:6", "x:9", "x:7", "y:1", "junk")] == [0, 0, 2, DUPLICATE, 0, 0]
+    assert [seen.check("r", "n", c) for c in ("x:5", "x:6", "x:9", "x:7", "y:1")] == [0, 0, 2, DUPLICATE, 0]
+    for junk in ("junk", "y:", "y:-1", "y:²", "y:" + "9" * 20, "s" * 33 + ":1"):
+        assert seen.check("r", "n", junk) == MALFORMED, junk
+        assert seen.check_mark("r", "n", junk) == MALFORMED, junk
     assert seen.check("r", "other", "x:1") == 0  # numbers are per origin node
     seen.forget("r")
     assert seen.check("r", "n", "y:5") == 0  # a room subscribed again counts afresh
-    assert [seen.check_mark("r", "n", c) for c in ("y:5", "y:8", "y:8", "z:20", "y:x")] == [0, 3, 0, 0, 0]
+    assert [seen.check_mark("r", "n", c) for c in ("y:5", "y:8", "y:8", "z:20")] == [0, 3, 0, 0]
     assert seen.check("r", "n", "y:9") == 0, "a mark moves the count on"
     assert seen.check_mark("fresh", "n", "y:3") == 0, "nothing heard yet: not ours to judge"
 

@@ -144,7 +144,8 @@ async def test_device_publish_and_mosquitto_sub(broker: Any) -> None:
             await asyncio.sleep(0.2)
             for conn in (alice, bob):
                 got = conn.frames("message")
-                assert [(m["data"], m["user_id"]) for m in got] == [({"t": 21.5}, "sensor-1"), ("door open", "mqtt")]
+                assert [(m["data"], m["user_id"]) for m in got] == [
+                    ({"t": 21.5}, "device:sensor-1"), ("door open", "device:mqtt")]
             assert [m["sequence"] for m in alice.frames("message")] == [m["sequence"] for m in bob.frames("message")]
             out, _ = await asyncio.to_thread(sub.communicate, timeout=10)
         finally:

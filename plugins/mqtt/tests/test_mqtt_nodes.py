@@ -200,7 +200,7 @@ async def test_mosquitto_pub_into_a_room_reaches_a_websocket_client(broker: Any,
                         "-m", '{"data": {"temp": 21}, "user_id": "thermo-1"}'], check=True, timeout=10)
         await until(lambda: member.data() == [{"temp": 21}], what="the device message")
         frame = member.of("message")[0]
-        assert frame["user_id"] == "thermo-1" and isinstance(frame["sequence"], int)
+        assert frame["user_id"] == "device:thermo-1" and isinstance(frame["sequence"], int)
 
 
 async def test_a_node_that_stalls_past_the_brokers_queue_tells_its_members_to_resync(

@@ -11,6 +11,9 @@ A receiving node remembers, per room and origin node, the last number. The
 next one must be one more: a larger one means messages were lost in between
 (the room's members get ``resync``), a smaller or equal one is a duplicate
 (dropped). A new stream, or a room just subscribed, starts counting afresh.
+A value that is not a stream of at most :data:`MAX_STREAM` characters, a
+colon and at most 19 ASCII digits is malformed (the message is dropped): no
+number from the wire is parsed unbounded.
 
 The last messages of a burst are the likeliest to be dropped (the broker's
 queue for a busy node is longest then), and no later message would reveal
@@ -24,7 +27,18 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict
 
+from .topics import MAX_DIGITS
+
 DUPLICATE = -1
+MALFORMED = -2
+MAX_STREAM = 32  # characters of a stream id; ours are 8
+
+
+def _parse(count: str) -> tuple[str, int] | None:
+    stream, sep, text = count.partition(":")
+    if not sep or len(stream) > MAX_STREAM or len(text) > MAX_DIGITS or not text.isdigit() or not text.isascii():
+        return None
+    return stream, int(text)
 
 
 class Numbering:
@@ -60,12 +74,11 @@ class Continuity:
         self._rooms: dict[str, dict[str, tuple[str, int]]] = {}
 
     def check(self, room: str, origin: str, count: str) -> int:
-        """Messages missing between the origin's last one and this one: 0 in order, DUPLICATE to drop it."""
-        stream, _, text = count.partition(":")
-        try:
-            number = int(text)
-        except ValueError:
-            return 0  # not ours to judge: deliver it
+        """Messages missing between the origin's last one and this one: 0 in order; DUPLICATE or MALFORMED: drop it."""
+        stream, sep, text = count.partition(":")  # _parse, inlined: once per message
+        if not sep or len(stream) > MAX_STREAM or len(text) > MAX_DIGITS or not text.isdigit() or not text.isascii():
+            return MALFORMED
+        number = int(text)
         seen = self._rooms.setdefault(room, {})
         last = seen.get(origin)
         if last is not None and last[0] == stream:
@@ -77,15 +90,21 @@ class Continuity:
         return 0
 
     def check_mark(self, room: str, origin: str, count: str) -> int:
-        """Messages missing according to a mark: the origin's last number in its stream is ``count``."""
-        stream, _, text = count.partition(":")
+        """Messages missing according to a mark: the origin's last number in its stream is ``count``.
+
+        MALFORMED: not a count (the mark is ignored).
+        """
+        parsed = _parse(count)
+        if parsed is None:
+            return MALFORMED
+        stream, number = parsed
         seen = self._rooms.get(room)
         last = seen.get(origin) if seen is not None else None
-        if last is None or last[0] != stream or not text.isdigit() or int(text) <= last[1]:
+        if last is None or last[0] != stream or number <= last[1]:
             return 0  # in step, or nothing of that stream heard since subscribing: not ours to judge
         assert seen is not None
-        seen[origin] = (stream, int(text))
-        return int(text) - last[1]
+        seen[origin] = (stream, number)
+        return number - last[1]
 
     def forget(self, room: str) -> None:
         """This node stopped listening to ``room``: the next subscription counts afresh."""

@@ -95,7 +95,7 @@ class MqttLink:
         on_message: MessageHandler,
         on_connect: ConnectHandler,
         on_disconnect: Callable[[], None] | None = None,
-        will: aiomqtt.Will | None = None,
+        will: aiomqtt.Will | Callable[[], aiomqtt.Will] | None = None,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -152,6 +152,7 @@ class MqttLink:
         tls_context = None
         if self._broker.tls:
             tls_context = ssl.create_default_context(cafile=self.settings.ca_file)
+        will = self._will() if callable(self._will) else self._will  # a callable: a new will per connection
         client = BatchingClient(
             self._broker.host,
             self._broker.port,
@@ -161,7 +162,7 @@ class MqttLink:
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=True,
             keepalive=max(1, round(self.settings.keepalive)),
-            will=self._will,
+            will=will,
             timeout=max(self.settings.connect_timeout, 1.0),
             tls_context=tls_context,
             queue_type=_dispatching_queue(self._on_message),

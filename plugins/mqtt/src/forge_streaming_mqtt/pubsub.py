@@ -28,11 +28,22 @@ from forge_streaming import (
     StreamingConfig,
 )
 
-from .continuity import DUPLICATE, Continuity, Numbering
-from .ingest import DevicePayloadError, parse_device_payload
+from .continuity import DUPLICATE, MALFORMED, Continuity, Numbering
+from .ingest import parse_device_payload
 from .link import MqttLink, Sent, publish_properties, read_user_properties
 from .settings import SECTION, MqttSettings
-from .topics import PROP_COUNT, PROP_KIND, PROP_NODE, PROP_SENDER, PROP_SEQUENCE, Topics
+from .topics import (
+    MAX_DIGITS,
+    MAX_NODE_ID_LENGTH,
+    MAX_POSITION,
+    PROP_COUNT,
+    PROP_KIND,
+    PROP_NODE,
+    PROP_SENDER,
+    PROP_SEQUENCE,
+    Topics,
+    valid_id,
+)
 from .wire import UserProperties
 
 log = logging.getLogger("forge_streaming.mqtt")
@@ -40,6 +51,7 @@ log = logging.getLogger("forge_streaming.mqtt")
 _Outgoing = tuple[str, bytes, UserProperties]
 MARK_DELAY = 0.5  # seconds after a node's publishes to a room until it announces the room's last number
 MARK_ROOMS = 500  # rooms per mark message, at most
+MAX_CORRELATION = 64  # bytes of a history request's Correlation Data (ours: 32)
 
 
 def _milestone(count: int) -> bool:
@@ -68,7 +80,8 @@ class MqttPubSub(PubSubBackend):
         self._buffer: deque[_Outgoing] = deque()
         self._ready = False  # connected, resubscribed and flushed: publish goes straight out
         self._gap = False  # a connection was lost (or never made): resync on the next connect
-        self._pending: dict[bytes, asyncio.Future[list[Envelope]]] = {}
+        # history requests in flight: correlation -> (room, since, answer); a reply must match its request
+        self._pending: dict[bytes, tuple[str, int, asyncio.Future[list[Envelope]]]] = {}
         self._max_message_size = max_message_size
         self._ingest_queue: asyncio.Queue[tuple[str, bytes]] | None = None
         self._ingest_task: asyncio.Task[None] | None = None
@@ -105,11 +118,16 @@ class MqttPubSub(PubSubBackend):
         if self._link is not None:
             await self._link.stop()
         self._ready = False
-        for future in self._pending.values():
+        for _, _, future in self._pending.values():
             future.cancel()
         self._pending.clear()
         self._rooms.clear()
         self._listener = None
+
+    @property
+    def connects(self) -> int:
+        """How many times this backend has connected to the broker (1 while it never lost the connection)."""
+        return self._link.connects if self._link is not None else 0
 
     def health(self) -> BackendHealth:
         if self._link is None:
@@ -121,6 +139,11 @@ class MqttPubSub(PubSubBackend):
         if self.counters["missed"]:
             losses.append(f"{self.counters['missed']} messages lost between the broker and this node "
                           f"({self.counters['holes']} holes, members resynced)")
+        refused = sum(self.counters[k] for k in ("bad_topics", "bad_numbers", "history_requests_refused",
+                                                  "history_replies_refused"))
+        if refused:
+            losses.append(f"{refused} publishes refused (invalid ids in topics, numbers out of bounds, "
+                          f"history traffic not from a node; see the log)")
         return BackendHealth(health.state, "; ".join([health.detail, *losses])) if losses else health
 
     # -- connection events ------------------------------------------------------------
@@ -207,7 +230,7 @@ class MqttPubSub(PubSubBackend):
             return
         try:
             marks = json.loads(message.payload) if isinstance(message.payload, bytes) else None
-        except ValueError:
+        except (ValueError, RecursionError):
             marks = None
         if not isinstance(marks, dict):
             self.counters["marks_ignored"] += 1
@@ -215,7 +238,9 @@ class MqttPubSub(PubSubBackend):
         for room, count in marks.items():
             if room in self._rooms and isinstance(count, str):
                 missing = self._continuity.check_mark(room, node, count)
-                if missing:
+                if missing == MALFORMED:
+                    self._refuse_number(message.topic.value, "forge-count", count)
+                elif missing:
                     self._on_hole(room, node, missing)
 
     def _hold(self, topic: str, payload: bytes, props: UserProperties) -> None:
@@ -246,6 +271,11 @@ class MqttPubSub(PubSubBackend):
             self._answer_history(message)
         elif topic == self.topics.history_response(self._node):
             self._on_history_response(message)
+        else:  # a room or node id that is not valid, or not in the one form we encode it in
+            self.counters["bad_topics"] += 1
+            if _milestone(self.counters["bad_topics"]):
+                log.warning("MQTT pubsub: ignoring a publish on %r: not a valid room or node id in its topic "
+                            "(%d such publishes so far)", topic, self.counters["bad_topics"])
 
     def _on_room_message(self, room: str, message: aiomqtt.Message) -> None:
         if room not in self._rooms or self._listener is None:
@@ -260,26 +290,42 @@ class MqttPubSub(PubSubBackend):
                 log.warning("MQTT pubsub: ignoring a publish without forge metadata on %s; devices should "
                             "publish to %s", message.topic.value, self.topics.publish(room))
             return
+        text = props.get(PROP_SEQUENCE)
+        sequence = None
+        if text is not None and not (  # topics.wire_number, inlined: once per message
+                len(text) <= MAX_DIGITS and text.isdigit() and text.isascii()
+                and (sequence := int(text)) < MAX_POSITION):
+            self._refuse_number(message.topic.value, PROP_SEQUENCE, text)
+            return
         count = props.get(PROP_COUNT)
         if count is not None:
             missing = self._continuity.check(room, node, count)
             if missing == DUPLICATE:
                 self.counters["duplicates_dropped"] += 1
                 return
+            if missing == MALFORMED:
+                self._refuse_number(message.topic.value, PROP_COUNT, count)
+                return
             if missing:
                 self._on_hole(room, node, missing)
-        sequence = props.get(PROP_SEQUENCE)
         envelope = Envelope(
             room=room,
             payload=message.payload if isinstance(message.payload, bytes) else bytes(str(message.payload), "utf-8"),
             kind=EnvelopeKind.NOTICE if props.get(PROP_KIND) == EnvelopeKind.NOTICE.value else EnvelopeKind.MESSAGE,
-            sequence=int(sequence) if sequence is not None else None,
+            sequence=sequence,
             sender=props.get(PROP_SENDER),
             node=node,
         )
         if envelope.sequence is not None:
             self._logs.record(envelope)
         self._listener.on_envelope(envelope)
+
+    def _refuse_number(self, topic: str, what: str, value: str) -> None:
+        """A number from the wire out of bounds (only a forger or a bug sends one): the message is dropped."""
+        self.counters["bad_numbers"] += 1
+        if _milestone(self.counters["bad_numbers"]):
+            log.warning("MQTT pubsub: dropped a publish on %r: %s %r is not a number from 0 to 2**63-1 "
+                        "(%d such publishes so far)", topic, what, value[:40], self.counters["bad_numbers"])
 
     def _on_hole(self, room: str, node: str, missing: int) -> None:
         """Messages of ``room`` from ``node`` never arrived: its members resync, history stops vouching."""
@@ -344,9 +390,11 @@ class MqttPubSub(PubSubBackend):
                 data, user_id = parse_device_payload(payload, max_size=self._max_message_size)
                 await listener.ingest(room, data, user_id=user_id)
                 self.counters["ingested"] += 1
-            except DevicePayloadError as exc:
+            except ValueError as exc:  # DevicePayloadError, or the kernel refusing the data (InvalidInput)
                 self.counters["ingest_rejected"] += 1
-                log.warning("MQTT pubsub: device publish to %s refused: %s", self.topics.publish(room), exc)
+                if _milestone(self.counters["ingest_rejected"]):
+                    log.warning("MQTT pubsub: device publish to %s refused: %s (%d refused so far)",
+                                self.topics.publish(room), exc, self.counters["ingest_rejected"])
             except Exception:
                 log.exception("MQTT pubsub: publishing a device message to room %r failed", room)
 
@@ -358,7 +406,7 @@ class MqttPubSub(PubSubBackend):
             return None
         correlation = uuid.uuid4().hex.encode()
         future: asyncio.Future[list[Envelope]] = asyncio.get_running_loop().create_future()
-        self._pending[correlation] = future
+        self._pending[correlation] = (room, since, future)
         props = publish_properties()
         props.ResponseTopic = self.topics.history_response(self._node)
         props.CorrelationData = correlation
@@ -381,40 +429,93 @@ class MqttPubSub(PubSubBackend):
         response_topic = getattr(props, "ResponseTopic", None)
         correlation = getattr(props, "CorrelationData", None)
         try:
-            request = json.loads(message.payload)
-            room, since, node = request["room_id"], int(request["since"]), request.get("node")
-        except (ValueError, KeyError, TypeError):
-            log.warning("MQTT pubsub: malformed history request on %s ignored", message.topic.value)
+            request = json.loads(message.payload) if isinstance(message.payload, bytes) else None
+        except (ValueError, RecursionError):
+            request = None
+        if not isinstance(request, dict):
+            self._refuse_request("not a JSON object")
             return
-        if node == self._node or not response_topic or not isinstance(room, str) or room not in self._rooms:
-            return
-        entries = self._logs.since(room, since)
-        body = {"room_id": room, "node": self._node, "complete": entries is not None,
-                "messages": [{"sequence": e.sequence, "sender": e.sender, "node": e.node,
-                              "payload": e.payload.decode("utf-8")} for e in entries or ()]}
-        reply = publish_properties()
-        if correlation is not None:
-            reply.CorrelationData = correlation
-        self._link.publish_nowait(response_topic, json.dumps(body, ensure_ascii=False).encode(), qos=1,
-                                  properties=reply)
+        room, since, node = request.get("room_id"), request.get("since"), request.get("node")
+        if node == self._node:
+            return  # our own request
+        if not isinstance(node, str) or not valid_id(node, MAX_NODE_ID_LENGTH):
+            self._refuse_request(f"node {node!r} is not a node id")
+        elif not isinstance(room, str) or not valid_id(room):
+            self._refuse_request(f"room_id {room!r} is not a room id")
+        elif type(since) is not int or not 0 <= since < MAX_POSITION:
+            self._refuse_request(f"since {since!r} is not a number from 0 to 2**63-1")
+        elif response_topic != self.topics.history_response(node):
+            # A node answers only on the requesting node's own response topic: never into a room,
+            # another node's topic, or a wildcard (which would make the broker drop this node).
+            self._refuse_request(f"response topic {response_topic!r} is not node {node!r}'s")
+        elif correlation is not None and (not isinstance(correlation, bytes) or len(correlation) > MAX_CORRELATION):
+            self._refuse_request("correlation data longer than 64 bytes")
+        elif room in self._rooms:
+            entries = self._logs.since(room, since)
+            body = {"room_id": room, "node": self._node, "complete": entries is not None,
+                    "messages": [{"sequence": e.sequence, "sender": e.sender, "node": e.node,
+                                  "payload": e.payload.decode("utf-8")} for e in entries or ()]}
+            reply = publish_properties()
+            if correlation is not None:
+                reply.CorrelationData = correlation
+            self._link.publish_nowait(response_topic, json.dumps(body, ensure_ascii=False).encode(), qos=1,
+                                      properties=reply)
+
+    def _refuse_request(self, why: str) -> None:
+        self.counters["history_requests_refused"] += 1
+        if _milestone(self.counters["history_requests_refused"]):
+            log.warning("MQTT pubsub: history request on %s ignored: %s (%d such requests so far)",
+                        self.topics.history_request, why, self.counters["history_requests_refused"])
 
     def _on_history_response(self, message: aiomqtt.Message) -> None:
         correlation = getattr(message.properties, "CorrelationData", None)
-        future = self._pending.get(correlation) if correlation is not None else None
-        if future is None or future.done():
-            return
+        pending = self._pending.get(correlation) if isinstance(correlation, bytes) else None
+        if pending is None or pending[2].done():
+            return  # late (another node answered first, or the wait is over) or not ours
+        room, since, future = pending
         try:
-            body = json.loads(message.payload)
-            if not body.get("complete"):
-                return
-            room = body["room_id"]
-            envelopes = [Envelope(room=room, payload=m["payload"].encode("utf-8"), kind=EnvelopeKind.MESSAGE,
-                                  sequence=int(m["sequence"]), sender=m.get("sender"), node=m.get("node") or "")
-                         for m in body["messages"]]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            log.warning("MQTT pubsub: malformed history response ignored")
+            envelopes = _history_reply(message.payload, room, since)
+        except (ValueError, RecursionError) as exc:
+            self.counters["history_replies_refused"] += 1
+            if _milestone(self.counters["history_replies_refused"]):
+                log.warning("MQTT pubsub: history reply for room %r ignored: %s (%d such replies so far)",
+                            room, exc, self.counters["history_replies_refused"])
             return
-        future.set_result(envelopes)
+        if envelopes is not None:
+            future.set_result(envelopes)
+
+
+def _history_reply(payload: Any, room: str, since: int) -> list[Envelope] | None:
+    """The envelopes of a reply to a history request for ``room`` after ``since``; None if the node could not
+    vouch (``complete`` false). ValueError when the reply does not answer that request: another room, frames
+    of another room, sequences out of bounds or out of order."""
+    body = json.loads(payload) if isinstance(payload, bytes | str) else None
+    if not isinstance(body, dict):
+        raise ValueError("not a JSON object")
+    if body.get("room_id") != room:
+        raise ValueError(f"it answers for room {body.get('room_id')!r}")
+    if body.get("complete") is not True:
+        return None
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise ValueError("'messages' is not a list")
+    envelopes = []
+    last = since
+    for m in messages:
+        if not isinstance(m, dict):
+            raise ValueError("a message is not a JSON object")
+        sequence, text, sender, node = m.get("sequence"), m.get("payload"), m.get("sender"), m.get("node") or ""
+        if type(sequence) is not int or not last < sequence < MAX_POSITION:
+            raise ValueError(f"sequence {sequence!r} is not above {last} and below 2**63")
+        if not isinstance(text, str) or not (sender is None or isinstance(sender, str)) or not isinstance(node, str):
+            raise ValueError("a message's payload, sender or node is not a string")
+        frame = json.loads(text)
+        if not isinstance(frame, dict) or frame.get("room_id") != room:
+            raise ValueError("a message is a frame of another room")
+        last = sequence
+        envelopes.append(Envelope(room=room, payload=text.encode("utf-8"), kind=EnvelopeKind.MESSAGE,
+                                  sequence=sequence, sender=sender, node=node))
+    return envelopes
 
 
 def factories() -> Mapping[str, Callable[[StreamingConfig], PubSubBackend]]:
