@@ -122,6 +122,8 @@ def test_wheels_build_install_into_a_clean_venv_and_serve(tmp_path: Path) -> Non
     expected = {ep for dist in DISTS for ep in plugin_entry_points(dist)}
     assert expected <= names, f"not loaded from the wheels: {sorted(expected - names)}"
 
+    if "prometheus" in names:
+        env["FORGE_STREAMING__PROMETHEUS__ENABLED"] = "true"  # /metrics is opt-in
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("wb") as out:

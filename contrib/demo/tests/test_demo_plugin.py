@@ -26,9 +26,8 @@ def _only_these_plugins(streaming_plugins_only: Callable[..., None]) -> None:
 
 
 def make(demo: dict[str, Any] | None = None, plugins: tuple[object, ...] = ()) -> Streaming:
-    config: dict[str, Any] = {"plugins": {"allow": ALLOW}}
-    if demo is not None:
-        config["demo"] = demo
+    """A service with the demo enabled (``demo.enabled: true``) plus the ``demo`` keys given."""
+    config: dict[str, Any] = {"plugins": {"allow": ALLOW}, "demo": {"enabled": True, **(demo or {})}}
     return Streaming(config, plugins=plugins)
 
 
@@ -109,4 +108,15 @@ async def test_a_real_identity_wins_over_the_guest_name() -> None:
 async def test_guest_names_can_be_turned_off() -> None:
     streaming = make({"guest_names": False})
     async with streaming.running():
+        assert await identity_of(streaming, "guest=ada") is None
+
+
+async def test_installed_but_not_enabled_it_does_nothing() -> None:
+    """Without ``demo.enabled`` the plugin is loaded, and adds no route and names no guest."""
+    streaming = Streaming({"plugins": {"allow": ALLOW}})
+    assert "demo" in {info.name for info in streaming.plugins.info()}
+    async with streaming.running(), client(streaming) as http:
+        assert "demo-config" not in (await http.get("/")).text
+        assert (await http.get("/demo/stats")).status_code == 404
+        assert (await http.get("/demo/app.js")).status_code == 404
         assert await identity_of(streaming, "guest=ada") is None

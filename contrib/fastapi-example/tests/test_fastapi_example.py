@@ -160,3 +160,16 @@ def test_forge_streaming_serve_runs_the_example_module(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+async def test_installed_contrib_plugins_add_nothing_to_the_app(streaming_plugins_only: Callable[..., None]) -> None:
+    """With the demo and Prometheus installed in the same venv, the app serves neither (they are opt-in)."""
+    pytest.importorskip("forge_streaming_demo")
+    pytest.importorskip("forge_streaming_prometheus")
+    streaming_plugins_only("websocket", "sse", "memory-pubsub", "memory-rooms", "demo", "prometheus")
+    app = create_app(CONFIG)
+    assert {"demo", "prometheus"} <= {info.name for info in get_streaming(app).plugins.info()}
+    async with serve(app) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        for path in ("/rt/metrics", "/rt/demo/stats", "/rt/demo/app.js"):
+            assert (await http.get(path)).status_code == 404, path
+        assert "demo-config" not in (await http.get("/rt/")).text

@@ -18,7 +18,8 @@ from forge_streaming.testing import open_connection, serve
 
 pytestmark = pytest.mark.timeout(60)
 
-CONFIG: dict[str, Any] = {"plugins": {"deny": ["webtransport"]}, "api": {"key": "k"}}
+ENABLED: dict[str, Any] = {"plugins": {"deny": ["webtransport"]}, "prometheus": {"enabled": True}}
+CONFIG: dict[str, Any] = {**ENABLED, "api": {"key": "k"}}
 
 
 @pytest.fixture(autouse=True)
@@ -183,8 +184,7 @@ async def test_counters_move_by_exactly_what_websocket_and_sse_clients_sent(scra
 
 async def test_drops_by_reason_and_rate_limited_frames(scraper: Any) -> None:
     """Drops come from ``Connection.drop`` (what transports call); rate limiting from real frames."""
-    streaming = Streaming({"plugins": {"deny": ["webtransport"]},
-                           "limits": {"messages_per_second": 0.001, "message_burst": 1}})
+    streaming = Streaming({**ENABLED, "limits": {"messages_per_second": 0.001, "message_burst": 1}})
     v: Callable[..., float] = scraper.value
     async with serve(streaming) as server:
         conn = await open_connection(streaming)
@@ -201,7 +201,7 @@ async def test_drops_by_reason_and_rate_limited_frames(scraper: Any) -> None:
 
 async def test_each_service_has_its_own_registry(scraper: Any) -> None:
     """Two services in one process never count into each other's series."""
-    a, b = Streaming({"plugins": {"deny": ["webtransport"]}}), Streaming({"plugins": {"deny": ["webtransport"]}})
+    a, b = Streaming(ENABLED), Streaming(ENABLED)
     v: Callable[..., float] = scraper.value
     async with serve(a) as server_a, serve(b) as server_b:
         for _ in range(3):
@@ -218,8 +218,8 @@ async def test_each_service_has_its_own_registry(scraper: Any) -> None:
 
 
 async def test_path_and_api_key_come_from_the_prometheus_config_section() -> None:
-    streaming = Streaming({"plugins": {"deny": ["webtransport"]}, "api": {"key": "secret"},
-                          "prometheus": {"path": "/internal/metrics", "require_api_key": True}})
+    streaming = Streaming({**ENABLED, "api": {"key": "secret"},
+                          "prometheus": {"enabled": True, "path": "/internal/metrics", "require_api_key": True}})
     async with serve(streaming) as server, httpx.AsyncClient(timeout=10) as http:
         assert (await http.get(server.url + "/metrics")).status_code == 404
         assert (await http.get(server.url + "/internal/metrics")).status_code == 401
@@ -227,3 +227,40 @@ async def test_path_and_api_key_come_from_the_prometheus_config_section() -> Non
         assert wrong.status_code == 401
         ok = await http.get(server.url + "/internal/metrics", headers={"Authorization": "Bearer secret"})
         assert ok.status_code == 200 and "forge_streaming_backend_up" in ok.text
+
+
+async def test_a_token_protects_the_endpoint() -> None:
+    streaming = Streaming({**ENABLED, "api": {"key": "api-key"},
+                           "prometheus": {"enabled": True, "token": "scrape-token"}})
+    async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        refused = await http.get("/metrics")
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        for wrong in ("Bearer nope", "Bearer api-key", "Basic scrape-token", "scrape-token"):
+            assert (await http.get("/metrics", headers={"Authorization": wrong})).status_code == 401, wrong
+        ok = await http.get("/metrics", headers={"Authorization": "Bearer scrape-token"})
+        assert ok.status_code == 200 and "forge_streaming_backend_up" in ok.text
+
+
+async def test_token_and_api_key_together_accept_either() -> None:
+    streaming = Streaming({**ENABLED, "api": {"key": "api-key"},
+                           "prometheus": {"enabled": True, "token": "scrape-token", "require_api_key": True}})
+    async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        assert (await http.get("/metrics")).status_code == 401
+        for good in ("scrape-token", "api-key"):
+            assert (await http.get("/metrics", headers={"Authorization": f"Bearer {good}"})).status_code == 200
+
+
+async def test_disabled_it_serves_nothing_and_counts_nothing() -> None:
+    """Installed but not enabled: no route, and the hooks leave the service's registry untouched."""
+    from forge_streaming_prometheus import metrics_for
+
+    streaming = Streaming({"plugins": {"deny": ["webtransport"]}})
+    async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        assert (await http.get("/metrics")).status_code == 404
+        conn = await open_connection(streaming)
+        await conn.join_room("r")
+        await streaming.broadcast("r", "hi")
+        await conn.close()
+        registry = metrics_for(streaming).registry
+        assert registry.get_sample_value("forge_streaming_connections_opened_total", {"transport": "fake"}) is None
+        assert registry.get_sample_value("forge_streaming_deliveries_total") == 0

@@ -22,7 +22,7 @@ import pytest
 pytestmark = pytest.mark.timeout(90)
 
 BIN = Path(sys.executable).parent
-CONFIG = "api:\n  key: stats-key\nplugins:\n  deny: [webtransport]\n"
+CONFIG = "api:\n  key: stats-key\nplugins:\n  deny: [webtransport]\nprometheus:\n  enabled: true\n"
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,10 @@
-"""The forge-streaming demo: a chat served at ``/`` by ``forge-streaming serve``.
+"""The forge-streaming demo: a chat served at ``/`` when ``demo.enabled`` is true.
 
-A plugin built only on the public contract. It adds, through
+Installed, it does nothing: a service serves the demo only when its config
+says ``demo: {enabled: true}`` (``make run`` passes ``contrib/demo/demo.yaml``,
+or set ``FORGE_STREAMING__DEMO__ENABLED=true``), so installing the package
+never adds a page, an unauthenticated endpoint or guest names to your own
+app. A plugin built only on the public contract. Enabled, it adds, through
 ``streaming_register_routes``:
 
 - ``/``: the chat page (rooms, who is here, typing, the transport in use, live
@@ -14,7 +18,7 @@ And, so that presence shows names rather than connection ids, it names
 connections nobody else identified from a ``?guest=`` query parameter
 (user id ``guest:<name>``). It runs after every other authenticate hook and
 only when they had no opinion, so it never overrides real authentication;
-``demo.guest_names: false`` turns it off.
+``demo.guest_names: false`` turns it off (with the rest of the demo enabled).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ _STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; c
 class DemoSettings(ConfigSection):
     """Keys under ``demo:`` in the config file."""
 
+    enabled: bool = False
+    """Serve the demo at all: off (the default), the plugin adds no route and names no guest."""
     page: bool = True
     """Serve the chat page at ``/`` (off: the kernel's status page is back)."""
     guest_names: bool = True
@@ -110,7 +116,8 @@ def streaming_config_sections() -> Mapping[str, type[ConfigSection]]:
 
 @hookimpl
 def streaming_register_routes(streaming: Streaming) -> Sequence[BaseRoute]:
-    return _routes(streaming, _settings(streaming))
+    settings = _settings(streaming)
+    return _routes(streaming, settings) if settings.enabled else []
 
 
 @hookimpl(trylast=True)
@@ -120,7 +127,8 @@ def streaming_authenticate(request: ConnectionRequest, streaming: Streaming) -> 
     The kernel keeps the first identity returned and this implementation
     runs last, so an auth plugin that identified the client wins.
     """
-    if not _settings(streaming).guest_names:
+    settings = _settings(streaming)
+    if not (settings.enabled and settings.guest_names):
         return None
     name = guest_name(request.query.get("guest"))
     if name is None:

@@ -123,5 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     streaming = get_streaming(app)
     logging.basicConfig(level=logging.INFO)
     log.info("live rooms at ws://%s:%d/rt/ws?token=alice-token", args.host, args.port)
+    streaming.http_address = (args.host, args.port)  # WebTransport binds the port HTTP listens on
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, **streaming.server_options())
     return 0

@@ -1,7 +1,9 @@
 """Prometheus metrics for forge-streaming, built only on the public hooks.
 
-Installed, it serves ``/metrics`` on every Streaming service (path set by
-the ``prometheus.path`` config key). The hooks live in
+Installed, it does nothing until a service's config enables it
+(``prometheus: {enabled: true}``, with an optional ``prometheus.token``);
+then that service serves ``/metrics`` (path set by the ``prometheus.path``
+config key). The hooks live in
 :mod:`forge_streaming_prometheus.plugin`; :func:`metrics_for` gives the
 registry of one service, for apps that want to add their own series.
 """
