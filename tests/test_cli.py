@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from forge_streaming.testing import ServerProcess
+from forge_streaming.testing import ServerProcess, free_port
 
 BIN = Path(sys.executable).parent / "forge-streaming"
 
@@ -77,3 +77,52 @@ def test_serve_a_users_module(tmp_path: Path, server_factory: Callable[..., Serv
     server = server_factory("myapp:streaming")
     assert httpx.get(server.url + "/healthz").status_code == 200
     assert httpx.get(server.url + "/api/stats", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+# -- issue 17: --config with a target, every config error at once, Forge's file --------------
+
+
+def test_serve_a_target_honours_config(tmp_path: Path, server_factory: Callable[..., ServerProcess]) -> None:
+    (tmp_path / "cfgapp.py").write_text("from forge_streaming import Streaming\nstreaming = Streaming()\n")
+    server = server_factory("cfgapp:streaming", config="api:\n  key: from-the-file\n")
+    stats = httpx.get(server.url + "/api/stats", headers={"Authorization": "Bearer from-the-file"})
+    assert stats.status_code == 200, server.output()
+
+
+def test_serve_refuses_a_config_file_its_target_does_not_read(tmp_path: Path) -> None:
+    (tmp_path / "ownapp.py").write_text(
+        "from forge_streaming import Streaming\nstreaming = Streaming({'api': {'key': 'k'}})\n")
+    config = tmp_path / "file.yaml"
+    config.write_text("api:\n  key: other\nlimits:\n  max_connections: 7\n")
+    result = subprocess.run([str(BIN), "serve", "ownapp:streaming", "--config", str(config),
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "api.key" in result.stderr and "limits.max_connections" in result.stderr
+    assert "Streaming()" in result.stderr
+
+
+def test_check_config_lists_every_error_with_suggestions(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server:\n  prot: 80\nlimits:\n  idle_timeout: soon\nwebsocket:\n  ping_intervall: 3\n"
+                   "serverr: {}\n")
+    result = run("check-config", str(bad))
+    assert result.returncode == 2
+    for needle in ["server.prot", "did you mean 'port'", "limits.idle_timeout", "'soon'",
+                   "websocket.ping_intervall", "did you mean 'ping_interval'", "serverr", "did you mean 'server'"]:
+        assert needle in result.stderr, f"{needle!r} missing from:\n{result.stderr}"
+
+
+def test_check_config_reads_forge_s_shape(tmp_path: Path) -> None:
+    forge = tmp_path / "forge.yaml"
+    forge.write_text("extensions:\n  streaming:\n    backend: local\n    enable_rooms: true\n"
+                     "    max_message_size: 32768\n    ping_interval: 30s\n    sse:\n      keep_alive_interval: 15s\n")
+    result = run("check-config", str(forge))
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert effective["limits"]["max_message_size"] == 32768 and effective["pubsub"]["backend"] == "memory"
+    assert effective["websocket"]["ping_interval"] == 30 and effective["sse"]["keep_alive_interval"] == 15
+    forge.write_text("extensions:\n  streaming:\n    backend: redis\n    message_retention: 720h\n")
+    result = run("check-config", str(forge))
+    assert result.returncode == 2
+    assert "extensions.streaming.backend" in result.stderr and "pubsub: {backend: mqtt" in result.stderr
+    assert "extensions.streaming.message_retention" in result.stderr and "rooms.history_size" in result.stderr

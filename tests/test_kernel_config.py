@@ -75,3 +75,114 @@ def test_plugin_sections_are_validated_with_their_key() -> None:
 def test_unknown_backend_names_what_is_available() -> None:
     with pytest.raises(ConfigError, match=r"pubsub.backend: 'redis' .*available: \['memory'"):
         Streaming({"pubsub": {"backend": "redis"}})
+
+
+# -- every error at once, with suggestions (issue 17) ------------------------------------
+
+
+def test_every_error_is_listed_with_did_you_mean() -> None:
+    class Settings(ConfigSection):
+        ping_interval: Duration = 20.0
+
+    raw = {
+        "server": {"prot": 80, "drain_timeout": "forever"},
+        "limits": {"max_mesage_size": "1MiB"},
+        "serverr": {},
+        "example": {"ping_intervall": 3},
+        "max_message_size": "1MiB",
+    }
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, sections={"example": Settings}, environ={})
+    text = str(info.value)
+    for needle in ["server.prot: unknown key", "did you mean 'port'",
+                   "server.drain_timeout", "'forever'",
+                   "limits.max_mesage_size", "did you mean 'max_message_size'",
+                   "serverr: unknown section", "did you mean 'server'",
+                   "example.ping_intervall", "did you mean 'ping_interval'",
+                   "max_message_size: unknown section", "did you mean 'limits.max_message_size'"]:
+        assert needle in text, f"{needle!r} missing from:\n{text}"
+    assert text.count("\n  ") >= 6  # one line per problem
+
+
+def test_timeout_keys_of_the_server_are_durations() -> None:
+    config = build_config({"server": {"header_timeout": "5s", "body_timeout": "1m", "handshake_timeout": 2},
+                           "limits": {"max_pending_connections": 50}}, environ={})
+    assert (config.server.header_timeout, config.server.body_timeout, config.server.handshake_timeout) == (5, 60, 2)
+    assert config.limits.max_pending_connections == 50
+    defaults = build_config({}, environ={})
+    assert defaults.server.header_timeout == 10 and defaults.server.body_timeout == 30
+    assert defaults.limits.max_pending_connections is None
+
+
+# -- Forge's config shape (issue 17) --------------------------------------------------------
+
+
+def test_forge_extensions_streaming_shape_is_unwrapped_and_mapped() -> None:
+    class WebSocketLike(ConfigSection):
+        ping_interval: Duration = 20.0
+        ping_timeout: Duration = 20.0
+        read_buffer_size: int | None = None
+        write_buffer_size: int | None = None
+        enable_compression: bool = False
+
+    raw = {"extensions": {"streaming": {
+        "backend": "local",
+        "enable_rooms": True,
+        "enable_presence": True,
+        "enable_message_history": True,
+        "enable_typing_indicators": True,
+        "enable_channels": False,
+        "max_connections_per_user": 5,
+        "max_message_size": 65536,
+        "max_messages_per_second": 100,
+        "max_messages_per_room": 500,
+        "node_id": "node-1",
+        "ping_interval": "30s",
+        "pong_timeout": "10s",
+        "read_buffer_size": 4096,
+        "write_buffer_size": 4096,
+        "websocket": {"enable_compression": True},
+        "server": {"port": 9001},
+    }}}
+    config = build_config(raw, sections={"websocket": WebSocketLike}, environ={})
+    assert config.pubsub.backend == "memory"
+    assert config.server.port == 9001 and config.server.node_id == "node-1"
+    assert config.limits.max_connections_per_user == 5 and config.limits.max_message_size == 65536
+    assert config.limits.messages_per_second == 100
+    assert config.rooms.history_size == 500
+    ws = config.section("websocket", WebSocketLike)
+    assert (ws.ping_interval, ws.ping_timeout, ws.read_buffer_size, ws.enable_compression) == (30, 10, 4096, True)
+    no_history = build_config({"extensions": {"streaming": {"enable_message_history": False}}}, environ={})
+    assert no_history.rooms.history_size == 0
+
+
+def test_forge_keys_without_a_counterpart_are_refused_with_the_rewrite() -> None:
+    raw = {"extensions": {"streaming": {
+        "backend": "redis",
+        "backend_urls": ["redis://localhost:6379"],
+        "enable_channels": True,
+        "max_rooms_per_user": 50,
+        "message_retention": "720h",
+        "tls_enabled": True,
+    }, "database": {"dsn": "x"}}}
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, environ={})
+    text = str(info.value)
+    for needle in ["extensions.streaming.backend: 'redis'", "pubsub:", "mqtt",
+                   "extensions.streaming.backend_urls", "pubsub.mqtt.url",
+                   "extensions.streaming.enable_channels", "rooms",
+                   "extensions.streaming.max_rooms_per_user", "limits.max_rooms_per_connection",
+                   "extensions.streaming.message_retention", "rooms.history_size",
+                   "extensions.streaming.tls_enabled",
+                   "extensions.database", "only extensions.streaming"]:
+        assert needle in text, f"{needle!r} missing from:\n{text}"
+
+
+def test_forge_shape_in_a_file_and_a_key_set_twice(tmp_path: Path) -> None:
+    path = tmp_path / "forge.yaml"
+    path.write_text("extensions:\n  streaming:\n    max_message_size: 1024\n    plugins:\n      deny: [webtransport]\n")
+    config = load_config(path, environ={})
+    assert config.limits.max_message_size == 1024 and config.plugins.deny == ["webtransport"]
+    path.write_text("limits:\n  max_message_size: 2048\nextensions:\n  streaming:\n    max_message_size: 1024\n")
+    with pytest.raises(ConfigError, match=r"limits.max_message_size.*set twice"):
+        load_config(path, environ={})

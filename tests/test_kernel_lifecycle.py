@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from forge_streaming import CloseCode, Connection, OutboundFrame, Refused, Streaming, hookimpl
+from forge_streaming import CloseCode, Connection, OutboundFrame, Refused, Streaming, UnknownTransport, hookimpl
 from forge_streaming.testing import RecordingConnection, open_connection
 
 
@@ -160,3 +160,21 @@ async def test_a_member_whose_delivery_fails_is_dropped_and_the_room_carries_on(
 
 async def _hold(conn: Connection) -> None:
     await conn.wait_ended()
+
+
+def test_handler_mistakes_are_refused_at_registration(make_streaming: Any) -> None:
+    streaming: Streaming = make_streaming(only=["websocket", "memory-pubsub", "memory-rooms"])
+
+    async def first(conn: Connection) -> None: ...
+
+    async def second(conn: Connection) -> None: ...
+
+    def not_async(conn: Connection) -> None: ...
+
+    streaming.handle_websocket("/x", first)
+    with pytest.raises(ValueError, match="already registered at '/x'"):
+        streaming.handle_websocket("/x", second)
+    with pytest.raises(TypeError, match="must be an async function"):
+        streaming.handle_websocket("/y", not_async)  # type: ignore[type-var]  # the mistake under test
+    with pytest.raises(UnknownTransport, match="no installed plugin provides the transport 'nope'"):
+        streaming.handle("nope", "/x", first)

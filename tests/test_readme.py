@@ -97,3 +97,76 @@ async def test_mounting_examples(name: str) -> None:
             else:
                 async with httpx.AsyncClient() as client:
                     assert (await client.get(server.url + "/")).text == "my app"
+
+
+def section(title: str) -> str:
+    text = README.read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_use_it_in_your_project_names_real_distributions() -> None:
+    """Every distribution the section tells you to pip install is one of the workspace's, with the path shown."""
+    import tomllib
+
+    root = README.parent
+    projects = {tomllib.loads(p.read_text())["project"]["name"]: p.parent.relative_to(root).as_posix()
+                for p in root.glob("*/pyproject.toml")} | {
+        tomllib.loads(p.read_text())["project"]["name"]: p.parent.relative_to(root).as_posix()
+        for p in root.glob("*/*/pyproject.toml")}
+    text = section("Use it in your project")
+    named = set(re.findall(r"pip install ((?:forge-streaming[\w-]*\s*)+)", text)[0].split())
+    assert {"forge-streaming", "forge-streaming-memory", "forge-streaming-websocket", "forge-streaming-sse"} <= named
+    for name in set(re.findall(r"\bforge-streaming[\w-]*", text)) - {"forge-streaming"}:
+        assert name in projects, f"README names {name}, which is no distribution of this repository"
+    paths = re.findall(r"pip install (\./[^`]+)`", text)[0].split()
+    assert sorted(p.removeprefix("./") for p in paths) == sorted(projects[n] for n in named), (paths, named)
+    assert ".venv/bin" in README.read_text().split("## Contents")[0], "the intro says where `make` puts the commands"
+
+
+async def test_rooms_presence_and_members_answer_as_the_table_says() -> None:
+    """The quick start's table of calls, on a real server with real WebSocket clients."""
+    pytest.importorskip("forge_streaming_websocket")
+    from forge_streaming import ConnectionRequest, Identity, Member, Streaming, get_streaming, hookimpl, new_extension
+
+    class Names:
+        @hookimpl
+        def streaming_authenticate(self, request: ConnectionRequest) -> Identity | None:
+            name = request.query.get("name")
+            return Identity(name) if name else None
+
+    table = section("Quick start")
+    for call in ("streaming.rooms()", "streaming.presence(", "streaming.members(", "new_extension(", "get_streaming("):
+        assert call in table, call
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Mount, Route
+
+    streaming = new_extension({"plugins": {"deny": ["webtransport"]}}, plugins=[Names()])
+    assert isinstance(streaming, Streaming)
+
+    async def node(request: Request) -> Response:  # an app's own route finds the service
+        return PlainTextResponse(get_streaming(request).node_id)
+
+    app = Starlette(routes=[Route("/node", node), Mount("/rt", app=streaming.asgi_app())],
+                    lifespan=streaming.lifespan)
+    async with serve(app) as server:
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(server.url + "/node")).text == streaming.node_id
+        clients = [await websockets.connect(f"{server.ws_url}/rt/ws?{query}")
+                   for query in ("name=ada", "name=grace", "")]
+        try:
+            for ws, room in zip(clients, ("lobby", "lobby", "ops"), strict=True):
+                await ws.send(json.dumps({"type": "join", "room_id": room}))
+                while json.loads(await asyncio.wait_for(ws.recv(), 5)).get("event") != "room.joined":
+                    pass
+            assert sorted(await streaming.rooms()) == ["lobby", "ops"]
+            assert sorted(await streaming.presence("lobby")) == ["ada", "grace"]
+            members = await streaming.members("lobby")
+            assert [m.user_id for m in members] == ["ada", "grace"] and all(isinstance(m, Member) for m in members)
+            assert {m.transport for m in members} == {"websocket"} and all(m.node == streaming.node_id for m in members)
+            anonymous = (await streaming.members("ops"))[0]
+            assert await streaming.presence("ops") == [anonymous.connection_id]
+        finally:
+            for ws in clients:
+                await ws.close()

@@ -28,9 +28,10 @@ from .errors import (
     UnknownTransport,
 )
 from .fanout import PublishMessage
-from .frames import ClientFrame, Message, OutboundFrame, ProtocolError
+from .frames import ClientFrame, InvalidInput, Message, OutboundFrame, ProtocolError
 from .history import RoomHistory
 from .hookspecs import AWAITABLE_HOOKS, hookimpl, hookspec
+from .origins import origin_allowed
 from .pubsub import BackendHealth, BackendListener, BackendState, Envelope, EnvelopeKind, PubSubBackend
 from .rooms import Member, RoomStore
 from .service import PLUGIN_API, ServiceState, Streaming
@@ -58,8 +59,10 @@ __all__ = [
     "BackendHealth", "BackendListener", "BackendState", "BufferedWriter", "ClientFrame", "CloseCode",
     "ConfigError", "ConfigSection", "Connection", "ConnectionClosed", "ConnectionRequest", "ConnectionState",
     "Duration", "Envelope", "EnvelopeKind", "Flushable", "FlushScheduler", "Handler", "HookFailed", "Identity",
+    "InvalidInput",
     "Member", "Message",
     "OutboundFrame", "PluginLoadError", "ProtocolError", "PubSubBackend", "PublishMessage", "Refused",
     "RoomHistory", "RoomStore", "ServiceState", "Size", "Streaming", "StreamingConfig", "StreamingError", "Transport",
     "UnknownTransport", "__version__", "get_streaming", "hookimpl", "load_config", "new_extension",
+    "origin_allowed",
 ]

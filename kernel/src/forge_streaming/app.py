@@ -41,15 +41,36 @@ def build_app(streaming: Streaming) -> ASGIApp:
     extra: dict[str, str] = {}
     for transport in streaming.transports.values():
         extra.update(transport.response_headers())
-    return _HeadersMiddleware(app, extra, streaming) if extra else app
+    return _HeadersMiddleware(app, extra, streaming)
+
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                                "frame-ancestors 'none'; form-action 'self'"),
+}
+"""On every HTTP response the service serves, plugin routes included, unless the response sets its own.
+
+The default policy allows what a same-origin page needs (its own scripts,
+styles, WebSocket, SSE and WebTransport endpoints), nothing inline and no framing.
+"""
+
+
+def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
 class _HeadersMiddleware:
-    """Adds transport headers (``Alt-Svc``) to every HTTP response."""
+    """Adds transport headers (``Alt-Svc``) and :data:`SECURITY_HEADERS` to every HTTP response.
+
+    A header the response already has (a route's own ``Content-Security-Policy``) is kept as it is.
+    """
 
     def __init__(self, app: ASGIApp, headers: dict[str, str], streaming: Streaming | None = None) -> None:
         self.app = app
-        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.headers = _raw({**SECURITY_HEADERS, **headers})
         self.state = getattr(app, "state", None)
         self._streaming = streaming  # headers are read again once it runs: Alt-Svc needs the bound port
 
@@ -61,13 +82,16 @@ class _HeadersMiddleware:
             fresh: dict[str, str] = {}
             for transport in self._streaming.transports.values():
                 fresh.update(transport.response_headers())
-            self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in fresh.items()]
+            self.headers = _raw({**SECURITY_HEADERS, **fresh})
             self._streaming = None
+        added = self.headers
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message = dict(message)
-                message["headers"] = list(message.get("headers", [])) + self.headers
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                message["headers"] = headers + [h for h in added if h[0] not in present]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

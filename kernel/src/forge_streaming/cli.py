@@ -1,28 +1,104 @@
-"""The ``forge-streaming`` command: serve, plugins, check-config, publish, stats."""
+"""The ``forge-streaming`` command: serve, plugins, check-config, publish, stats.
+
+Also the server both ``serve`` and the test kit run (:func:`build_server`):
+uvicorn with the transports' protocol classes, a draining shutdown, and
+deadlines uvicorn lacks (:class:`HttpGuard`: complete request headers within
+``server.header_timeout``, a body within ``server.body_timeout``, at most
+``limits.max_pending_connections`` connections still sending headers). And
+the log filter that keeps tokens and secrets out of every log line
+(:class:`RedactingFilter`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import uvicorn
 
 from . import __version__
-from .config import merge, read_yaml
+from .config import ENV_CONFIG_FILE, LimitSettings, ServerSettings, build_config, merge, read_yaml, unwrap_forge
 from .errors import StreamingError
 from .plugins import make_plugin_manager
 from .service import Streaming
 
 log = logging.getLogger("forge_streaming.cli")
+
+
+# -- logging --------------------------------------------------------------------------------
+
+SECRET_NAMES = ("access_token", "refresh_token", "id_token", "token", "jwt", "api_key", "apikey", "key",
+                "password", "passwd", "secret", "client_secret")
+"""Query parameters and JSON/dict keys whose values never reach a log line."""
+
+SECRET_HEADERS = ("authorization", "proxy-authorization", "x-api-key", "x-stream-token", "cookie")
+
+REDACTED = "[redacted]"
+
+_NAMES = "|".join(sorted(SECRET_NAMES, key=len, reverse=True))
+_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # ?token=..., &api_key=..., password=...
+    (re.compile(r"(?i)(?<![\w-])(" + _NAMES + r")=(?!\[redacted\])[^&\s'\"#;,)\]]+"), r"\1=" + REDACTED),
+    # "token": "...", 'password': b'...', "key": 123
+    (re.compile(r"(?i)(['\"](?:" + _NAMES + r")['\"]\s*:\s*)(?:b?'[^']*'|b?\"[^\"]*\"|[^\s,}\]]+)"),
+     r"\1'" + REDACTED + "'"),
+    # header: value, 'header': 'value', (b'header', b'value')
+    (re.compile(r"(?i)(\b(?:" + "|".join(SECRET_HEADERS) + r")\b['\"]?\s*[:=,]\s*(?:b?['\"])?)[^'\"\r\n]+"),
+     r"\1" + REDACTED),
+    (re.compile(r"(?i)\b(bearer|basic)\s+(?!\[redacted\])[A-Za-z0-9._~+/=-]+"), r"\1 " + REDACTED),
+    # JWTs anywhere else (path segments, bodies, reprs): header.payload.signature, base64url
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), REDACTED),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with tokens and secrets replaced by ``[redacted]`` (see :class:`RedactingFilter`)."""
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Keeps tokens and secrets out of log lines: query parameters named like :data:`SECRET_NAMES`,
+    ``Authorization`` and similar headers, bearer credentials and JWTs, in the message, its
+    arguments (uvicorn's access line has the path with its query as an argument) and tracebacks.
+
+    Arguments are redacted one by one and keep their place, so a formatter that unpacks them
+    (uvicorn's ``AccessFormatter``) still works.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        args = record.args
+        if isinstance(args, tuple):
+            record.args = tuple(self._arg(arg) for arg in args)
+        elif isinstance(args, Mapping):
+            record.args = {key: self._arg(value) for key, value in args.items()}
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+    @staticmethod
+    def _arg(arg: Any) -> Any:
+        if arg is None or isinstance(arg, (int, float)):
+            return arg
+        text = arg if isinstance(arg, str) else str(arg)
+        redacted = redact(text)
+        return arg if redacted == text else redacted
 
 
 class JsonFormatter(logging.Formatter):
@@ -38,7 +114,9 @@ class JsonFormatter(logging.Formatter):
         connection_id = getattr(record, "connection_id", None)
         if connection_id:
             entry["connection_id"] = connection_id
-        if record.exc_info:
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        elif record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
@@ -51,14 +129,21 @@ class _TextFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """One handler on the root logger (uvicorn's loggers propagate to it), with secrets redacted."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    redacting = RedactingFilter()
+    handler.addFilter(redacting)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # handlers of their own, if anyone added some
+        for own in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactingFilter) for f in own.filters):
+                own.addFilter(redacting)
 
 
 def _import_target(target: str) -> Any:
@@ -94,6 +179,223 @@ def _find_streaming(obj: Any, depth: int = 3) -> Streaming | None:
     return None
 
 
+# -- the HTTP server ----------------------------------------------------------------------------
+
+
+def _default_pending_limit() -> int:
+    """Half the process's open-file limit, at most 1000: half-sent requests never starve the others of fds."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1000
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return 1000
+    return max(16, min(1000, soft // 2))
+
+
+_HEADERS, _BODY, _APP, _DONE = "headers", "body", "app", "done"
+
+
+class HttpGuard:
+    """Deadlines for HTTP/1.1 requests, around uvicorn's own HTTP protocol class.
+
+    uvicorn waits forever for a request's headers and body. Installed as
+    uvicorn's ``http=`` (it is called like the class it wraps), this gives
+    every connection ``header_timeout`` to send complete request headers
+    (from connecting, or from its first byte after the previous response)
+    and ``body_timeout`` for a body once the headers are in; a connection
+    that started a request and misses either is answered 408 and closed,
+    one that never sent a byte is closed. At most ``max_pending``
+    connections may be sending headers at once: past that the oldest is
+    cut, so half-open sockets cannot take every file descriptor. A
+    WebSocket upgrade leaves the guard once its request is complete (the
+    WebSocket protocol's handshake timeout takes over).
+    """
+
+    def __init__(self, protocol_class: Any, *, header_timeout: float, body_timeout: float, max_pending: int,
+                 streaming: Streaming | None = None) -> None:
+        self.protocol_class = protocol_class
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.max_pending = max_pending
+        self.streaming = streaming
+        self.pending: dict[GuardedHttpProtocol, None] = {}
+        """Connections sending request headers, oldest first."""
+        self.alpn_protocols = getattr(protocol_class, "alpn_protocols", None)
+        self._warned_at = 0.0
+
+    def __call__(self, config: uvicorn.Config, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> GuardedHttpProtocol:
+        inner = self.protocol_class(config=config, server_state=server_state, app_state=app_state, _loop=_loop)
+        return GuardedHttpProtocol(inner, self)
+
+    def count(self, name: str) -> None:
+        if self.streaming is not None:
+            self.streaming.count(name)
+
+    def add_pending(self, protocol: GuardedHttpProtocol) -> None:
+        pending = self.pending
+        pending[protocol] = None
+        while len(pending) > self.max_pending:
+            oldest = next(iter(pending))
+            del pending[oldest]
+            oldest.cut()
+            self.count("http.pending_evicted")
+            now = time.monotonic()
+            if now - self._warned_at > 10:
+                self._warned_at = now
+                log.warning("%d connections are still sending their request headers (limits.max_pending_connections"
+                            " is %d): closing the oldest", len(pending) + 1, self.max_pending)
+
+
+class GuardedHttpProtocol(asyncio.Protocol):
+    """One HTTP connection: uvicorn's protocol (``inner``) with the deadlines of :class:`HttpGuard`.
+
+    Reads uvicorn's ``cycle`` (a new one once a request's headers are
+    complete; its ``more_body``, ``response_started``, ``response_complete``),
+    common to its httptools and h11 protocols; an upgrade is seen as the
+    transport's protocol changing.
+    """
+
+    __slots__ = ("inner", "guard", "transport", "_timer", "_cycle", "_phase", "_begun")
+
+    def __init__(self, inner: Any, guard: HttpGuard) -> None:
+        self.inner = inner
+        self.guard = guard
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._cycle: Any = None
+        self._phase = _HEADERS
+        self._begun = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.inner.connection_made(transport)
+        self._await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase is _APP:
+            cycle = self._cycle
+            if cycle is not None and (cycle.response_complete or not cycle.more_body):
+                self._await_headers()  # bytes of the next request (kept alive, or pipelined)
+        self._begun = True
+        self.inner.data_received(data)
+        self._progress()
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self.inner.eof_received()
+        return result
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._leave()
+        self._phase = _DONE
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    # -- deadlines ---------------------------------------------------------------------
+
+    def _await_headers(self) -> None:
+        self._leave()
+        self._phase = _HEADERS
+        self._begun = False
+        self.guard.add_pending(self)
+        if self.guard.header_timeout > 0 and self._phase is _HEADERS:
+            self._timer = asyncio.get_running_loop().call_later(self.guard.header_timeout, self._expired)
+
+    def _leave(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.guard.pending.pop(self, None)
+
+    def _progress(self) -> None:
+        transport = self.transport
+        if transport is None or transport.get_protocol() is not self:  # upgraded to WebSocket
+            self._leave()
+            self._phase = _DONE
+            return
+        cycle = getattr(self.inner, "cycle", None)
+        if cycle is not None and cycle is not self._cycle:  # a request's headers are complete
+            self._cycle = cycle
+            self._leave()
+            self._phase = _APP
+            if cycle.more_body and self.guard.body_timeout > 0:
+                self._phase = _BODY
+                self._timer = asyncio.get_running_loop().call_later(self.guard.body_timeout, self._expired)
+        elif self._phase is _BODY and cycle is not None and not cycle.more_body:
+            self._leave()
+            self._phase = _APP
+
+    def _expired(self) -> None:
+        self._timer = None
+        phase, transport = self._phase, self.transport
+        self._leave()
+        if transport is None or transport.is_closing() or phase not in (_HEADERS, _BODY):
+            return
+        self._phase = _DONE
+        cycle = self._cycle if phase is _BODY else None
+        if phase is _HEADERS:
+            what, key, limit = "request headers", "server.header_timeout", self.guard.header_timeout
+            self.guard.count("http.header_timeout")
+        else:
+            what, key, limit = "request body", "server.body_timeout", self.guard.body_timeout
+            self.guard.count("http.body_timeout")
+        log.debug("closing HTTP connection from %s: %s not complete within %s (%gs)",
+                  getattr(self.inner, "client", None), what, key, limit)
+        answer = (phase is _HEADERS and self._begun) or (cycle is not None and not cycle.response_started)
+        if answer:
+            body = f"{what} not complete within {limit:g}s\n".encode()
+            transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                            b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(body), body))
+        if cycle is not None:  # what closing does anyway: the app reads a disconnect, its answer is not written
+            cycle.disconnected = True
+            cycle.message_event.set()
+        transport.close()
+
+    def cut(self) -> None:
+        """Closed to make room (too many connections sending headers)."""
+        self._leave()
+        self._phase = _DONE
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def build_server(app: Any, streaming: Streaming | None, *, host: str, port: int, log_level: str = "info",
+                 **uvicorn_options: Any) -> DrainingServer:
+    """The uvicorn server of ``forge-streaming serve`` and the test kit.
+
+    The transports' options (``streaming.server_options()``: protocol
+    classes, WebSocket limits), the HTTP deadlines of :class:`HttpGuard`,
+    and a shutdown that drains clients first. Sets ``streaming.http_address``
+    first, so that WebTransport binds the port HTTP really listens on.
+    """
+    if streaming is not None:
+        streaming.http_address = (host, port)
+    options = streaming.server_options() if streaming else {}
+    server_settings = streaming.config.server if streaming else ServerSettings()
+    limits = streaming.config.limits if streaming else LimitSettings()
+    protocol_class = options.pop("http", None)
+    if protocol_class is None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+        protocol_class = AutoHTTPProtocol
+    options["http"] = HttpGuard(
+        protocol_class, header_timeout=server_settings.header_timeout, body_timeout=server_settings.body_timeout,
+        max_pending=limits.max_pending_connections or _default_pending_limit(), streaming=streaming)
+    config = uvicorn.Config(app, host=host, port=port, lifespan="on", log_config=None, log_level=log_level,
+                            **{**options, **uvicorn_options})
+    return DrainingServer(config, streaming)
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, but clients are told and flushed before their connections are cut."""
 
@@ -113,32 +415,68 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["host"] = args.host
     if args.port is not None:
         overrides["port"] = args.port
+    config_path = args.config or os.environ.get(ENV_CONFIG_FILE) or None
     if args.target:
+        file_raw = read_yaml(config_path) if config_path else None  # a bad file is named before the import
+        if config_path:
+            os.environ[ENV_CONFIG_FILE] = os.path.abspath(config_path)  # what Streaming() in the target reads
         app: Any = _import_target(args.target)
         streaming = _find_streaming(app)
+        if streaming is not None and file_raw is not None and args.config:
+            _check_applied(args.config, args.target, file_raw, streaming)
         if isinstance(app, Streaming):
-            app = app.asgi_app()
+            app = None  # built below, once its HTTP address is set
     else:
-        raw = read_yaml(args.config) if args.config else {}
+        raw = read_yaml(config_path) if config_path else {}
         streaming = Streaming(merge(raw, {"server": overrides}) if overrides else raw)
-        app = streaming.asgi_app()
+        app = None
     settings = streaming.config.server if streaming else None
     host = args.host or (settings.host if settings else "127.0.0.1")
     port = args.port if args.port is not None else (settings.port if settings else 8080)
+    if app is None and streaming is not None:
+        streaming.http_address = (host, port)  # before the app is built: WebTransport's port and Alt-Svc
+        app = streaming.asgi_app()
     level = args.log_level or (streaming.config.logging.level if streaming else "info")
     setup_logging(level, args.log_format or (streaming.config.logging.format if streaming else "text"))
-    options = streaming.server_options() if streaming else {}
-    if streaming is not None:
-        streaming.http_address = (host, port)
-    config = uvicorn.Config(app, host=host, port=port, lifespan="on", log_config=None, log_level=level,
-                            **options)
-    server = DrainingServer(config, streaming)
+    server = build_server(app, streaming, host=host, port=port, log_level=level)
     print(f"forge-streaming {__version__} serving on http://{host}:{port}", file=sys.stderr, flush=True)
     try:
         server.run()  # uvicorn's own loop choice: uvloop when installed
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         pass
     return 0
+
+
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out += _leaves(value, dotted + ".")
+        else:
+            out.append(dotted)
+    return out
+
+
+def _at(data: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = data
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _check_applied(path: str, target: str, raw: dict[str, Any], streaming: Streaming) -> None:
+    """Refuse ``--config`` when the target's Streaming was built with a config of its own instead."""
+    sections = {key: type(value) for key, value in streaming.config.sections.items()}
+    expected = build_config(raw, sections=sections).effective()
+    actual = streaming.config.effective()
+    unwrapped, _ = unwrap_forge(raw)
+    differ = [key for key in _leaves(unwrapped) if _at(expected, key) != _at(actual, key)]
+    if differ:
+        raise StreamingError(
+            f"--config {path} is not applied: {target} builds its Streaming with a config of its own, so "
+            f"{', '.join(differ)} keep other values. Build it with Streaming() (it reads $FORGE_STREAMING_CONFIG, "
+            f"which serve sets to this file) or Streaming({path!r}).")
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

@@ -12,9 +12,11 @@ YAML scalars, so ``true``, ``15s`` and ``[a, b]`` work.
 
 from __future__ import annotations
 
+import copy
+import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -90,6 +92,14 @@ class ServerSettings(ConfigSection):
     reconnect_hint: Duration = 1.0
     handler_grace: Duration = 5.0
     """How long a handler may run on after its connection ended before the kernel cancels it."""
+    header_timeout: Duration = 10.0
+    """A client must send a request's complete headers within this time of connecting (or of the
+    previous response), else its socket is closed (408 if it had started); 0 turns the check off.
+    Enforced by ``forge-streaming serve`` and the test kit, not under plain uvicorn."""
+    body_timeout: Duration = 30.0
+    """A request body (a POST) must arrive whole within this time of its headers, else 408; 0 turns it off."""
+    handshake_timeout: Duration = 10.0
+    """A WebSocket upgrade or a WebTransport CONNECT must be accepted or refused within this time."""
 
 
 class PubSubSettings(ConfigSection):
@@ -103,6 +113,10 @@ class RoomSettings(ConfigSection):
     history_size: int = Field(100, ge=0)
     history_max_rooms: int = Field(10_000, ge=1)
     history_linger: Duration = 30.0
+    history_max_bytes: Size = 1024 * 1024
+    """Bytes of encoded messages one room's history keeps at most (its oldest go first)."""
+    history_total_bytes: Size = 64 * 1024 * 1024
+    """Bytes of history all rooms keep together; past it the least recently active rooms lose their oldest."""
 
 
 class LimitSettings(ConfigSection):
@@ -115,6 +129,11 @@ class LimitSettings(ConfigSection):
     messages_per_second: float | None = Field(None, gt=0)
     message_burst: int = Field(20, ge=1)
     idle_timeout: Duration | None = None
+    max_json_depth: int = Field(64, ge=2, le=256)
+    """How deep client JSON may nest (a frame's own object is one level), on every path; deeper is refused."""
+    max_pending_connections: int | None = Field(None, ge=1)
+    """Connections still sending their request headers; past it the oldest is closed. None: half the
+    process's open-file limit, at most 1000 (``forge-streaming serve`` and the test kit)."""
 
 
 class ApiSettings(ConfigSection):
@@ -188,7 +207,8 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
-    return data
+    unwrapped, _ = unwrap_forge(data)  # what cannot be unwrapped stays under extensions: build_config names it
+    return unwrapped
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -225,10 +245,29 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _describe_error(err: Mapping[str, Any], prefix: str) -> str:
-    key = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "")
+def _known_keys(model: type[BaseModel] | None, loc: Sequence[Any]) -> list[str]:
+    """The keys a section accepts where ``loc`` points (its last part is the key in error)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return [name for name in (model.model_fields if model is not None else ()) if name != "sections"]
+
+
+def _did_you_mean(key: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _describe_error(err: Mapping[str, Any], prefix: str, model: type[BaseModel] | None = None) -> str:
+    loc = err["loc"]
+    key = ".".join(str(part) for part in (prefix, *loc) if part != "")
     if err["type"] == "extra_forbidden":
-        return f"{key}: unknown key (value {err['input']!r}); check its spelling"
+        known = _known_keys(model, loc)
+        hint = _did_you_mean(str(loc[-1]), known) if loc else ""
+        if not hint:
+            hint = f"; expected one of {sorted(known)}" if known else "; check its spelling"
+        return f"{key}: unknown key (value {err['input']!r}){hint}"
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
@@ -237,16 +276,21 @@ def _describe_error(err: Mapping[str, Any], prefix: str) -> str:
     return f"{key}: {message}"
 
 
-def _validate(model: type[Section], data: Any, prefix: str) -> Section:
+def _check(model: type[Section], data: Any, prefix: str) -> tuple[Section | None, list[str]]:
+    """Validate one section: the model, or every problem with it (one line each)."""
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+        return None, [f"{prefix or 'config'}: expected a mapping of keys, got {data!r}"]
     try:
-        return model.model_validate(data)
+        return model.model_validate(data), []
     except ValidationError as exc:
-        problems = "\n  ".join(_describe_error(e, prefix) for e in exc.errors())
-        raise ConfigError(f"invalid configuration:\n  {problems}") from None
+        return None, [_describe_error(e, prefix, model) for e in exc.errors()]
+
+
+def _invalid(problems: Iterable[str]) -> ConfigError:
+    lines = "\n  ".join(dict.fromkeys(problems))
+    return ConfigError(f"invalid configuration:\n  {lines}")
 
 
 def _pop_path(data: dict[str, Any], dotted: str) -> Any:
@@ -271,27 +315,225 @@ def build_config(
 
     ``sections`` are the plugin sections by dotted key; their subtrees are
     validated with the plugin's model and kept in ``config.sections``.
+    Every problem is reported at once (one line each, with a "did you mean"
+    for a misspelt key). Forge's shape, ``extensions: {streaming: ...}``, is
+    unwrapped first (see :func:`unwrap_forge`).
     """
-    data = merge(dict(raw or {}), env_overrides(environ))
+    data, problems = unwrap_forge(raw or {})
+    overrides, env_problems = unwrap_forge(env_overrides(environ))
+    problems += env_problems
+    data = merge(data, overrides)
+    data.pop("extensions", None)  # what was left of it is in ``problems``
     data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    sections = dict(sections or {})
     plugin_values: dict[str, Any] = {}
-    for key, model in sorted((sections or {}).items(), key=lambda kv: -kv[0].count(".")):
-        plugin_values[key] = _validate(model, _pop_path(data, key), key)
+    for key, model in sorted(sections.items(), key=lambda kv: -kv[0].count(".")):
+        value, found = _check(model, _pop_path(data, key), key)
+        problems += found
+        if value is not None:
+            plugin_values[key] = value
     for parent in ("pubsub", "rooms"):
-        extra = {k: v for k, v in (data.get(parent) or {}).items() if k not in _own_keys(parent)}
-        for key in extra:
-            raise ConfigError(
-                f"{parent}.{key}: unknown key; no installed plugin owns this section (value {extra[key]!r})"
-            )
-    unknown = (set(data) - set(StreamingConfig.model_fields)) | ({"sections"} & set(data))
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(
-            f"{key}: unknown section (value {data[key]!r}); expected one of "
-            f"{sorted(set(StreamingConfig.model_fields) - {'sections'} | set(sections or {}))}"
-        )
-    config = _validate(StreamingConfig, data, "")
+        section = data.get(parent)
+        if not isinstance(section, dict):
+            continue  # the model says what is wrong with it
+        own = _own_keys(parent)
+        nested = {k.split(".", 1)[1] for k in sections if k.startswith(parent + ".")}
+        for key in [k for k in section if k not in own]:
+            problems.append(f"{parent}.{key}: unknown key; no installed plugin owns this section "
+                            f"(value {section.pop(key)!r}){_did_you_mean(key, own | nested)}")
+    fields = set(StreamingConfig.model_fields) - {"sections"}
+    roots = fields | {key.split(".")[0] for key in sections}
+    for key in sorted(set(data) - fields, key=str):
+        value = data.pop(key)
+        hint = _did_you_mean(str(key), roots)
+        if not hint:
+            owners = [f"{name}.{key}" for name, model in _section_models(sections) if key in model.model_fields]
+            hint = f"; did you mean {owners[0]!r}?" if owners else ""
+        problems.append(f"{key}: unknown section (value {value!r}){hint}; expected one of {sorted(roots)}")
+    config, found = _check(StreamingConfig, data, "")
+    problems += found
+    if config is None or problems:
+        raise _invalid(problems)
     return config.model_copy(update={"sections": plugin_values})
+
+
+def _section_models(sections: Mapping[str, type[ConfigSection]]) -> list[tuple[str, type[BaseModel]]]:
+    """Every section's model by dotted key, the kernel's first."""
+    kernel: list[tuple[str, type[BaseModel]]] = []
+    for name, field in StreamingConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            kernel.append((name, annotation))
+    return kernel + sorted(sections.items())
+
+
+# -- Forge's config shape ----------------------------------------------------------------
+
+FORGE_KEYS: dict[str, str] = {
+    "node_id": "server.node_id",
+    "max_connections_per_user": "limits.max_connections_per_user",
+    "max_message_size": "limits.max_message_size",
+    "max_messages_per_second": "limits.messages_per_second",
+    "max_messages_per_room": "rooms.history_size",
+    "ping_interval": "websocket.ping_interval",
+    "pong_timeout": "websocket.ping_timeout",
+    "read_buffer_size": "websocket.read_buffer_size",
+    "write_buffer_size": "websocket.write_buffer_size",
+}
+"""Keys of Forge's ``extensions.streaming`` with the same meaning here, and where they go."""
+
+_TLS = ("clients' TLS is uvicorn's (--ssl-certfile, --ssl-keyfile) or your proxy's, WebTransport's is "
+        "webtransport.cert_file and webtransport.key_file, the broker's is pubsub.mqtt.tls and pubsub.mqtt.ca_file")
+_MQTT = "write pubsub: {backend: mqtt, mqtt: {url: mqtt://HOST:1883}} (plugins/mqtt)"
+
+FORGE_SWITCHES: dict[str, tuple[bool, str]] = {
+    "enable_rooms": (True, "rooms are always on"),
+    "enable_presence": (True, "presence is always on (presence frames, GET /api/rooms)"),
+    "enable_typing_indicators": (True, "typing frames are always relayed to the room"),
+    "enable_channels": (False, "forge-streaming has no channels: use rooms (join a room, send messages to it)"),
+    "enable_distributed": (False, "several nodes share rooms through the MQTT backend: " + _MQTT),
+    "tls_enabled": (False, _TLS),
+}
+"""Forge's switches: the one value that holds here (accepted, changes nothing), and why the other cannot."""
+
+FORGE_REFUSED: dict[str, str] = {
+    "backend_urls": "the backend for several nodes is MQTT, at pubsub.mqtt.url: " + _MQTT,
+    "backend_username": "write pubsub.mqtt.username (the MQTT backend's)",
+    "backend_password": "write pubsub.mqtt.password (the MQTT backend's)",
+    "max_rooms_per_user": "rooms are counted per connection here: write limits.max_rooms_per_connection",
+    "max_channels_per_user": "forge-streaming has no channels; rooms per connection: limits.max_rooms_per_connection",
+    "write_timeout": "a client that does not read is cut past limits.send_buffer (bytes), not after a write timeout",
+    "message_retention": "history is kept by count, not age: write rooms.history_size (messages per room)",
+    "message_cleanup": "the history of an empty room is let go after rooms.history_linger",
+    "presence_timeout": "presence follows the connections; a silent WebSocket peer is cut after "
+                        "websocket.ping_interval + websocket.ping_timeout",
+    "presence_cleanup": "presence follows the connections; nothing to clean up",
+    "typing_timeout": "typing frames are live-only notices; clients expire them",
+    "typing_cleanup": "typing frames are live-only notices; nothing is stored",
+    "max_typing_users_per_room": "typing frames are live-only notices; nothing is stored",
+    "heartbeat_interval": "a node's liveness is its MQTT connection's: write pubsub.mqtt.keepalive",
+    "node_timeout": "a node's liveness is its MQTT connection's: write pubsub.mqtt.keepalive",
+    "tls_cert_file": _TLS,
+    "tls_key_file": _TLS,
+    "tls_ca_file": _TLS,
+}
+"""Forge keys with no counterpart here, and what to write instead."""
+
+_MISSING = object()
+
+
+def _get_path(data: Mapping[str, Any], dotted: str) -> Any:
+    target: Any = data
+    for part in dotted.split("."):
+        if not isinstance(target, Mapping) or part not in target:
+            return _MISSING
+        target = target[part]
+    return target
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> bool:
+    """Set ``dotted`` in ``data``, copying the mappings on the way (the caller's stay as they were)."""
+    *parents, last = dotted.split(".")
+    target = data
+    for part in parents:
+        child = target.get(part, {})
+        if not isinstance(child, Mapping):
+            return False
+        target[part] = dict(child)
+        target = target[part]
+    target[last] = copy.deepcopy(value)
+    return True
+
+
+def _merge_into(data: dict[str, Any], dotted: str, value: Any, where: str, problems: list[str]) -> Any:
+    """Merge ``value`` at ``dotted``; what conflicts with a value already there is returned (else _MISSING)."""
+    existing = _get_path(data, dotted)
+    if existing is _MISSING:
+        if _set_path(data, dotted, value):
+            return _MISSING
+        problems.append(f"{where}: cannot be set as {dotted}: a part of that key is not a mapping")
+        return value
+    if isinstance(existing, Mapping) and isinstance(value, Mapping):
+        left = {}
+        for key, item in value.items():
+            rest = _merge_into(data, f"{dotted}.{key}", item, f"{where}.{key}", problems)
+            if rest is not _MISSING:
+                left[key] = rest
+        return left or _MISSING
+    if existing == value:
+        return _MISSING
+    problems.append(f"{dotted}: set twice, as {dotted} ({existing!r}) and as {where} ({value!r}); keep one")
+    return value
+
+
+def unwrap_forge(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Forge's ``extensions: {streaming: {...}}`` as this project's sections, and what cannot be.
+
+    Sections of this project's own shape (``server:``, ``websocket:``, ...)
+    inside it move up as they are; Forge's flat keys move to the key of the
+    same meaning (:data:`FORGE_KEYS`, ``backend: local`` -> ``pubsub.backend:
+    memory``, ``enable_message_history: false`` -> ``rooms.history_size: 0``).
+    A Forge key with no counterpart, a switch that cannot hold here, a key set
+    twice or another Forge extension is a problem (one line each, saying what
+    to write instead) and stays under ``extensions`` in the returned data.
+    """
+    out = dict(data)
+    extensions = out.pop("extensions", _MISSING)
+    if extensions is _MISSING:
+        return out, []
+    if not isinstance(extensions, Mapping):
+        out["extensions"] = extensions
+        return out, [f"extensions: expected Forge's shape extensions: {{streaming: {{...}}}}, got {extensions!r}"]
+    problems: list[str] = []
+    left_over: dict[str, Any] = {}
+    for name, value in extensions.items():
+        if name != "streaming":
+            left_over[name] = value
+            problems.append(f"extensions.{name}: forge-streaming reads only extensions.streaming of a Forge "
+                            f"config file; keep the other extensions' settings in another file")
+    streaming = extensions.get("streaming")
+    if streaming is not None and not isinstance(streaming, Mapping):
+        left_over["streaming"] = streaming
+        problems.append(f"extensions.streaming: expected a mapping of keys, got {streaming!r}")
+        streaming = None
+    streaming = streaming or {}
+    left: dict[str, Any] = {}
+    for key, value in streaming.items():
+        where = f"extensions.streaming.{key}"
+        target, new = FORGE_KEYS.get(key), value
+        if key == "backend":
+            name = str(value).lower()
+            if name in ("redis", "nats"):
+                problems.append(f"{where}: {value!r} is not available in forge-streaming; for one node write "
+                                f"backend: local (pubsub.backend: memory); for several nodes {_MQTT}")
+                left[key] = value
+                continue
+            target, new = "pubsub.backend", "memory" if name == "local" else value
+        elif key == "enable_message_history" and value is False:
+            target, new = "rooms.history_size", 0
+        elif key == "enable_message_history" and value is True:
+            continue
+        elif key in FORGE_SWITCHES:
+            holds, why = FORGE_SWITCHES[key]
+            if key == "enable_distributed" and value is True and "mqtt" in (
+                    str(streaming.get("backend")), str(_get_path(out, "pubsub.backend"))):
+                continue  # several nodes over MQTT: what Forge's switch asks for
+            if value is not holds:
+                problems.append(f"{where}: {value!r} cannot hold in forge-streaming (only {holds!r} does): {why}")
+                left[key] = value
+            continue
+        elif key in FORGE_REFUSED:
+            problems.append(f"{where}: no counterpart in forge-streaming (value {value!r}); {FORGE_REFUSED[key]}")
+            left[key] = value
+            continue
+        rest = _merge_into(out, target or key, new, where, problems)
+        if rest is not _MISSING:
+            left[key] = rest if target is None else value
+    if left:
+        left_over["streaming"] = left
+    if left_over:
+        out["extensions"] = left_over
+    return out, problems
 
 
 def _own_keys(parent: str) -> set[str]:

@@ -151,6 +151,7 @@ class Connection(ABC):
     - :meth:`accept` / :meth:`refuse`: answer the opening request;
     - :meth:`read_message`: the next client message, ``ConnectionClosed`` at the end;
     - :meth:`write_message` and :meth:`deliver` (the hot path, never waits);
+    - :meth:`drained` (optional): wait until the client has taken most of what was delivered;
     - :meth:`close`: end it, telling the client a code and reason;
     - :meth:`ended`: call it as soon as the I/O is over, whoever ended it.
 
@@ -284,6 +285,18 @@ class Connection(ABC):
         while the transport accepts data, queue within the bound when it
         pushes back, and close with reason ``slow consumer`` past the bound.
         Must not raise for a closed connection.
+        """
+
+    async def drained(self, below: int) -> None:
+        """Return once at most ``below`` bytes delivered to this client are still unsent, or it has ended.
+
+        The kernel awaits it between the messages of a replay (a resume, a
+        large history), so that the replay goes as fast as the client reads
+        instead of all at once into the bounded buffer of :meth:`deliver`.
+        A transport answers from its writer's unsent bytes (or the client's
+        unacknowledged ones) and may wait for less than ``below`` when its own
+        bound is small. This default returns at once: the whole replay is
+        then delivered in one go, as :meth:`deliver` takes it.
         """
 
     @abstractmethod

@@ -5,15 +5,21 @@ are not written at once: every writer touched in one event-loop iteration
 is flushed by a single callback at the end of it, so a burst of M messages
 to a member becomes one ``transport.write()`` (one syscall) instead of M.
 No task is created per delivery. The bytes waiting here plus those the
-transport holds are the connection's unsent data; past ``limit`` the
-writer calls ``on_overflow`` once and accepts nothing more.
+transport holds are the connection's unsent data; past ``limit`` *on top of
+one message* (the largest one written since the unsent data last fitted in
+``limit``) the writer calls ``on_overflow`` once and accepts nothing more. So
+a single message up to ``limits.max_message_size`` is never the reason a
+connection is dropped, while a reader that stays behind still is.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
+
+DRAIN_POLL = 0.005
+"""Seconds between looks at the unsent bytes while :meth:`BufferedWriter.drained` has no wake-up to wait on."""
 
 
 class WriteTarget(Protocol):
@@ -64,7 +70,8 @@ class FlushScheduler:
 class BufferedWriter:
     """Bounded, coalescing writes to one connection's transport."""
 
-    __slots__ = ("_target", "_limit", "_scheduler", "_on_overflow", "_pending", "_pending_size", "closed", "_join")
+    __slots__ = ("_target", "_limit", "_scheduler", "_on_overflow", "_pending", "_pending_size", "closed", "_join",
+                 "_allowance")
 
     def __init__(
         self,
@@ -84,6 +91,7 @@ class BufferedWriter:
         self._join = join
         self._pending: list[bytes] = []
         self._pending_size = 0
+        self._allowance = 0  # the one message allowed on top of ``limit`` (0 while the unsent data fits)
         self.closed = False
 
     @property
@@ -100,6 +108,18 @@ class BufferedWriter:
         self._pending.append(data)
         self._pending_size += len(data)
         if self._pending_size > self._limit:
+            return self._behind(len(data))
+        return True
+
+    def _behind(self, size: int) -> bool:
+        """The pending bytes passed ``limit`` (rare): allow one message on top of it, the largest pending."""
+        if self._pending_size - size <= self._limit:  # just crossed: look at every pending piece once
+            biggest = max(map(len, self._pending))
+        else:
+            biggest = size
+        if biggest > self._allowance:
+            self._allowance = biggest
+        if self._pending_size > self._limit + self._allowance:
             self._overflow()
             return False
         return True
@@ -109,17 +129,46 @@ class BufferedWriter:
         if not self._pending or self.closed:
             return
         pending = self._pending
-        if self._join is not None:
-            data = self._join(pending, self._pending_size)
-        else:
-            data = pending[0] if len(pending) == 1 else b"".join(pending)
+        size = self._pending_size
         self._pending = []
         self._pending_size = 0
-        if self._target.is_closing():
+        target = self._target
+        if target.is_closing():
             return
-        self._target.write(data)
-        if self._target.get_write_buffer_size() > self._limit:
+        check = size + target.get_write_buffer_size() > self._limit
+        if check:  # the unsent data will not fit in the bound: one message on top of it is allowed
+            biggest = max(map(len, pending))
+            if biggest > self._allowance:
+                self._allowance = biggest
+        elif self._allowance:
+            self._allowance = 0
+        if self._join is not None:
+            data = self._join(pending, size)
+        else:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+        target.write(data)
+        if check and target.get_write_buffer_size() > self._limit + self._allowance:
             self._overflow()
+
+    async def drained(self, below: int, wait: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Return once at most ``below`` bytes are unsent, or the writer is closed.
+
+        What is pending is written first. ``wait`` waits until the target
+        takes more (e.g. an asyncio protocol's ``resume_writing``); the writer
+        looks again after it, and every :data:`DRAIN_POLL` seconds when the
+        target is not paused yet holds more than ``below``. Not the hot path:
+        a replay calls it between messages so that it goes as fast as the
+        client reads.
+        """
+        if self.closed or self._pending_size + self._target.get_write_buffer_size() <= below:
+            return
+        self.flush()
+        while not self.closed and not self._target.is_closing() and self.unsent > below:
+            if wait is not None:
+                await wait()
+                if self.closed or self.unsent <= below:
+                    return
+            await asyncio.sleep(DRAIN_POLL)
 
     def _overflow(self) -> None:
         unsent = self.unsent

@@ -57,7 +57,12 @@ class FanOut:
 
     async def publish(self, room: str, data: Any, *, sender: Connection | None = None,
                       user_id: str | None = None) -> int | None:
-        """Publish a message to ``room`` on every node; return its sequence, None if a hook dropped it."""
+        """Publish a message to ``room`` on every node; return its sequence, None if a hook dropped it.
+
+        Raises :class:`~forge_streaming.frames.InvalidInput` (a ``ValueError``) for an invalid room
+        id, or data a browser could not parse (``NaN``, infinities, lone surrogates).
+        """
+        room = frames.validate_room_id(room)
         s = self._s
         message = PublishMessage(room=room, data=data, user_id=user_id or (sender.user_id if sender else "server"),
                                  sender=sender)
@@ -65,8 +70,11 @@ class FanOut:
             if result is False:
                 return None
         sequence = self._sequencer.next(room)
-        payload = frames.encode(frames.message_frame(
-            room_id=room, user_id=message.user_id, data=message.data, sequence=sequence))
+        try:
+            payload = frames.encode(frames.message_frame(
+                room_id=room, user_id=message.user_id, data=message.data, sequence=sequence))
+        except (ValueError, RecursionError) as exc:  # from an application or a hook: client data was checked
+            raise frames.InvalidInput("invalid_json", f"message data is not JSON a browser can parse: {exc}") from None
         await self.publish_envelope(Envelope(room=room, payload=payload, kind=EnvelopeKind.MESSAGE,
                                              sequence=sequence, sender=sender.id if sender else None,
                                              node=s.node_id))
@@ -88,6 +96,7 @@ class FanOut:
 
     async def notify(self, room: str, frame: Mapping[str, Any], *, sender: Connection | None = None) -> None:
         """Send a live-only notice (presence, typing) to the room's members, not kept in history."""
+        room = frames.validate_room_id(room)
         await self.publish_envelope(Envelope(room=room, payload=frames.encode(dict(frame)), kind=EnvelopeKind.NOTICE,
                                              sender=sender.id if sender else None, node=self._s.node_id))
 

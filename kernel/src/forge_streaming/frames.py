@@ -4,21 +4,35 @@ Compatible with the Forge streaming extension's wire format, so a client of
 one works with the other. Parsing is strict and cheap; every refusal is a
 :class:`ProtocolError` with a machine-readable code that the caller turns
 into an error frame (``{"type":"error","event":"message.rejected",...}``).
+
+Two validators are the kernel's one rule for everything a client or an
+application hands in, whatever the API:
+
+- :func:`loads`: JSON a browser's ``JSON.parse`` accepts too (no ``NaN``,
+  ``Infinity`` or number that overflows to it, no lone surrogate) and that
+  nests at most ``limits.max_json_depth`` deep, so that re-encoding what
+  was accepted can never fail;
+- :func:`validate_room_id`: a non-empty string of at most
+  :data:`MAX_ROOM_ID_LENGTH` printable characters.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, TypeVar
 
 CLIENT_FRAME_TYPES = frozenset({"join", "leave", "message", "typing"})
 MAX_ROOM_ID_LENGTH = 128
+MAX_JSON_DEPTH = 64
+"""The default of ``limits.max_json_depth``: how deep a JSON text may nest (``{}`` is 1, ``{"a":[]}`` 2)."""
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 T = TypeVar("T")
 
 
@@ -29,6 +43,115 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class InvalidInput(ProtocolError, ValueError):
+    """Refused JSON or room id: a :class:`ProtocolError` for the protocol, a ``ValueError`` for applications."""
+
+
+# -- strict JSON ------------------------------------------------------------------------
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidInput("invalid_json", f"{name} is not a JSON number (JSON.parse refuses it)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value - value != 0.0:  # inf - inf is nan
+        raise InvalidInput("invalid_json", f"number {text[:40]} is out of range (it overflows to Infinity)")
+    return value
+
+
+_decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float).decode
+_CONTAINERS = frozenset({dict, list})
+_ESCAPE = re.compile(r"\\.", re.DOTALL)  # in valid JSON, only inside strings
+_NOT_BRACKETS = str.maketrans("", "", "0123456789+-.eE" "truefalsn" ",: \t\n\r")  # all else outside strings
+_BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_PAIR_OR_BACKSLASH = re.compile(r"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def json_depth(text: str) -> int:
+    """How deep valid JSON ``text`` nests (``1`` is 0, ``{}`` 1, ``{"a":[]}`` 2): brackets outside strings.
+
+    Linear in the text: the strings are cut out (escapes first, so that a
+    quote is always a string's end), then the brackets left are peeled a level
+    at a time while that halves them (C-speed ``str.replace``), and what
+    remains is counted.
+    """
+    if "\\" in text:
+        text = _ESCAPE.sub("", text)
+    brackets = "".join(text.split('"')[::2]).translate(_NOT_BRACKETS)
+    peeled = 0
+    while brackets:
+        inner = brackets.replace("[]", "\0").replace("{}", "\0").replace("\0", "")  # one level: the leaves
+        peeled += 1
+        if len(inner) * 2 > len(brackets):  # peeling no longer pays: count what is left
+            return peeled + max(accumulate(map(_BRACKET_STEP.__getitem__, inner)), default=0)
+        brackets = inner
+    return peeled
+
+
+def _lone_surrogate(text: str) -> bool:
+    """True when valid JSON ``text`` escapes a UTF-16 surrogate that is not half of a pair.
+
+    Escaped backslashes and well-formed pairs are cut out (left to right, so a
+    ``\\\\`` before a ``u`` is never taken for an escape); any surrogate escape left is alone.
+    """
+    return _SURROGATE_ESCAPE.search(_SURROGATE_PAIR_OR_BACKSLASH.sub("", text)) is not None
+
+
+def loads(text: str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse JSON that a browser can parse and the kernel can re-encode; raise :class:`InvalidInput`.
+
+    ``invalid_json`` for: malformed JSON, ``NaN``/``Infinity``/``-Infinity``,
+    a number that overflows to infinity (``1e999``), an escaped lone
+    surrogate (``"\\ud800"``), nesting deeper than ``max_depth``. The checks
+    past ``json.loads`` cost nothing for a frame whose values nest only one
+    level and hold no ``\\`` escape (most frames); see the README's limits.
+    """
+    try:
+        value = _decode(text)
+    except InvalidInput:
+        raise
+    except RecursionError:
+        raise InvalidInput("invalid_json", f"JSON nests deeper than {max_depth} levels") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise InvalidInput("invalid_json", f"not valid JSON: {exc}") from None
+    if type(value) is dict and _CONTAINERS.isdisjoint(map(type, value.values())):
+        pass  # one level: nothing to count
+    elif text.count("[") + text.count("{") > max_depth and json_depth(text) > max_depth:
+        raise InvalidInput("invalid_json", f"JSON nests deeper than {max_depth} levels")
+    if "\\" in text and _SURROGATE_ESCAPE.search(text) and _lone_surrogate(text):
+        raise InvalidInput("invalid_json", "JSON escapes a lone UTF-16 surrogate (not valid Unicode text)")
+    return value
+
+
+# -- room ids ---------------------------------------------------------------------------------
+
+
+def validate_room_id(room: object) -> str:
+    """``room`` if it is a valid room id, else :class:`InvalidInput` saying why (the same rule in every API).
+
+    A room id is a non-empty ``str`` of at most :data:`MAX_ROOM_ID_LENGTH`
+    characters, all printable: no control or format characters, no
+    surrogates, no Unicode noncharacters or unassigned code points, no
+    separators but the ASCII space.
+    """
+    if type(room) is str and 0 < len(room) <= MAX_ROOM_ID_LENGTH and room.isprintable():
+        return room
+    if room is None or room == "":
+        raise InvalidInput("missing_room", f"a room id is required: a non-empty string, got {room!r}")
+    if not isinstance(room, str):
+        raise InvalidInput("missing_room", f"a room id must be a non-empty string, got {type(room).__name__}")
+    if len(room) > MAX_ROOM_ID_LENGTH:
+        raise InvalidInput("invalid_room", f"room id of {len(room)} characters, the limit is {MAX_ROOM_ID_LENGTH}")
+    if room.isprintable():  # a str subclass
+        return str(room)
+    bad = next(c for c in room if not c.isprintable())
+    raise InvalidInput("invalid_room", f"room id holds the unprintable character U+{ord(bad):04X}; "
+                                       f"room ids are printable text of at most {MAX_ROOM_ID_LENGTH} characters")
 
 
 @dataclass(slots=True)
@@ -47,8 +170,9 @@ class Message:
             raise ProtocolError("binary_not_supported", "expected a text message, got binary")
         return self.data
 
-    def json(self) -> Any:
-        return json.loads(self.text)
+    def json(self, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+        """The message as JSON, parsed by the kernel's strict :func:`loads` (:class:`InvalidInput` if refused)."""
+        return loads(self.text, max_depth=max_depth)
 
 
 @dataclass(slots=True)
@@ -93,7 +217,11 @@ class OutboundFrame:
 
 
 def encode(frame: dict[str, Any]) -> bytes:
-    """Encode a frame as compact UTF-8 JSON."""
+    """Encode a frame as compact UTF-8 JSON.
+
+    Raises ``ValueError`` for what a browser could not parse (``NaN``,
+    infinities, a lone surrogate): what :func:`loads` accepted never does.
+    """
     return _dumps(frame).encode("utf-8")
 
 
@@ -148,18 +276,13 @@ def error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"type": "error", "event": "message.rejected", "data": data}
 
 
-def parse_client_frame(raw: str | bytes, *, max_size: int) -> ClientFrame:
+def parse_client_frame(raw: str | bytes, *, max_size: int, max_depth: int = MAX_JSON_DEPTH) -> ClientFrame:
     """Parse and validate one client frame; raise :class:`ProtocolError`."""
     if isinstance(raw, bytes):
         raise ProtocolError("binary_not_supported", "room frames are JSON text, got binary")
     if len(raw) > max_size:
         raise ProtocolError("too_large", f"frame of {len(raw)} characters, the limit is {max_size}")
-    try:
-        obj = json.loads(raw)
-    except RecursionError:
-        raise ProtocolError("invalid_json", "frame nests too deeply") from None
-    except ValueError as exc:
-        raise ProtocolError("invalid_json", f"frame is not valid JSON: {exc}") from None
+    obj = loads(raw, max_depth=max_depth)
     if not isinstance(obj, dict):
         raise ProtocolError("invalid_frame", f"frame must be a JSON object, got {type(obj).__name__}")
     kind = obj.get("type")
@@ -169,13 +292,10 @@ def parse_client_frame(raw: str | bytes, *, max_size: int) -> ClientFrame:
         raise ProtocolError(
             "unknown_type", f"unknown frame type {kind!r}; expected one of {sorted(CLIENT_FRAME_TYPES)}"
         )
-    room_id = obj.get("room_id")
-    if not isinstance(room_id, str) or not room_id:
-        raise ProtocolError("missing_room", f"a {kind!r} frame needs a non-empty string 'room_id'")
-    if len(room_id) > MAX_ROOM_ID_LENGTH or not room_id.isprintable():
-        raise ProtocolError(
-            "invalid_room", f"'room_id' must be printable and at most {MAX_ROOM_ID_LENGTH} characters"
-        )
+    try:
+        room_id = validate_room_id(obj.get("room_id"))
+    except InvalidInput as exc:
+        raise ProtocolError(exc.code, f"{kind!r} frame: {exc.message}") from None
     since = obj.get("since")
     if since is not None and (not isinstance(since, int) or isinstance(since, bool) or since < 0):
         raise ProtocolError("invalid_frame", f"'since' must be a non-negative integer, got {since!r}")

@@ -3,10 +3,14 @@
 Sequences are microsecond timestamps forced to increase per room
 (``max(last + 1, now)``), so they stay monotonic across a server restart
 and are comparable between nodes of a cluster, without coordination.
-Each room keeps its last ``size`` messages and a *floor*: the newest
-sequence this node can no longer vouch for (evicted, or before it started
-listening to the room). A resume from below the floor is answered with
-``None`` (the caller sends ``resync``), never with a silent hole.
+Each room keeps its last ``size`` messages, within ``max_bytes`` of
+encoded frames, and a *floor*: the newest sequence this node can no longer
+vouch for (evicted, or before it started listening to the room). All rooms
+together keep at most ``total_bytes``; past it the least recently active
+rooms lose their oldest messages first. A resume from below the floor is
+answered with ``None`` (the caller sends ``resync``), never with a silent
+hole. The kernel forgets a room's log once it stops listening to the room
+(``rooms.history_linger`` after its last local member left).
 """
 
 from __future__ import annotations
@@ -38,35 +42,71 @@ class Sequencer:
 
 
 class _RoomLog:
-    __slots__ = ("entries", "floor")
+    __slots__ = ("entries", "floor", "bytes")
 
-    def __init__(self, size: int, floor: int) -> None:
-        self.entries: deque[Envelope] = deque(maxlen=size)
+    def __init__(self, floor: int) -> None:
+        self.entries: deque[Envelope] = deque()
         self.floor = floor
+        self.bytes = 0  # payload bytes of ``entries``
 
 
 class RoomHistory:
-    """The bounded logs of every room this node hears, least recent dropped first."""
+    """The bounded logs of every room this node hears, least recent dropped first.
 
-    def __init__(self, *, size: int, max_rooms: int) -> None:
+    Bounded three ways: ``size`` messages and ``max_bytes`` of payload per
+    room, ``total_bytes`` for every room together (and ``max_rooms`` logs).
+    Every eviction raises the room's floor past what it dropped.
+    """
+
+    def __init__(self, *, size: int, max_rooms: int, max_bytes: int = 1 << 20, total_bytes: int = 64 << 20) -> None:
         self.size = size
         self.max_rooms = max_rooms
+        self.total_bytes = total_bytes
+        self.max_bytes = min(max_bytes, total_bytes)
         self._logs: OrderedDict[str, _RoomLog] = OrderedDict()
+        self._bytes = 0
+
+    @property
+    def bytes_held(self) -> int:
+        """Payload bytes held in every room's log."""
+        return self._bytes
+
+    def usage(self) -> dict[str, int]:
+        """What history holds now: rooms with a log, messages and their payload bytes."""
+        return {"rooms": len(self._logs), "messages": sum(len(log.entries) for log in self._logs.values()),
+                "bytes": self._bytes}
 
     def _log(self, room: str) -> _RoomLog:
         log = self._logs.get(room)
         if log is None:
-            log = _RoomLog(self.size, floor=time.time_ns() // 1000 - 1)
+            log = _RoomLog(floor=time.time_ns() // 1000 - 1)
             self._logs[room] = log
             if len(self._logs) > self.max_rooms:
-                self._logs.popitem(last=False)
+                self._bytes -= self._logs.popitem(last=False)[1].bytes
         else:
             self._logs.move_to_end(room)
         return log
 
+    def _evict_oldest(self, log: _RoomLog) -> None:
+        envelope = log.entries.popleft()
+        size = len(envelope.payload)
+        log.bytes -= size
+        self._bytes -= size
+        log.floor = max(log.floor, envelope.sequence or log.floor)
+
+    def _within_total(self) -> None:
+        """Evict the least recently active rooms' oldest messages until all rooms fit ``total_bytes``."""
+        for log in self._logs.values():  # least recently active first
+            while log.entries and self._bytes > self.total_bytes:
+                self._evict_oldest(log)
+            if self._bytes <= self.total_bytes:
+                return
+
     def forget(self, room: str) -> None:
-        """Drop ``room``'s log (this node stopped listening to it)."""
-        self._logs.pop(room, None)
+        """Drop ``room``'s log and free its bytes (this node stopped listening to it)."""
+        log = self._logs.pop(room, None)
+        if log is not None:
+            self._bytes -= log.bytes
 
     def track(self, room: str) -> None:
         """Start vouching for ``room`` from now on (this node began listening)."""
@@ -78,9 +118,19 @@ class RoomHistory:
         if envelope.sequence is None or self.size == 0:
             return
         log = self._log(envelope.room)
-        if len(log.entries) == log.entries.maxlen:
-            log.floor = log.entries[0].sequence or log.floor
+        size = len(envelope.payload)
+        if size > self.max_bytes:  # cannot be kept: a resume from before it is a resync
+            while log.entries:
+                self._evict_oldest(log)
+            log.floor = max(log.floor, envelope.sequence)
+            return
         log.entries.append(envelope)
+        log.bytes += size
+        self._bytes += size
+        while len(log.entries) > self.size or log.bytes > self.max_bytes:
+            self._evict_oldest(log)
+        if self._bytes > self.total_bytes:
+            self._within_total()
 
     def since(self, room: str, sequence: int) -> list[Envelope] | None:
         """Messages after ``sequence`` in order, or None when some may be missing."""
@@ -118,13 +168,22 @@ class RoomHistory:
             if envelope.sequence is not None and envelope.sequence > since:
                 merged.setdefault((envelope.sequence, envelope.payload), envelope)
         ordered = sorted(merged.values(), key=lambda e: e.sequence or 0)
-        keep = ordered[-self.size:] if self.size else []
-        evicted = ordered[: len(ordered) - len(keep)]
+        kept, kept_bytes = 0, 0
+        for envelope in reversed(ordered):  # the newest that fit both bounds
+            size = len(envelope.payload)
+            if kept == self.size or kept_bytes + size > self.max_bytes:
+                break
+            kept, kept_bytes = kept + 1, kept_bytes + size
+        evicted = ordered[: len(ordered) - kept]
         log.entries.clear()
-        log.entries.extend(keep)
+        log.entries.extend(ordered[len(ordered) - kept:])
+        self._bytes += kept_bytes - log.bytes
+        log.bytes = kept_bytes
         log.floor = min(log.floor, since)
         if evicted:
             log.floor = max(log.floor, evicted[-1].sequence or 0)
+        if self._bytes > self.total_bytes:
+            self._within_total()
 
     def recent(self, room: str, limit: int | None = None) -> list[Envelope]:
         log = self._logs.get(room)

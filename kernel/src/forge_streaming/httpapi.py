@@ -15,11 +15,12 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from . import __version__
+from . import __version__, frames
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -45,6 +46,28 @@ def _unauthorized(streaming: Streaming) -> JSONResponse:
                         status_code=401, headers={"WWW-Authenticate": "Bearer"})
 
 
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None once it is known to pass ``limit`` bytes (declared or counted)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left mid-body: nobody to answer, nothing to log as an error
+        raise HTTPException(400, "client disconnected") from None
+    return b"".join(chunks)
+
+
 async def stats(streaming: Streaming) -> dict[str, Any]:
     """A readable summary of the node: connections, rooms, counters, backend."""
     by_transport: dict[str, int] = {}
@@ -58,6 +81,7 @@ async def stats(streaming: Streaming) -> dict[str, Any]:
         "connections": {"total": len(streaming.connections), "by_transport": by_transport},
         "rooms": {"total": len(rooms), "local": streaming.local_rooms()},
         "backend": {"name": streaming.backend.name, "state": health.state.value, "detail": health.detail},
+        "history": streaming._history.usage(),  # noqa: SLF001 (the kernel's own accounting)
         "counters": streaming.stats_counters(),
         "transports": {name: t.describe() for name, t in streaming.transports.items()},
     }
@@ -78,18 +102,26 @@ def streaming_register_routes(streaming: Streaming) -> list[BaseRoute]:
     async def api_publish(request: Request) -> Response:
         if not _authorized(streaming, request):
             return _unauthorized(streaming)
+        limits = streaming.config.limits
+        raw = await _read_body(request, limits.max_message_size)
+        if raw is None:
+            return _error(413, "too_large", f"body is over limits.max_message_size ({limits.max_message_size} bytes)")
         try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "invalid_json", "message": "body must be JSON"}, status_code=400)
-        room = body.get("room_id") if isinstance(body, dict) else None
-        if not isinstance(room, str) or not room:
-            return JSONResponse({"error": "missing_room", "message": "body needs a non-empty string 'room_id'"},
-                                status_code=400)
+            body = frames.loads(raw.decode("utf-8"), max_depth=limits.max_json_depth)
+        except UnicodeDecodeError:
+            return _error(400, "invalid_json", "body must be UTF-8 JSON text")
+        except frames.InvalidInput as exc:
+            return _error(400, exc.code, exc.message)
+        if not isinstance(body, dict):
+            return _error(400, "invalid_frame", "body must be a JSON object with 'room_id' and 'data'")
         if "data" not in body:
-            return JSONResponse({"error": "invalid_frame", "message": "body needs 'data'"}, status_code=400)
+            return _error(400, "invalid_frame", "body needs 'data'")
         user_id = body.get("user_id") if isinstance(body.get("user_id"), str) else "api"
-        sequence = await streaming.publish(room, body["data"], user_id=user_id)
+        try:
+            room = frames.validate_room_id(body.get("room_id"))
+            sequence = await streaming.publish(room, body["data"], user_id=user_id)
+        except frames.InvalidInput as exc:
+            return _error(400, exc.code, f"'room_id': {exc.message}" if "room" in exc.code else exc.message)
         if sequence is None:
             return JSONResponse({"published": False, "reason": "dropped by a hook"}, status_code=202)
         return JSONResponse({"published": True, "room_id": room, "sequence": sequence})
@@ -119,6 +151,10 @@ def streaming_register_routes(streaming: Streaming) -> list[BaseRoute]:
     ]
 
 
+STATUS_PAGE_POLICY = "default-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
+"""The status page is plain HTML: no script, style, image or connection of its own."""
+
+
 def status_page(streaming: Streaming) -> Route:
     """The page at ``/`` when no plugin serves one: node, counts, endpoints."""
 
@@ -133,7 +169,8 @@ def status_page(streaming: Streaming) -> Route:
             f"<h1>forge-streaming {__version__}</h1><p>node <code>{html.escape(info['node'])}</code>, "
             f"{info['connections']['total']} connections, {info['rooms']['total']} rooms, backend "
             f"{html.escape(info['backend']['name'])} ({html.escape(info['backend']['state'])})</p>"
-            f"<ul>{endpoints}</ul>"
+            f"<ul>{endpoints}</ul>",
+            headers={"Content-Security-Policy": STATUS_PAGE_POLICY},
         )
 
     return Route("/", page)

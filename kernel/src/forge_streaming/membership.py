@@ -3,16 +3,26 @@
 One job: which local connections are in which room, and keeping this node
 subscribed to a room (and its history warm) while it has members, plus
 ``rooms.history_linger`` after the last one left.
+
+A replay (a join with ``since``) goes as fast as the client reads: before
+each message the kernel awaits :meth:`Connection.drained`, so at most about
+:data:`REPLAY_LOW_WATER` bytes of it wait in the connection's buffer. While
+it runs, the member's place in its room's table is held by a
+:class:`_ReplayGate`, which keeps the room's live frames (within
+``limits.send_buffer`` on top of one message) until the replay is out: the
+member gets the replay, then the live frames, in order and once. The fan-out
+sees one more object with a ``deliver`` method; its hot path is unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 from . import frames
-from .connection import Connection, ConnectionState
+from .connection import CloseCode, Connection, ConnectionState
 from .errors import Refused
 from .frames import OutboundFrame
 from .history import RoomHistory
@@ -22,6 +32,65 @@ if TYPE_CHECKING:
     from .service import Streaming
 
 log = logging.getLogger("forge_streaming")
+
+REPLAY_LOW_WATER = 64 * 1024
+"""A replay delivers its next message once at most this many bytes (or a quarter of
+``limits.send_buffer``, if less) are unsent to the client."""
+
+SLOW_CONSUMER = "slow consumer"
+
+
+class _ReplayGate:
+    """Stands in a room's member table for a member being replayed to; holds the room's live frames.
+
+    The fan-out calls :meth:`deliver` as it would the connection's. Past
+    ``limit`` held bytes on top of one frame, the member is dropped as a
+    slow consumer: live traffic is bounded during a replay as after it.
+    Anything else the fan-out may ask of a member is the connection's.
+    """
+
+    __slots__ = ("conn", "held", "size", "limit", "allowance", "closed", "done")
+
+    def __init__(self, conn: Connection, limit: int) -> None:
+        self.conn = conn
+        self.held: list[OutboundFrame] = []
+        self.size = 0
+        self.limit = limit
+        self.allowance = 0
+        self.closed = False
+        self.done = asyncio.Event()
+
+    def deliver(self, frame: OutboundFrame) -> None:
+        if self.closed:
+            return
+        self.held.append(frame)
+        size = len(frame.payload)
+        self.size += size
+        if self.size > self.limit:
+            if size > self.allowance:
+                self.allowance = size
+            if self.size > self.limit + self.allowance:
+                self._overflow()
+
+    def take(self) -> list[OutboundFrame]:
+        """The frames held so far, in order; the gate keeps holding what comes next."""
+        held, self.held = self.held, []
+        self.size = self.allowance = 0
+        return held
+
+    def _overflow(self) -> None:
+        conn = self.conn
+        conn.log.warning("connection %s: %d bytes of live traffic held during its replay (limit %d): "
+                         "dropping it as %s", conn.id, self.size, self.limit, SLOW_CONSUMER)
+        self.closed = True
+        self.held = []
+        if conn.is_ended:
+            return
+        conn.drop(SLOW_CONSUMER)
+        conn.streaming._background(conn.close(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER))  # noqa: SLF001
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
 
 
 class Membership:
@@ -36,6 +105,10 @@ class Membership:
 
     async def join(self, conn: Connection, room: str, *, since: int | None = None) -> None:
         """Add ``conn`` to ``room``: hooks, presence, replay from ``since``."""
+        try:
+            room = frames.validate_room_id(room)
+        except frames.InvalidInput as exc:  # a handler's join_room(None) closes its connection with the reason
+            raise Refused(exc.message, status=400, code=exc.code) from None
         s = self._s
         if room in conn.rooms:
             if since is not None:
@@ -58,32 +131,60 @@ class Membership:
             if room not in self.local:
                 self._linger(room)
             return
-        self.local.setdefault(room, {})[conn.id] = conn
+        members = self.local.setdefault(room, {})
+        gate = None if since is None else self._gate(conn)
+        members[conn.id] = conn if gate is None else cast(Connection, gate)  # live frames wait for the replay
         conn.rooms.add(room)
-        await s.store.add_member(room, Member(conn.id, conn.user_id, s.node_id, conn.transport))
-        users = await s.store.users(room)
-        conn.send_frame(frames.system_frame("room.joined", {
-            "room_id": room, "user_id": conn.user_id, "users": users, "sequence": self.history.position(room)}))
-        if since is not None:
-            await self.replay(conn, room, since)
+        try:
+            await s.store.add_member(room, Member(conn.id, conn.user_id, s.node_id, conn.transport))
+            users = await s.store.users(room)
+            conn.send_frame(frames.system_frame("room.joined", {
+                "room_id": room, "user_id": conn.user_id, "users": users,
+                "sequence": self.history.position(room)}))
+            if gate is not None and since is not None:
+                await self._replay(conn, room, since, gate)
+        finally:
+            if gate is not None:
+                self._ungate(conn, room, gate)
+        if conn.is_ended or room not in conn.rooms:  # dropped or gone during its replay: nothing to announce
+            return
         await s.notify(room, frames.presence_frame("join", room_id=room, user_id=conn.user_id), sender=conn)
         await s.plugins.acall("streaming_room_joined", connection=conn, room=room)
 
     async def replay(self, conn: Connection, room: str, since: int) -> None:
-        """Send ``conn`` what ``room`` had after ``since``, asking the cluster if needed.
+        """Send ``conn`` (a member of ``room``) what the room had after ``since``, then what came meanwhile.
+
+        One replay per member and room at a time: a second one waits for
+        the first to finish.
+        """
+        members = self.local.get(room)
+        while members is not None and isinstance(current := members.get(conn.id), _ReplayGate):
+            await current.done.wait()
+            members = self.local.get(room)
+        if members is None or members.get(conn.id) is not conn:  # left meanwhile
+            return
+        gate = self._gate(conn)
+        members[conn.id] = cast(Connection, gate)
+        try:
+            await self._replay(conn, room, since, gate)
+        finally:
+            self._ungate(conn, room, gate)
+
+    def _gate(self, conn: Connection) -> _ReplayGate:
+        return _ReplayGate(conn, self._s.config.limits.send_buffer)
+
+    async def _replay(self, conn: Connection, room: str, since: int, gate: _ReplayGate) -> None:
+        """What ``room`` had after ``since``, asking the cluster if needed, then the live frames the gate held.
 
         When nobody can vouch for the gap, the client is told ``resync`` and
-        then sent what history does hold after ``since``.
+        then sent what history does hold after ``since``. Each message waits
+        for the client to have taken all but :data:`REPLAY_LOW_WATER` bytes.
         """
         history = self.history
         missed = history.since(room, since)
-        live: set[bytes] = set()
         if missed is None:
-            heard = {e.payload for e in history.recent(room)}
             fetched = await self._s.backend.fetch_history(room, since)
             if fetched is not None:
-                # What arrived while asking was delivered live already: do not send it twice.
-                live = {e.payload for e in history.recent(room)} - heard
                 history.merge(room, since, fetched)
                 missed = history.since(room, since)
         if missed is None:
@@ -91,9 +192,39 @@ class Membership:
                 "room_id": room, "since": since, "reason": "history no longer holds messages after this sequence",
                 "sequence": history.latest(room)}))
             missed = [e for e in history.recent(room) if e.sequence is not None and e.sequence > since]
-        for envelope in missed:
-            if envelope.payload not in live:
-                conn.deliver(OutboundFrame(payload=envelope.payload, room=room, sequence=envelope.sequence))
+        below = min(REPLAY_LOW_WATER, max(1, self._s.config.limits.send_buffer // 4))
+        frames_out = (OutboundFrame(payload=e.payload, room=room, sequence=e.sequence) for e in missed)
+        if not await self._paced(conn, gate, frames_out, below):
+            return
+        replayed: set[bytes] | None = None
+        while gate.held:  # live frames that came during the replay (and during this loop)
+            if replayed is None:  # those heard while the replay was gathered are in it already
+                replayed = {e.payload for e in missed}
+            fresh = [f for f in gate.take() if f.sequence is None or f.payload not in replayed]
+            if not await self._paced(conn, gate, fresh, below):
+                return
+
+    @staticmethod
+    async def _paced(conn: Connection, gate: _ReplayGate, out: Iterable[OutboundFrame], below: int) -> bool:
+        """Deliver ``out`` as the client takes it; False once the member is gone (ended, left, dropped)."""
+        for frame in out:
+            await conn.drained(below)
+            if gate.closed or conn.is_ended:
+                return False
+            conn.deliver(frame)
+        return True
+
+    def _ungate(self, conn: Connection, room: str, gate: _ReplayGate) -> None:
+        """Put the member itself back in its room's table, with anything the gate still holds."""
+        gate.done.set()
+        members = self.local.get(room)
+        if gate.closed or members is None or members.get(conn.id) is not cast(Connection, gate):
+            gate.closed = True
+            return
+        members[conn.id] = conn
+        gate.closed = True
+        for frame in gate.take():  # only after a failure: a finished replay left the gate empty
+            conn.deliver(frame)
 
     async def leave(self, conn: Connection, room: str) -> None:
         if room not in conn.rooms:
@@ -102,7 +233,9 @@ class Membership:
         conn.rooms.discard(room)
         local = self.local.get(room)
         if local is not None:
-            local.pop(conn.id, None)
+            member = local.pop(conn.id, None)
+            if isinstance(member, _ReplayGate):
+                member.closed = True  # its replay stops
             if not local:
                 del self.local[room]
                 self._linger(room)
@@ -121,7 +254,7 @@ class Membership:
                 log.exception("leaving room %r for closed connection %s failed", room, conn.id)
 
     def local_members(self, room: str) -> list[Connection]:
-        return list(self.local.get(room, {}).values())
+        return [m.conn if isinstance(m, _ReplayGate) else m for m in self.local.get(room, {}).values()]
 
     # -- listening ------------------------------------------------------------------
 
@@ -141,6 +274,7 @@ class Membership:
         if room in self.local or room not in self._subscribed:
             return
         self._subscribed.discard(room)
+        self.history.forget(room)  # nobody here listens: its history is freed (a resume from it gets resync)
         try:
             await self._s.backend.unsubscribe(room)
         except Exception:

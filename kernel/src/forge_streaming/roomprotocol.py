@@ -62,7 +62,8 @@ class RoomProtocol:
                 conn.send_frame(frames.error_frame("rate_limited", text, retry_after_ms=max(1, int(wait * 1000))))
                 return
         try:
-            frame = frames.parse_client_frame(raw, max_size=s.config.limits.max_message_size)
+            frame = frames.parse_client_frame(raw, max_size=s.config.limits.max_message_size,
+                                              max_depth=s.config.limits.max_json_depth)
             await self._act(conn, frame)
         except ProtocolError as exc:
             s._rejected(conn, exc.code, exc.message)  # noqa: SLF001

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from . import frames, loopguard
 from .admission import Admission
-from .config import StreamingConfig, build_config, read_yaml
+from .config import StreamingConfig, build_config, read_yaml, unwrap_forge
 from .connection import CloseCode, Connection
 from .delivery import FlushScheduler
 from .errors import ConfigError, HookFailed, PluginLoadError, UnknownTransport
@@ -102,7 +102,8 @@ def _raw_config(config: StreamingConfig | Mapping[str, Any] | str | os.PathLike[
         return read_yaml(config)
     if isinstance(config, StreamingConfig):
         return config.effective()
-    return dict(config)
+    unwrapped, _ = unwrap_forge(config)  # Forge's shape as a dict too; what cannot be unwrapped is refused later
+    return unwrapped
 
 
 class Streaming:
@@ -163,7 +164,9 @@ class Streaming:
         self.store: RoomStore = self._make("rooms.store", self.config.rooms.store, "streaming_register_room_stores")
 
         self._history = RoomHistory(size=self.config.rooms.history_size,
-                                    max_rooms=self.config.rooms.history_max_rooms)
+                                    max_rooms=self.config.rooms.history_max_rooms,
+                                    max_bytes=self.config.rooms.history_max_bytes,
+                                    total_bytes=self.config.rooms.history_total_bytes)
         self._admission = Admission(self, self.plugins, self.config.limits)
         self._membership = Membership(self, self._history)
         self._lifecycle = Lifecycle(self, self._admission, self._membership)

@@ -360,27 +360,24 @@ def serve(target: Any, *, host: str = "127.0.0.1", port: int | None = None,
           startup_timeout: float = 10.0) -> Any:
     """``async with serve(streaming_or_app) as server:`` runs uvicorn in this event loop.
 
-    Uses the same server class and options as ``forge-streaming serve`` (the
-    transports' protocol classes, draining shutdown). Stops on exit.
+    Uses the same server as ``forge-streaming serve`` (the transports'
+    protocol classes, the HTTP header and body deadlines, draining
+    shutdown). Stops on exit.
     """
     from contextlib import asynccontextmanager
 
-    import uvicorn
-
-    from .cli import DrainingServer, _find_streaming
+    from .cli import _find_streaming, build_server
     from .service import Streaming
 
     @asynccontextmanager
     async def running() -> Any:
         streaming = _find_streaming(target)
-        app = target.asgi_app() if isinstance(target, Streaming) else target
         chosen = port if port is not None else free_port(host)
         if streaming is not None:
-            streaming.http_address = (host, chosen)
-        options = streaming.server_options() if streaming else {}
-        config = uvicorn.Config(app, host=host, port=chosen, lifespan="on", log_config=None,
-                                log_level="warning", timeout_graceful_shutdown=5, **options)
-        server = DrainingServer(config, streaming)
+            streaming.http_address = (host, chosen)  # before the app is built: WebTransport's port
+        app = target.asgi_app() if isinstance(target, Streaming) else target
+        server = build_server(app, streaming, host=host, port=chosen, log_level="warning",
+                              timeout_graceful_shutdown=5)
         task = asyncio.ensure_future(server.serve())
         deadline = asyncio.get_running_loop().time() + startup_timeout
         while not server.started:

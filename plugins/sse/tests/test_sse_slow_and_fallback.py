@@ -60,12 +60,18 @@ async def test_slow_reader_is_ended_with_a_reason_and_the_room_is_not_slowed(kit
             got = [e.json()["data"]["n"] for e in await fast.until(
                 lambda e: kit.is_message(e) and e.json()["data"]["n"] == last, timeout=20) if kit.is_message(e)]
             assert got == list(range(total))
-            # the slow reader finally reads: its stream ends with the reason
-            rest = [e async for e in slow.events()]
-            assert rest, "the slow reader got nothing"
-            final = rest[-1].json()
-            assert final["type"] == "system" and final["event"] == "connection.closed"
-            assert final["data"]["reason"] == "slow consumer" and final["data"]["code"] == 1008
+            # the slow reader finally reads: on the fast path its connection was reset (SO_LINGER 0) so that the
+            # server freed what it held at once; under the ASGI fallback, which has no socket, the stream ends with
+            # the reason
+            if fast_path:  # the reset discards what was queued, the notice too (tests/test_slow_consumer_reset.py)
+                rest = [e async for e in slow.events()]
+                assert not any(e.json().get("event") == "connection.closed" for e in rest if e.data.startswith("{"))
+            else:
+                rest = [e async for e in slow.events()]
+                assert rest, "the slow reader got nothing"
+                final = rest[-1].json()
+                assert final["type"] == "system" and final["event"] == "connection.closed"
+                assert final["data"]["reason"] == "slow consumer" and final["data"]["code"] == 1008
         finally:
             await slow.close()
             await fast.close()

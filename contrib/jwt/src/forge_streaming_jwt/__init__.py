@@ -128,7 +128,7 @@ class JwtPlugin:
             claims = self.decode(settings, token)
         except jwt.ExpiredSignatureError:
             raise Refused("token expired", status=401, code="token_expired") from None
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:  # InvalidTokenError, and InvalidKeyError (HS256 "signed" with a public key)
             raise Refused(f"invalid token: {exc}", status=401, code="invalid_token") from None
         user = claims.get(settings.user_claim)
         if not isinstance(user, str) or not user:

@@ -76,6 +76,7 @@ class LongPollConnection(Connection):
         self._queued = 0
         self._inbox: deque[str] = deque()
         self._woken = asyncio.Event()  # something to poll: a frame was queued, or the session ended
+        self._taken = asyncio.Event()  # a poll took the queue, or the session ended (see drained)
         self._received = asyncio.Event()  # something to read: a message arrived, or the session ended
         self._timer: asyncio.TimerHandle | None = None
 
@@ -124,6 +125,12 @@ class LongPollConnection(Connection):
         if self.is_ended or not self._push(json.dumps(message, ensure_ascii=False).encode()):
             raise ConnectionClosed(self.close_code or CloseCode.ABNORMAL, self.close_reason)
 
+    async def drained(self, below: int) -> None:
+        """Wait until a poll has taken the queue (the kernel's replays go at the pace of the polls)."""
+        while self._queued > min(below, self.owner.send_buffer // 2) and not self.is_ended:
+            self._taken.clear()
+            await self._taken.wait()
+
     def _push(self, value: bytes) -> bool:
         """Queue one JSON value and wake the poll; past the bound, drop the session (never waits)."""
         self._queue.append(value)
@@ -153,6 +160,7 @@ class LongPollConnection(Connection):
         if not self._queue and self.is_ended:
             return None
         batch, self._queue, self._queued = self._queue, [], 0
+        self._taken.set()
         return b"[" + b",".join(batch) + b"]"
 
     # -- the end -------------------------------------------------------------------
@@ -164,6 +172,7 @@ class LongPollConnection(Connection):
         super().ended(code, reason)
         self._woken.set()
         self._received.set()
+        self._taken.set()
 
     def forget(self) -> None:
         """Take the session out of the transport's table (it has ended and the client knows, or is gone)."""

@@ -9,7 +9,10 @@ drained by a single pump task through ASGI ``send``.
 
 Room messages carry an ``id:`` cursor (:mod:`forge_streaming_sse.cursor`) with
 this member's position in each of its rooms; a reconnect with it as
-``Last-Event-ID`` replays exactly what came after, room by room.
+``Last-Event-ID`` replays exactly what came after, room by room, as fast as
+the client reads (the kernel awaits :meth:`SSEConnection.drained` between
+messages). A stream cut as a slow consumer on the fast path is reset
+(``SO_LINGER`` 0), so the unread bytes it held in the kernel are freed at once.
 
 The kernel runs the stream's life (``streaming.serve_connection``); this
 class is its I/O: :meth:`SSEConnection.accept` starts the response,
@@ -24,6 +27,8 @@ import asyncio
 import contextlib
 import json
 import secrets
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -55,6 +60,8 @@ STREAM_HEADERS = (
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 )
+
+SLOW_CONSUMER = "slow consumer"
 
 INBOX_LIMIT = 64
 """Frames POSTed to a handler stream that its handler has not read yet."""
@@ -91,6 +98,7 @@ class QueueTarget:
         self._chunks: list[bytes] = []
         self._size = 0
         self._wake = asyncio.Event()
+        self._sent = asyncio.Event()
         self._closing = False
 
     def write(self, data: bytes) -> None:
@@ -107,6 +115,14 @@ class QueueTarget:
     def close(self) -> None:
         self._closing = True
         self._wake.set()
+        self._sent.set()
+
+    async def sent(self) -> None:
+        """Wait until the pump has sent a batch (or the target closes)."""
+        if self._closing:
+            return
+        self._sent.clear()
+        await self._sent.wait()
 
     async def pump(self, send: Send) -> None:
         """Send what was written, one ``send`` per batch; end the body once closed."""
@@ -118,6 +134,7 @@ class QueueTarget:
                 self._chunks = []
                 await send({"type": "http.response.body", "body": data, "more_body": True})
                 self._size -= len(data)
+                self._sent.set()
             if self._closing and not self._chunks:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
@@ -141,7 +158,7 @@ class SSEConnection(Connection):
     """An SSE stream: ``await stream.send_event(Event(...))`` until ``stream.done``.
 
     ``stream.closed`` is an :class:`asyncio.Event` set when the stream has
-    ended for any reason (the seed's ``Context().Done()``); ``await
+    ended for any reason (Forge's ``Context().Done()``); ``await
     stream.wait_closed()`` waits for it. ``stream.last_event_id`` is what the
     client sent to resume (header or ``last_event_id`` query).
     """
@@ -152,8 +169,8 @@ class SSEConnection(Connection):
     # method lookup on it, `deliver` included. The kernel's attributes stay in __dict__.
     __slots__ = ("_sse", "room_endpoint", "token", "send_url", "last_event_id", "closed", "_receive", "_send",
                  "_writer", "_target", "_direct", "_pump", "_watcher", "_keepalive", "_active", "_prefix",
-                 "_pos", "_pending", "_resuming", "_held", "_one", "_one_seq", "_pinged_seq",
-                 "_inbox", "_inbox_ready")
+                 "_pos", "_pending", "_resuming", "_one", "_one_seq", "_pinged_seq",
+                 "_ticked", "_quiet_since", "_inbox", "_inbox_ready")
 
     def __init__(self, request: ConnectionRequest, streaming: Streaming, *, sse: SSETransport,
                  room_endpoint: bool, receive: Receive, send: Send) -> None:
@@ -175,12 +192,12 @@ class SSEConnection(Connection):
         self._watcher: asyncio.Task[None] | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._active = False
+        self._ticked = self._quiet_since = 0.0  # the keep-alive timer's last tick; the earliest the last write was
         self._prefix = b""  # the retry: hint, sent in front of the first event
-        # resume state: position per room, rooms being resumed and their held live frames
+        # resume state: position per room, and the rooms being resumed with the position the client had
         self._pos: dict[str, int] = {}
         self._pending: set[str] = set()
-        self._resuming: set[str] = set()
-        self._held: dict[str, list[OutboundFrame]] = {}
+        self._resuming: dict[str, int] = {}
         # the fast path (see deliver): while the cursor is one room and nothing is resumed or
         # prefixed, that room and its position live here instead of in _pos
         self._one: str | None = None
@@ -255,9 +272,8 @@ class SSEConnection(Connection):
         self._settle()
         room = frame.room
         if seq is not None and room is not None:
-            if self._resuming and room in self._resuming:
-                self._held.setdefault(room, []).append(frame)
-                return
+            if self._resuming and room in self._resuming and seq <= self._resuming[room]:
+                return  # resuming from a later position: the client has this one already
             pos = self._pos
             last = pos.get(room)
             if last is None or seq > last:
@@ -344,9 +360,10 @@ class SSEConnection(Connection):
     async def join_from(self, raw: str, room: str, since: int | None) -> None:
         """Act on a join frame; with ``since``, replay history and live traffic of the room in order, once.
 
-        While the kernel replays, live frames of the room may arrive too (a
-        broker delivers while the join awaits): every sequenced frame of the
-        room is held, then sent sorted, skipping what the client already has.
+        The kernel sends the replay as fast as the client reads, then the live
+        frames of the room that arrived meanwhile (it holds them, bounded, and
+        drops those the replay had); this stream skips what the client
+        already has (at or before its position in the room).
         """
         if since is None:
             await self.streaming.room_protocol_frame(self, raw)
@@ -356,20 +373,28 @@ class SSEConnection(Connection):
         if room not in self.rooms:
             self._pending.add(room)
             self._pos.setdefault(room, since)
-        self._resuming.add(room)
+        self._resuming[room] = have
         try:
             await self.streaming.room_protocol_frame(self, raw)
         finally:
             self._pending.discard(room)
-            self._resuming.discard(room)
-            held = self._held.pop(room, [])
+            self._resuming.pop(room, None)
             if room not in self.rooms:
                 self._sync_rooms()
             self._refresh()
-            for frame in sorted(held, key=_sequence):
-                if frame.sequence is not None and frame.sequence > have:
-                    have = frame.sequence
-                    self.deliver(frame)
+
+    async def drained(self, below: int) -> None:
+        """Wait until at most ``below`` bytes (at most half this stream's bound) are unsent."""
+        writer = self._writer
+        if writer.closed:
+            return
+        target = self._target
+        wait: Callable[[], Awaitable[object]] | None = None
+        if isinstance(target, QueueTarget):
+            wait = target.sent
+        elif self._direct is not None:  # uvicorn's flow control of the socket: paused above its high-water mark
+            wait = getattr(getattr(self._direct.cycle, "flow", None), "drain", None)
+        await writer.drained(min(below, self._send_buffer() // 2), wait)
 
     # -- life of the stream -------------------------------------------------------------------
 
@@ -400,7 +425,9 @@ class SSEConnection(Connection):
                                       on_overflow=self._overflow, join=join)
         self._watcher = asyncio.ensure_future(self._watch(self._receive))
         if settings.keep_alive_interval > 0:
-            self._keepalive = asyncio.get_running_loop().call_later(settings.keep_alive_interval, self._ping)
+            loop = asyncio.get_running_loop()
+            self._ticked = self._quiet_since = loop.time()
+            self._keepalive = loop.call_later(settings.keep_alive_interval / 10, self._ping)  # after the opening
         self._prefix = events.retry(settings.retry)
         self._sse.streams[self.id] = self
 
@@ -420,15 +447,33 @@ class SSEConnection(Connection):
         self._writer.write(data)
 
     def _ping(self) -> None:
+        """The keep-alive timer: a comment once the stream has sent nothing for ``sse.keep_alive_interval``.
+
+        A tick only learns whether something was written since the previous
+        tick, so ``_quiet_since`` is the earliest the last write can have
+        been. The next tick comes when that is an interval old, and never
+        sooner than a tenth of an interval: no silence lasts more than 1.1
+        intervals (it was up to two: the first comment of a stream came after
+        two intervals), and a busy stream costs about one tick per interval.
+        """
         if self.closed.is_set():
             return
         if self._writer.unsent == 0:
             self.touch()  # the client drained all we sent: a listening stream is not idle
-        if not self._active and self._one_seq == self._pinged_seq:  # nothing sent, not even on the fast path
-            self._writer.write(events.KEEP_ALIVE)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        interval = self._sse.settings.keep_alive_interval
+        wrote = self._active or self._one_seq != self._pinged_seq  # something sent, the fast path included
         self._active = False
         self._pinged_seq = self._one_seq
-        self._keepalive = asyncio.get_running_loop().call_later(self._sse.settings.keep_alive_interval, self._ping)
+        if wrote:
+            self._quiet_since = self._ticked  # the last write came after the previous tick
+        elif now >= self._quiet_since + interval - 0.001:
+            self._writer.write(events.KEEP_ALIVE)
+            self._quiet_since = now
+        self._ticked = now
+        due = self._quiet_since + interval
+        self._keepalive = loop.call_at(max(due, now + interval / 10) if wrote else due, self._ping)
 
     async def _watch(self, receive: Receive) -> None:
         """Notice the client going away (uvicorn answers ``http.disconnect`` when the socket closes)."""
@@ -442,12 +487,14 @@ class SSEConnection(Connection):
     def _overflow(self, unsent: int) -> None:
         if self.closed.is_set():
             return  # the last bytes of a stream that is ending anyway
-        self.log.warning("stream %s is %d bytes behind (bound %d): ending it as a slow consumer",
-                         self.id, unsent, self._send_buffer())
-        self._end(CloseCode.POLICY_VIOLATION, "slow consumer",
+        self.log.warning("stream %s is %d bytes behind (bound %d on top of one message): ending it as a slow "
+                         "consumer", self.id, unsent, self._send_buffer())
+        if self._direct is not None:  # the client is not reading: what it has not read goes, now
+            _reset(self._direct.transport)
+        self._end(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER,
                   system_event("connection.closed", {"code": int(CloseCode.POLICY_VIOLATION),
-                                                     "reason": "slow consumer", "unsent_bytes": unsent}))
-        self.drop("slow consumer")  # counted, the hook, out of its rooms at once
+                                                     "reason": SLOW_CONSUMER, "unsent_bytes": unsent}))
+        self.drop(SLOW_CONSUMER)  # counted, the hook, out of its rooms at once
 
     def _end(self, code: int, reason: str, notice: bytes | None) -> None:
         """The one way a stream ends (once): tell the kernel, send the last words, end the response."""
@@ -477,7 +524,9 @@ class SSEConnection(Connection):
         grace = self.streaming.config.server.handler_grace
         loop = asyncio.get_running_loop()
         if self._direct is not None:
-            self._direct.end()
+            if self.close_reason == SLOW_CONSUMER:  # cut (by its writer or the kernel): what it did not read goes
+                _reset(self._direct.transport)
+            self._direct.end()  # the response is complete for uvicorn (nothing more is written to a reset socket)
             loop.call_later(grace, _abort, self._direct.transport)
         elif self._pump is not None and isinstance(self._target, QueueTarget):
             self._target.close()
@@ -505,6 +554,16 @@ class SSEConnection(Connection):
                     await task
 
 
+def _reset(transport: asyncio.Transport) -> None:
+    """Abort ``transport`` with a TCP reset (``SO_LINGER`` 0), so the kernel frees its unsent data at once
+    (closed the ordinary way, a socket whose client stopped reading keeps it in FIN-WAIT for minutes)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 def _abort(transport: asyncio.Transport) -> None:
     """Cut a socket whose client did not take the stream's last bytes in time."""
     with contextlib.suppress(Exception):
@@ -517,7 +576,3 @@ def _single_id(frame: OutboundFrame) -> bytes:
 
 def _new_cache(frame: OutboundFrame) -> dict[tuple[tuple[str, int], ...], bytes]:
     return {}
-
-
-def _sequence(frame: OutboundFrame) -> int:
-    return frame.sequence or 0

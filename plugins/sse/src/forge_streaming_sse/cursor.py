@@ -14,6 +14,8 @@ from functools import lru_cache
 from urllib.parse import quote, unquote
 
 MAX_LENGTH = 16_384
+MAX_SEQUENCE_DIGITS = 19
+"""Sequences are microsecond timestamps (16 digits today); anything past 2**63 - 1 is not one of ours."""
 
 
 class CursorError(ValueError):
@@ -41,6 +43,8 @@ def parse(value: str, *, max_rooms: int) -> dict[str, int]:
         room, sep, seq = part.rpartition(":")
         if not sep or not room or not (seq.isascii() and seq.isdigit()):
             raise CursorError(f"expected room:sequence pairs separated by commas, got {part[:80]!r}")
+        if len(seq) > MAX_SEQUENCE_DIGITS or int(seq) >= 2**63:
+            raise CursorError(f"sequence {seq[:24]}{'...' if len(seq) > 24 else ''} is out of range")
         positions[unquote(room)] = int(seq)
         if len(positions) > max_rooms:
             raise CursorError(f"names more than {max_rooms} rooms")

@@ -14,7 +14,7 @@ from typing import Any
 from forge_streaming import OutboundFrame
 from sse_starlette import ServerSentEvent
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode  # JSON.parse refuses NaN
 
 KEEP_ALIVE = b": keep-alive\n\n"
 

@@ -24,6 +24,10 @@ class SSESettings(ConfigSection):
     send_path: str = "/sse/send"
     """Where clients POST room-protocol frames for their stream."""
 
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Browser origins allowed besides the server's own (the same rule as ``websocket.allowed_origins``):
+    shell wildcards, ``https://*.example.com``. A refused origin gets 403 on the stream and the send URL."""
+
     fast_path: bool = True
     """Serve with the plugin's uvicorn protocol, which writes events straight to the socket.
 

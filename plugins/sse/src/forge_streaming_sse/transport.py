@@ -12,8 +12,10 @@ send URL go to the handler's inbox, or through the room protocol
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +24,7 @@ from forge_streaming import (
     Handler,
     Streaming,
     Transport,
+    origin_allowed,
 )
 from starlette.routing import BaseRoute, Route
 
@@ -29,6 +32,8 @@ from . import cursor, events
 from .connection import Receive, Send, SSEConnection, json_response, system_event
 from .protocol import SSEHttpToolsProtocol
 from .settings import SSESettings
+
+log = logging.getLogger("forge_streaming.sse")
 
 
 class SSETransport(Transport):
@@ -61,6 +66,17 @@ class SSETransport(Transport):
     def post_limit(self) -> int:
         return self.settings.max_post_size or self.streaming.config.limits.max_message_size
 
+    async def origin_refused(self, request: ConnectionRequest, scope: dict[str, Any], send: Send) -> bool:
+        """Answer 403 (and say True) when the request's Origin is not allowed: the rule of every transport."""
+        allowed = self.settings.allowed_origins
+        if origin_allowed(request.origin, request.headers, allowed, scheme=scope.get("scheme", "http")):
+            return False
+        log.info("refused SSE %s to %s from origin %r (allowed: %s)", scope.get("method", "GET"), request.path,
+                 request.origin, allowed or "same origin only")
+        await json_response(send, 403, {"error": "origin_not_allowed", "message":
+                                        f"origin {request.origin!r} is not allowed; list it in sse.allowed_origins"})
+        return True
+
 
 class StreamEndpoint:
     """ASGI app of one SSE path: a user handler, or the room endpoint when ``handler`` is None."""
@@ -70,7 +86,10 @@ class StreamEndpoint:
         self.handler = handler
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        conn = SSEConnection(ConnectionRequest.from_scope("sse", scope), self.sse.streaming, sse=self.sse,
+        request = ConnectionRequest.from_scope("sse", scope)
+        if await self.sse.origin_refused(request, scope, send):
+            return
+        conn = SSEConnection(request, self.sse.streaming, sse=self.sse,
                              room_endpoint=self.handler is None, receive=receive, send=send)
         handler: Handler
         if scope.get("method") == "HEAD":
@@ -127,6 +146,8 @@ class SendEndpoint:
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         request = ConnectionRequest.from_scope("sse", scope)
+        if await self.sse.origin_refused(request, scope, send):
+            return
         token = request.headers.get("x-stream-token", "")
         if not token:
             await json_response(send, 401, {"error": "missing_token",
@@ -143,7 +164,15 @@ class SendEndpoint:
                                             "message": "X-Stream-Token does not match this stream"})
             return
         limit = self.sse.post_limit
-        body = await read_body(receive, limit)
+        timeout = self.sse.streaming.config.server.body_timeout
+        try:
+            body = await read_body(receive, limit, timeout=timeout or None)
+        except TimeoutError:
+            await json_response(send, 408, {"error": "body_timeout", "message":
+                                            f"body not received within server.body_timeout ({timeout:g}s)"})
+            return
+        except BodyIncomplete:
+            return  # the client went away before the end of its body: nobody to answer
         if body is None:
             await json_response(send, 413, {"error": "too_large", "message": f"body is over {limit} bytes"})
             return
@@ -166,14 +195,26 @@ class SendEndpoint:
         await json_response(send, 202, {"accepted": True})
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | None:
-    """The request body, or None as soon as it passes ``limit`` bytes."""
+class BodyIncomplete(Exception):
+    """The client disconnected before its request body was complete."""
+
+
+async def read_body(receive: Receive, limit: int, *, timeout: float | None = None) -> bytes | None:
+    """The request body, or None as soon as it passes ``limit`` bytes.
+
+    TimeoutError when the whole body has not arrived within ``timeout``
+    seconds (a client trickling its body holds no connection open for
+    long); :class:`BodyIncomplete` when the client left before its end.
+    """
+    if timeout is not None:
+        async with asyncio.timeout(timeout):
+            return await read_body(receive, limit)
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            raise BodyIncomplete
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -190,7 +231,7 @@ def _resume_join(text: str) -> tuple[str | None, int | None]:
         return None, None
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not a resuming join: the room protocol answers it (invalid_json)
         return None, None
     if (isinstance(obj, dict) and obj.get("type") == "join" and isinstance(obj.get("room_id"), str)
             and isinstance(obj.get("since"), int) and not isinstance(obj.get("since"), bool)):

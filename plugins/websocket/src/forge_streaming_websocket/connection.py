@@ -10,7 +10,12 @@ bytes-bounded queue per connection drained by one writer task through the
 ASGI ``send``. Same bound, same ``slow consumer`` rule, more overhead.
 
 Both read through the ASGI ``receive`` and enforce the message size limit
-themselves, since the server's own limit may be far larger.
+themselves, since the server's own limit may be far larger. Both bound what
+waits for the client at ``send_buffer`` on top of one message, so a single
+message up to the size limit never drops its receiver, and both implement
+``drained`` so that the kernel's replays go as fast as the client reads. A
+slow consumer that :class:`DirectConnection` cuts is reset (``SO_LINGER`` 0):
+the unread data it held in the kernel is freed at once.
 """
 
 from __future__ import annotations
@@ -226,14 +231,22 @@ class DirectConnection(WebSocketConnection):
             writer.flush()
             await self._protocol.writable.wait()
 
+    async def drained(self, below: int) -> None:
+        writer = self._writer
+        if writer is not None:
+            await writer.drained(min(below, self.limits.send_buffer // 2), self._protocol.writable.wait)
+
     def _overflow(self, unsent: int) -> None:
-        self.log.warning("connection %s has %d unsent bytes (limit %d): closing as %s",
+        self.log.warning("connection %s has %d unsent bytes (limit %d on top of one message): resetting it as %s",
                          self.id, unsent, self.limits.send_buffer, SLOW_CONSUMER)
-        self._protocol.send_close_now(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER, timeout=self.limits.close_timeout)
+        self._protocol.reset_now(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER)
         self.drop(SLOW_CONSUMER)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        self._protocol.send_close_now(int(code), reason, timeout=self.limits.close_timeout)
+        if code == CloseCode.POLICY_VIOLATION and reason == SLOW_CONSUMER:  # cut by the kernel (its replay's bound)
+            self._protocol.reset_now(int(code), reason)
+        else:
+            self._protocol.send_close_now(int(code), reason, timeout=self.limits.close_timeout)
         self.ended(*self._protocol.final_close())
 
     def final_close(self, code: int = CloseCode.ABNORMAL, reason: str = "connection lost") -> tuple[int, str]:
@@ -248,6 +261,7 @@ class QueuedConnection(WebSocketConnection):
         super().__init__(request, streaming, receive, send, scope, limits, subprotocol)
         self._queue: deque[tuple[str | bytes, int]] = deque()
         self._queued = 0
+        self._allowance = 0  # the largest message queued since the queue was last empty
         self._wakeup = asyncio.Event()
         self._empty = asyncio.Event()
         self._empty.set()
@@ -265,6 +279,7 @@ class QueuedConnection(WebSocketConnection):
         try:
             while True:
                 while not self._queue:
+                    self._allowance = 0
                     self._empty.set()
                     self._wakeup.clear()
                     await self._wakeup.wait()
@@ -285,7 +300,9 @@ class QueuedConnection(WebSocketConnection):
     def _enqueue(self, item: str | bytes, size: int) -> bool:
         self._queue.append((item, size))
         self._queued += size
-        if self._queued > self.limits.send_buffer:
+        if size > self._allowance:
+            self._allowance = size
+        if self._queued > self.limits.send_buffer + self._allowance:  # the bound, on top of one message
             self._overflow()
             return False
         self._empty.clear()
@@ -308,6 +325,10 @@ class QueuedConnection(WebSocketConnection):
             raise ConnectionClosed(*self.final_close())
         if self._queued > WRITE_HIGH_WATER:
             await self._empty.wait()
+
+    async def drained(self, below: int) -> None:
+        if self._accepting and self._queued > min(below, self.limits.send_buffer // 2):
+            await self._empty.wait()  # set when the writer caught up, or stopped
 
     def _overflow(self) -> None:
         self.log.warning("connection %s has %d queued bytes (limit %d): closing as %s",
@@ -350,6 +371,7 @@ class QueuedConnection(WebSocketConnection):
         self._accepting = False
         if self._task is not None:
             self._task.cancel()
+        self._empty.set()  # nothing more will be written: whoever waits for the queue to drain goes on
         super().ended(code, reason)
 
 

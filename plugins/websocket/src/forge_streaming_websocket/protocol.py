@@ -28,9 +28,14 @@ plugin's ``pyproject.toml``. Check again before raising the ceiling.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import time
 from typing import Any, Generic, Protocol, TypeVar
 
-from forge_streaming import BufferedWriter
+from forge_streaming import BufferedWriter, CloseCode, ConnectionClosed
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
 from websockets.http11 import Request
@@ -40,6 +45,35 @@ EXTENSION = "forge_streaming.websocket"
 
 GOING_AWAY_REASON = "server shutting down"
 SHUTDOWN_CLOSE_TIMEOUT = 2.0
+
+log = logging.getLogger("forge_streaming.websocket")
+
+
+class _ClientErrorLog:
+    """Bad input from a client is a WARNING without a traceback, at most one a second (the rest DEBUG).
+
+    Each connection reports its own bad input once (it is closed for it);
+    the limit keeps many such clients from flooding the log.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._last = -interval
+        self._quiet = 0
+
+    def report(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._quiet += 1
+            log.debug(message, *args)
+            return
+        if self._quiet:
+            message += f" ({self._quiet} more like it were logged at DEBUG)"
+        self._last, self._quiet = now, 0
+        log.warning(message, *args)
+
+
+client_errors = _ClientErrorLog()
 
 
 class _OrderedTransport:
@@ -186,8 +220,17 @@ _PROTOCOL_SLOTS = (
     "conn", "read_paused", "writable", "ping_interval", "ping_timeout", "ping_timer", "pong_timer",
     "pending_ping_payload", "ping_sent_at", "last_ping_rtt", "frames", "curr_msg_data_type", "request",
     "response", "scope",
-    "raw_transport", "writer", "close_record", "connection",
+    "raw_transport", "writer", "close_record", "connection", "handshake_timer",
 )
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Abort ``transport`` with a TCP reset (``SO_LINGER`` 0): the kernel drops its unsent data now."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 READ_AHEAD = 16
@@ -210,6 +253,7 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
         self.close_record: tuple[int, str] | None = None
         self.connection: _Connection | None = None
         """The app's connection on this socket, told once when the socket is gone."""
+        self.handshake_timer: asyncio.TimerHandle | None = None
 
     # -- wiring ---------------------------------------------------------------
 
@@ -231,6 +275,9 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def send(self, message: Any) -> None:
         handshake_pending = not self.handshake_complete
+        if message["type"] == "websocket.accept" and (self.disconnected or self.close_sent):
+            # the client left (or the handshake timed out) while the app was deciding: nothing to accept
+            raise ConnectionClosed(*(self.close_record or (CloseCode.ABNORMAL, "client left during the handshake")))
         await super().send(message)
         if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
             # uvicorn would log "returned without completing handshake" for a deliberate HTTP refusal
@@ -245,7 +292,21 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
         takes it: two epoll syscalls per message. Reading ahead a little keeps
         memory bounded and saves them (telling uvicorn it is already paused
         skips its pause).
+
+        A text message that is not UTF-8 closes the connection 1007 with a
+        WARNING (:data:`client_errors`), where uvicorn logs an ERROR with a
+        traceback: a client's bad input is not the server's error.
         """
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            frames = self.frames
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            if not data.isascii():
+                try:
+                    data.decode()
+                except UnicodeDecodeError as exc:
+                    self.frames = []
+                    self.invalid_utf8(exc)
+                    return
         if self.read_paused or self.queue.qsize() >= READ_AHEAD:
             super().send_receive_event_to_app()
             return
@@ -257,10 +318,39 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def release_handshake(self) -> None:
         """Let go of the handshake response: uvicorn reads it only to send the accept."""
+        self._stop_handshake_timer()
         try:
             del self.response
         except AttributeError:
             pass
+
+    # -- handshake deadline ---------------------------------------------------------
+
+    def limit_handshake(self, timeout: float) -> None:
+        """The app must accept or refuse within ``timeout`` seconds (``server.handshake_timeout``), else 503."""
+        if timeout > 0 and not self.handshake_complete and self.handshake_timer is None:
+            self.handshake_timer = self.loop.call_later(timeout, self.handshake_expired, timeout)
+
+    def _stop_handshake_timer(self) -> None:
+        timer, self.handshake_timer = self.handshake_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def handshake_expired(self, timeout: float) -> None:
+        self.handshake_timer = None
+        transport = self.raw_transport
+        if self.handshake_complete or self.close_sent or transport is None or transport.is_closing():
+            return
+        log.info("WebSocket handshake from %s not answered within server.handshake_timeout (%gs); closing",
+                 self.client, timeout)
+        self.close_record = (CloseCode.ABNORMAL, "handshake timeout")
+        response = self.conn.reject(503, f"handshake not completed within {timeout:g}s\n")
+        self.conn.send_response(response)
+        transport.write(b"".join(self.conn.data_to_send()))
+        self.handshake_complete = True
+        self.close_sent = True
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": CloseCode.ABNORMAL})
+        transport.close()
 
     def flush_pending(self) -> None:
         writer = self.writer
@@ -299,6 +389,28 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
         self.close_timer = self.loop.call_later(timeout, transport.abort)
         return True
 
+    def reset_now(self, code: int, reason: str) -> None:
+        """Cut the connection at once with a TCP reset, recording ``code``/``reason`` as how it ended.
+
+        For a slow consumer: a close frame would wait behind the data the
+        client is not reading, and a socket closed the ordinary way keeps
+        that data (megabytes) in the kernel in FIN-WAIT for minutes.
+        ``SO_LINGER`` 0 makes the close a reset, which frees it at once.
+        """
+        self.stop_writer()
+        self.writable.set()  # a handler blocked in write_message wakes up and finds the connection closed
+        if self.close_record is None:
+            self.close_record = (code, reason)
+        transport = self.raw_transport
+        if transport is None or self.disconnected:
+            return
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.close_sent = True
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = None
+        reset(transport)
+
     def final_close(self) -> tuple[int, str]:
         """How this connection ended: our close, the peer's, a protocol failure, or lost (1006)."""
         if self.close_record is not None:
@@ -317,6 +429,13 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
         """Too big (1009), invalid UTF-8 (1007), bad framing (1002): no more data after that close."""
         self.stop_writer()
         super().handle_parser_exception()
+
+    def invalid_utf8(self, exc: UnicodeDecodeError) -> None:
+        """A text message that is not UTF-8: close 1007, one WARNING without a traceback."""
+        client_errors.report("WebSocket client %s sent a text message that is not UTF-8 (%s at byte %d); "
+                             "closing it with 1007", self.client, exc.reason, exc.start)
+        self.conn.send_close(CloseCode.INVALID_DATA, "invalid UTF-8")
+        self.handle_parser_exception()
 
     def keepalive_timeout(self) -> None:
         """A dead peer cannot drain a buffer: abort instead of waiting on a graceful close."""
@@ -348,6 +467,7 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stop_writer()
+        self._stop_handshake_timer()
         super().connection_lost(exc)
         connection, self.connection = self.connection, None
         if connection is not None:

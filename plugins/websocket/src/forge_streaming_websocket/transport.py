@@ -6,11 +6,10 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from forge_streaming import ConnectionRequest, Handler, Transport
+from forge_streaming import ConnectionRequest, Handler, Transport, origin_allowed
 from starlette.routing import BaseRoute, WebSocketRoute
 
 from .connection import DirectConnection, Limits, QueuedConnection, WebSocketConnection, reject
-from .origins import origin_allowed
 from .protocol import EXTENSION, ForgeWebSocketProtocol
 from .settings import WebSocketSettings
 
@@ -20,6 +19,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("forge_streaming.websocket")
 
 Scope = dict[str, Any]
+
+SERVER_APPLIED = ("read_buffer_size", "write_buffer_size", "enable_compression", "ping_interval", "ping_timeout")
+"""Keys of the ``websocket`` section that only the server's WebSocket protocol can apply
+(uvicorn options and this plugin's protocol class, from :meth:`WebSocketTransport.server_options`)."""
 
 
 class WebSocketTransport(Transport):
@@ -40,11 +43,36 @@ class WebSocketTransport(Transport):
             read_buffer_size=s.read_buffer_size,
             write_buffer_size=s.write_buffer_size,
         )
+        self.options_taken = False
+        """True once the HTTP server asked for :meth:`server_options` (``forge-streaming serve``, the test
+        kit, or ``uvicorn.run(app, **streaming.server_options())``): the keys in SERVER_APPLIED then apply."""
 
     def routes(self, endpoints: Mapping[str, Handler | None]) -> list[BaseRoute]:
         return [WebSocketRoute(path, Endpoint(self, handler)) for path, handler in endpoints.items()]
 
+    async def start(self) -> None:
+        if self.options_taken:
+            return
+        # Under a server that did not ask for our options (plain ``uvicorn app:app``) uvicorn's own
+        # WebSocket protocol runs: say once which keys it decides instead, rather than ignore them silently
+        # (a WARNING: uvicorn's default logging shows no INFO of other loggers).
+        config = self.streaming.config
+        explicit = [f"websocket.{key}" for key in SERVER_APPLIED if key in self.settings.model_fields_set]
+        explicit += [f"server.{key}" for key in ("header_timeout", "body_timeout", "handshake_timeout")
+                     if key in config.server.model_fields_set]
+        if "max_pending_connections" in config.limits.model_fields_set:
+            explicit.append("limits.max_pending_connections")
+        log.warning(
+            "this app is not served by `forge-streaming serve` (plain uvicorn?), so uvicorn's own WebSocket "
+            "protocol runs: %s are not applied (uvicorn's --ws-per-message-deflate, --ws-ping-interval and "
+            "--ws-ping-timeout decide), and server.header_timeout, server.body_timeout, server.handshake_timeout "
+            "and limits.max_pending_connections are not enforced%s. Run `forge-streaming serve module:app` "
+            "(README: Ways to run)",
+            ", ".join(f"websocket.{key}" for key in SERVER_APPLIED),
+            f"; set in the config but not applied: {', '.join(explicit)}" if explicit else "")
+
     def server_options(self) -> dict[str, Any]:
+        self.options_taken = True
         s = self.settings
         return {
             "ws": ForgeWebSocketProtocol,
@@ -88,6 +116,9 @@ class Endpoint:
         request = ConnectionRequest.from_scope("websocket", scope)
         if (await receive())["type"] != "websocket.connect":
             return
+        protocol = scope.get("extensions", {}).get(EXTENSION)
+        if isinstance(protocol, ForgeWebSocketProtocol):
+            protocol.limit_handshake(streaming.config.server.handshake_timeout)
         scheme = scope.get("scheme", "ws")
         if not origin_allowed(request.origin, request.headers, transport.settings.allowed_origins,
                               scheme="https" if scheme == "wss" else "http"):
@@ -96,7 +127,6 @@ class Endpoint:
             await reject(scope, send, 403, f"origin {request.origin!r} is not allowed; "
                                            "list it in websocket.allowed_origins")
             return
-        protocol = scope.get("extensions", {}).get(EXTENSION)
         subprotocol = transport.choose_subprotocol(list(scope.get("subprotocols") or ()))
         conn: WebSocketConnection
         if isinstance(protocol, ForgeWebSocketProtocol):

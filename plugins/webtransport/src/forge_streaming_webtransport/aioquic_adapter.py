@@ -15,7 +15,8 @@ done here and nowhere else:
   aioquic never frees itself (``H3Connection._stream``);
 - know the UDP address the server is bound to (``serve()`` keeps the
   transport in ``QuicServer._transport``; :func:`listen` opens the endpoint
-  itself instead, with aioquic's public ``QuicServer``).
+  itself instead, with aioquic's public ``QuicServer``, and with
+  ``SO_REUSEPORT`` so that several worker processes share the port).
 
 Checked against aioquic 1.7.0, 1.7.1 and 1.7.2 (their sources read and this
 plugin's tests run on each); hence ``aioquic>=1.7,<1.8`` in the plugin's
@@ -25,6 +26,7 @@ plugin's tests run on each); hence ``aioquic>=1.7,<1.8`` in the plugin's
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -63,13 +65,23 @@ def forget_stream(h3: H3Connection, stream_id: int) -> None:
     h3._stream.pop(stream_id, None)
 
 
+REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
+
+
 async def listen(host: str, port: int, *, configuration: QuicConfiguration,
-                 create_protocol: Callable[..., QuicConnectionProtocol]) -> tuple[QuicServer, tuple[str, int]]:
-    """Serve QUIC on UDP ``host:port`` (as aioquic's ``serve``); return the server and the bound address."""
+                 create_protocol: Callable[..., QuicConnectionProtocol],
+                 reuse_port: bool = REUSE_PORT) -> tuple[QuicServer, tuple[str, int]]:
+    """Serve QUIC on UDP ``host:port`` (as aioquic's ``serve``); return the server and the bound address.
+
+    With ``reuse_port`` (``SO_REUSEPORT``, where the OS has it) several processes of one user bind the
+    same port, as ``uvicorn --workers N`` does with its TCP port: the kernel hands each client's
+    datagrams to one of them, always the same one for a given client address.
+    """
     loop = asyncio.get_running_loop()
     transport, server = await loop.create_datagram_endpoint(
         lambda: QuicServer(configuration=configuration, create_protocol=create_protocol),
         local_addr=(host, port),
+        reuse_port=reuse_port or None,
     )
     sockname: Any = transport.get_extra_info("sockname")
     return server, (host, int(sockname[1]))

@@ -15,19 +15,17 @@ so a burst of deliveries costs one transmit per client.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from aioquic.asyncio.server import QuicServer
-from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from aioquic.h3.events import DatagramReceived, DataReceived, H3Event, HeadersReceived, WebTransportStreamDataReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StopSendingReceived
 from aioquic.quic.events import StreamReset as QuicStreamReset
-from forge_streaming import CloseCode, ConnectionRequest, FlushScheduler, Streaming
+from forge_streaming import CloseCode, ConnectionRequest, FlushScheduler, Streaming, origin_allowed
 
 from . import aioquic_adapter
 from .certificate import CertificatePair
@@ -61,6 +59,10 @@ class WebTransportProtocol(aioquic_adapter.QuicProtocolBase):
         self._dirty = False
         self._scheduler = server.scheduler
         self._refused_streams: set[int] = set()
+        self._requested = False
+        timeout = server.streaming.config.server.handshake_timeout
+        self._first_request_timer: asyncio.TimerHandle | None = (
+            asyncio.get_running_loop().call_later(timeout, self._no_request, timeout) if timeout > 0 else None)
 
     @property
     def terminated(self) -> bool:
@@ -187,6 +189,7 @@ class WebTransportProtocol(aioquic_adapter.QuicProtocolBase):
             self._stream_event(event.stream_id, StopSending(event.stream_id))
         elif isinstance(event, ConnectionTerminated):
             self._terminated = True
+            self._request_arrived()
             code = CloseCode.NORMAL if event.error_code == 0 else CloseCode.ABNORMAL
             ended = SessionEnded(code, event.reason_phrase or "QUIC connection closed")
             for session in list(self.sessions.values()):
@@ -218,6 +221,7 @@ class WebTransportProtocol(aioquic_adapter.QuicProtocolBase):
             if session is not None:
                 session.handle_event(Datagram(event.data))
         elif isinstance(event, HeadersReceived):
+            self._request_arrived()
             self.server.on_request(self, event)
         elif isinstance(event, DataReceived):
             session = self.sessions.get(event.stream_id)
@@ -228,6 +232,23 @@ class WebTransportProtocol(aioquic_adapter.QuicProtocolBase):
                 session.handle_event(SessionEnded(*closing))
             elif event.stream_ended:
                 session.handle_event(SessionEnded(CloseCode.NORMAL, "session closed by the client"))
+
+    def _request_arrived(self) -> None:
+        self._requested = True
+        if self._first_request_timer is not None:
+            self._first_request_timer.cancel()
+            self._first_request_timer = None
+
+    def _no_request(self, timeout: float) -> None:
+        """A QUIC connection that asked for nothing within ``server.handshake_timeout`` is closed."""
+        self._first_request_timer = None
+        if self._requested or self._terminated:
+            return
+        log.info("WebTransport: QUIC connection from %s sent no request within server.handshake_timeout (%gs); "
+                 "closing it", self.peer_address(), timeout)
+        self._connection.close(error_code=ErrorCode.H3_REQUEST_REJECTED,
+                               reason_phrase="no request within server.handshake_timeout")
+        self.transmit()
 
     def _refuse_stream(self, stream_id: int) -> None:
         """A stream for a session that is gone (or never was): tell the client to stop."""
@@ -363,6 +384,20 @@ class WebTransportServer:
         protocol.add_session(session)  # streams opened before the answer are kept for it
         self.pending.add(session)
         self.spawn(self._serve(session, handler))
+        timeout = self.streaming.config.server.handshake_timeout
+        if timeout > 0:
+            asyncio.get_running_loop().call_later(timeout, self._handshake_expired, protocol, session, timeout)
+
+    def _handshake_expired(self, protocol: WebTransportProtocol, session: WebTransportSession,
+                           timeout: float) -> None:
+        """The kernel has not accepted nor refused the CONNECT within ``server.handshake_timeout``: 503."""
+        if session not in self.pending or session.is_ended:
+            return
+        log.info("WebTransport session %s to %s not answered within server.handshake_timeout (%gs); refusing it",
+                 session.id, session.request.path, timeout)
+        protocol.respond(session.session_id, 503, end_stream=True,
+                         body=f"handshake not completed within {timeout:g}s\n".encode())
+        session.handle_event(SessionEnded(CloseCode.ABNORMAL, "handshake timeout"))
 
     async def _serve(self, session: WebTransportSession, handler: Handler | None) -> None:
         try:
@@ -371,10 +406,7 @@ class WebTransportServer:
             self.pending.discard(session)
 
     def _origin_allowed(self, origin: str, authority: str) -> bool:
-        parts = urlsplit(origin)
-        if parts.netloc and parts.netloc == authority:
-            return True  # a page of this server (same host and port), over HTTP or HTTPS
+        """The kernel's rule of every transport; the server's own pages are also those of its HTTP address."""
         host, port = self.streaming.http_address
-        if origin in (f"http://{host}:{port}", f"https://{host}:{port}"):
-            return True
-        return any(fnmatch.fnmatchcase(origin, pattern) for pattern in self.settings.allowed_origins)
+        return origin_allowed(origin, {"host": authority}, self.settings.allowed_origins, scheme="https",
+                              also=[f"{host}:{port}"])

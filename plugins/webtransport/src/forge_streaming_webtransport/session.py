@@ -12,6 +12,15 @@ asks for one transmit per event-loop iteration, never awaiting.
 The session hears from its QUIC connection through :meth:`handle_event`
 (the small event objects of ``events``) and reaches it through the public
 methods of :class:`~forge_streaming_webtransport.server.WebTransportProtocol`.
+
+Bounds, per session: what the client has not acknowledged on the message
+stream (``webtransport.send_buffer`` on top of one message, else ``slow
+consumer``; the kernel's replays wait on :meth:`WebTransportSession.drained`),
+and what the client sent that nobody has read yet: data on every stream,
+complete messages, streams not accepted yet and datagrams count together
+against ``webtransport.read_buffer`` (on top of one message), past which the
+session is closed 1009 and dropped as ``too large``. A datagram that would
+pass the bound is dropped instead (datagrams may be lost anyway).
 """
 
 from __future__ import annotations
@@ -39,6 +48,12 @@ if TYPE_CHECKING:
     from .server import WebTransportProtocol
 
 MAX_QUEUED_DATAGRAMS = 256
+ITEM_COST = 64
+"""What a queued message or datagram is counted as on top of its bytes (the objects that hold it)."""
+STREAM_COST = 1024
+"""What an incoming stream not accepted yet is counted as (its state here, in HTTP/3 and in QUIC)."""
+DRAIN_POLL = 0.005
+"""Seconds between looks at the unacknowledged bytes while a replay waits for the client (``drained``)."""
 ACK_WAIT = 1.0
 """How long ``close`` waits for the client to acknowledge the message stream before closing."""
 
@@ -77,7 +92,10 @@ class WebTransportSession(Connection):
         self._datagrams: deque[bytes] = deque()
         self._message_stream: WebTransportStream | None = None
         self._messages: deque[str | bytes] = deque()
-        self._queued = 0
+        self._queued = 0  # bytes (and ITEM_COST each) of the messages not read yet
+        self._largest = 0  # the largest of them: one message is allowed on top of the read bound
+        self._unread = 0  # bytes held for the client's streams, datagrams and streams not accepted yet
+        self._allowance = 0  # the one message allowed on top of the send bound
         self._decoder = MessageDecoder(streaming.config.limits.max_message_size)
         self._changed = asyncio.Event()
         self._over = False
@@ -93,6 +111,7 @@ class WebTransportSession(Connection):
         while not self._incoming_bidi:
             self._raise_if_ended()
             await self._wait_change()
+        self._unread -= STREAM_COST
         return self._incoming_bidi.popleft()
 
     async def accept_unidirectional_stream(self) -> WebTransportStream:
@@ -100,6 +119,7 @@ class WebTransportSession(Connection):
         while not self._incoming_uni:
             self._raise_if_ended()
             await self._wait_change()
+        self._unread -= STREAM_COST
         return self._incoming_uni.popleft()
 
     async def open_bidirectional_stream(self) -> WebTransportStream:
@@ -137,7 +157,9 @@ class WebTransportSession(Connection):
         while not self._datagrams:
             self._raise_if_ended()
             await self._wait_change()
-        return self._datagrams.popleft()
+        data = self._datagrams.popleft()
+        self._unread -= len(data) + ITEM_COST
+        return data
 
     async def wait_closed(self) -> None:
         """Return when the session has ended (peer went away, idle, closed, shutdown)."""
@@ -173,7 +195,9 @@ class WebTransportSession(Connection):
                 raise ConnectionClosed(CloseCode.NORMAL, "message stream finished by the client")
             await self._wait_change()
         data = self._messages.popleft()
-        self._queued -= len(data)
+        self._queued -= len(data) + ITEM_COST
+        if not self._messages:
+            self._largest = 0
         self.touch()
         return Message(data)
 
@@ -197,14 +221,37 @@ class WebTransportSession(Connection):
         assert stream is not None
         if stream.send_ended:  # the client stopped the stream; the session is being closed
             return
-        if self._protocol.write_counted(stream.stream_id, data) > self._send_limit:
+        unacked = self._protocol.write_counted(stream.stream_id, data)
+        if unacked > self._send_limit:
+            self._behind(unacked, len(data))
+        elif self._allowance:
+            self._allowance = 0
+
+    def _behind(self, unacked: int, size: int) -> None:
+        """Past the send bound: one message on top of it is allowed (the largest written since it fitted)."""
+        if size > self._allowance:
+            self._allowance = size
+        if unacked > self._send_limit + self._allowance:
+            self.log.info("session %s: %d bytes not acknowledged (limit %d on top of one message)",
+                          self.id, unacked, self._send_limit)
             self._cut(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER, SLOW_CONSUMER)
+
+    async def drained(self, below: int) -> None:
+        """Wait until the client has acknowledged all but ``below`` bytes (at most half the send bound)."""
+        stream = self._message_stream
+        if stream is None:
+            return
+        below = min(below, self._send_limit // 2)
+        protocol = self._protocol
+        while protocol.unacked(stream.stream_id) > below and not self.is_ended and not self._over:
+            await asyncio.sleep(DRAIN_POLL)  # acknowledgements have no event of their own here
 
     async def _claim_message_stream(self) -> WebTransportStream:
         if self._message_stream is None:
             stream = await self.accept_bidirectional_stream()
             if self._message_stream is not None:  # another reader claimed one meanwhile
                 self._incoming_bidi.appendleft(stream)
+                self._unread += STREAM_COST
                 return self._message_stream
             self._message_stream = stream
             stream.divert(self._message_data)
@@ -220,10 +267,24 @@ class WebTransportSession(Connection):
             return
         for message in messages:
             self._messages.append(message)
-            self._queued += len(message)
-        if self._queued > self._read_limit:
-            self._overflowed(f"{self._queued} bytes of messages not yet read")
+            size = len(message)
+            self._queued += size + ITEM_COST
+            if size > self._largest:
+                self._largest = size
+        if messages:
+            self._check_unread()
         self._notify()
+
+    def _taken(self, size: int) -> None:
+        """A stream's reader (or the message decoder) took ``size`` buffered bytes."""
+        self._unread -= size
+
+    def _check_unread(self) -> None:
+        """Close the session once what its client sent and nobody read passes the bound (on top of one message)."""
+        unread = self._unread + self._queued
+        if unread > self._read_limit + self._largest:
+            self._overflowed(f"{unread} bytes unread ({self._queued} in messages, the rest in streams, streams "
+                             f"not accepted yet and datagrams), webtransport.read_buffer is {self._read_limit}")
 
     # -- closing -------------------------------------------------------------------------
 
@@ -273,6 +334,8 @@ class WebTransportSession(Connection):
         self.drop(why, code)
 
     def _overflowed(self, detail: str) -> None:
+        if self.is_ended:
+            return
         self.log.info("session %s: read buffer overflow: %s", self.id, detail)
         self._cut(CloseCode.MESSAGE_TOO_BIG, "read buffer overflow", TOO_LARGE)
 
@@ -344,24 +407,29 @@ class WebTransportSession(Connection):
                 return
             self._streams[stream_id] = stream
             (self._incoming_uni if unidirectional else self._incoming_bidi).append(stream)
+            self._unread += STREAM_COST
             self._notify()
+        before = stream.buffered
         stream.receive(data, ended)
-        if stream.buffered > self._read_limit:
-            self._overflowed(f"stream {stream_id} holds {stream.buffered} unread bytes")
+        self._unread += stream.buffered - before
+        self._check_unread()
 
     def _datagram(self, data: bytes) -> None:
         self._last_activity = self._loop.time()
-        if len(data) > self.max_datagram_size or len(self._datagrams) >= MAX_QUEUED_DATAGRAMS:
+        cost = len(data) + ITEM_COST
+        if (len(data) > self.max_datagram_size or len(self._datagrams) >= MAX_QUEUED_DATAGRAMS
+                or self._unread + self._queued + cost > self._read_limit):
             self.streaming.count("webtransport.datagrams_dropped")
             return
         self._datagrams.append(data)
+        self._unread += cost
         self._notify()
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def _new_stream(self, stream_id: int, *, readable: bool, writable: bool) -> WebTransportStream:
         return WebTransportStream(self, stream_id, readable=readable, writable=writable, wire=self._protocol,
-                                  on_finished=self._stream_finished)
+                                  on_finished=self._stream_finished, on_taken=self._taken)
 
     def _stream_finished(self, stream: WebTransportStream) -> None:
         """Both sides of ``stream`` are over: forget it, and the HTTP/3 state aioquic keeps for it."""

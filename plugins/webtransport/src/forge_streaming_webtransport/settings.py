@@ -28,4 +28,6 @@ class WebTransportSettings(ConfigSection):
     send_buffer: Size | None = None
     """Unacknowledged bytes allowed on a session's message stream; None = ``limits.send_buffer``."""
     read_buffer: Size = Field(1024 * 1024, ge=1024)
-    """Unread bytes allowed per incoming stream before the session is closed (1009)."""
+    """Unread bytes a session may hold, all together: data on its streams, messages not read yet,
+    streams not accepted yet and datagrams. Past it, on top of one message (``limits.max_message_size``),
+    the session is closed 1009 ``read buffer overflow``; a datagram that would pass it is dropped."""

@@ -44,8 +44,11 @@ class WebTransportStream:
     """
 
     def __init__(self, session: WebTransportSession, stream_id: int, *, readable: bool, writable: bool,
-                 wire: StreamWire, on_finished: Callable[[WebTransportStream], None]) -> None:
-        """``on_finished(stream)`` is called once both sides are over (the session then forgets the stream)."""
+                 wire: StreamWire, on_finished: Callable[[WebTransportStream], None],
+                 on_taken: Callable[[int], None] | None = None) -> None:
+        """``on_finished(stream)`` is called once both sides are over (the session then forgets the stream);
+        ``on_taken(n)`` when ``n`` buffered bytes leave the stream (read, or handed to a sink), so that the
+        session can bound what its streams hold unread."""
         self.session = session
         self.stream_id = stream_id
         self.readable = readable
@@ -56,6 +59,7 @@ class WebTransportStream:
         """The error code if the peer reset the stream."""
         self._wire = wire
         self._on_finished = on_finished
+        self._on_taken = on_taken
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._sink: Callable[[bytes, bool], None] | None = None
@@ -93,7 +97,7 @@ class WebTransportStream:
             await asyncio.shield(waiter)  # shared by every reader; one cancelled reader leaves it to the others
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
-        self._buffered = 0
+        self._taken()
         return data
 
     async def read_all(self) -> bytes:
@@ -128,7 +132,7 @@ class WebTransportStream:
         self._sink = sink
         data = b"".join(self._chunks)
         self._chunks.clear()
-        self._buffered = 0
+        self._taken()
         if data or self.receive_ended:
             sink(data, self.receive_ended)
 
@@ -167,6 +171,11 @@ class WebTransportStream:
         self._wake()
 
     # -- plumbing ---------------------------------------------------------------------
+
+    def _taken(self) -> None:
+        taken, self._buffered = self._buffered, 0
+        if taken and self._on_taken is not None:
+            self._on_taken(taken)
 
     def _receiving_over(self) -> None:
         self.receive_ended = True

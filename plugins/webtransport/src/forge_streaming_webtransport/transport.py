@@ -3,16 +3,34 @@
 Over HTTP (ASGI) it serves only ``GET /webtransport/certificate-hash`` and
 the ``Alt-Svc`` header; sessions arrive over UDP at the aioquic server that
 ``start`` runs and ``stop`` closes.
+
+Which UDP port: ``webtransport.port`` when set, else the port the HTTP
+server listens on, once a server that knows it has said so by assigning
+``streaming.http_address`` (``forge-streaming serve`` and the test kit do,
+before startup). Under a server that does not (plain ``uvicorn app:app``)
+that port is unknown, and WebTransport stays off, saying so once in the
+log, rather than guess (it used to bind ``server.port``, 8080, whatever
+port uvicorn was given).
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
+import fcntl
+import hashlib
 import logging
+import os
+import re
+import stat
 import sys
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from forge_streaming import Handler, Streaming, Transport
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,6 +43,10 @@ from .settings import WebTransportSettings
 log = logging.getLogger("forge_streaming.webtransport")
 HASH_PATH = "/webtransport/certificate-hash"
 
+OFF_UNKNOWN_PORT = ("WebTransport is off: the HTTP port is unknown (this app was not started by "
+                    "`forge-streaming serve`); set webtransport.port: N in the config (the UDP port for "
+                    "HTTP/3, usually the HTTP port) to turn it on")
+
 
 class WebTransportTransport(Transport):
     name: ClassVar[str] = "webtransport"
@@ -35,33 +57,56 @@ class WebTransportTransport(Transport):
         self.settings: WebTransportSettings = streaming.config.section("webtransport", WebTransportSettings)
         self.certificate: CertificatePair | None = None
         self.server: WebTransportServer | None = None
+        self.off: str | None = None
+        """Why WebTransport is not served (None while it is, or before start)."""
+        self._configured_address = streaming.http_address  # the config's; a server that knows replaces it
 
     @property
     def host(self) -> str:
         return self.settings.host or self.streaming.http_address[0]
 
     @property
-    def port(self) -> int:
-        """The UDP port: the bound one once started, else the configured or HTTP one."""
+    def http_port_known(self) -> bool:
+        """The HTTP server said where it listens (assigned ``streaming.http_address``)."""
+        return self.streaming.http_address is not self._configured_address
+
+    @property
+    def port(self) -> int | None:
+        """The UDP port: the bound one once started, else the configured or HTTP one; None when unknown."""
         if self.server is not None and self.server.address is not None:
             return self.server.address[1]
-        return self.settings.port if self.settings.port is not None else self.streaming.http_address[1]
+        if self.settings.port is not None:
+            return self.settings.port
+        return self.streaming.http_address[1] if self.http_port_known else None
 
     def routes(self, endpoints: Mapping[str, Handler | None]) -> list[BaseRoute]:
         """Only the certificate hash: sessions arrive over UDP, and the server looks their paths up itself."""
         return [Route(HASH_PATH, self._certificate_hash)]
 
     def response_headers(self) -> Mapping[str, str]:
-        return {"Alt-Svc": f'h3=":{self.port}"; ma=86400'}
+        if self.off is not None:
+            return {}
+        # before start this is provisional (the app is built before the server knows its port); the
+        # kernel reads it again once the service runs
+        port = self.port if self.port is not None else self.streaming.http_address[1]
+        return {"Alt-Svc": f'h3=":{port}"; ma=86400'}
 
     async def start(self) -> None:
         settings = self.settings
-        if settings.cert_file or settings.key_file:
+        if settings.cert_file or settings.key_file:  # a bad pair is refused at start, served or not
             self.certificate = load_certificate(settings.cert_file, settings.key_file)
-        else:
+        port = self.port
+        if port is None:
+            self.off = OFF_UNKNOWN_PORT
+            log.warning(OFF_UNKNOWN_PORT)
+            return
+        self.off = None
+        if self.certificate is None and settings.port is not None and port != 0:
+            self.certificate = shared_development_certificate(self.host, port)  # workers share the port
+        elif self.certificate is None:
             self.certificate = make_development_certificate(self.host)
         server = WebTransportServer(self.streaming, settings, self.certificate)
-        await server.start(self.host, self.port)
+        await server.start(self.host, port)
         self.server = server
         kind = "development certificate" if self.certificate.development else "certificate"
         log.info("WebTransport (HTTP/3) listening on udp %s:%d", self.host, self.port)
@@ -76,6 +121,8 @@ class WebTransportTransport(Transport):
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"port": self.port, "path": self.default_path}
+        if self.off is not None:
+            info["off"] = self.off
         if self.server is not None:
             info["sessions"] = len(self.server.sessions)
         if self.certificate is not None:
@@ -85,8 +132,8 @@ class WebTransportTransport(Transport):
 
     async def _certificate_hash(self, request: Request) -> Response:
         if self.certificate is None or self.server is None:
-            return JSONResponse({"error": "unavailable", "message": "the WebTransport server is not running"},
-                                status_code=503)
+            message = self.off or "the WebTransport server is not running"
+            return JSONResponse({"error": "unavailable", "message": message}, status_code=503)
         host = request.url.hostname or self.host
         if ":" in host:
             host = f"[{host}]"
@@ -97,3 +144,46 @@ class WebTransportTransport(Transport):
             "port": self.port,
             "url": f"https://{host}:{self.port}{self.default_path}",
         }, headers={"Cache-Control": "no-store"})
+
+
+def shared_development_certificate(host: str, port: int) -> CertificatePair:
+    """One development certificate for every process serving ``host``:``port`` (``uvicorn --workers N``).
+
+    The workers share the UDP port (``SO_REUSEPORT``), and a browser checks
+    the certificate of whichever worker its datagrams reach against the hash
+    that whichever worker answered ``/webtransport/certificate-hash``: they
+    must be one certificate. The first worker makes it in a private folder
+    (0700, this user's) named after the address, under a lock; the others,
+    and later runs, use it while it has more than a day left.
+    """
+    safe = re.sub(r"[^A-Za-z0-9.-]", "_", host)
+    folder = Path(tempfile.gettempdir()) / f"forge-streaming-wt-{os.getuid()}-{safe}-{port}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = folder.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise PermissionError(f"{folder} is not a private folder of this user")
+        with open(folder / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                pair = _reuse(folder)
+                return pair or make_development_certificate(host, str(folder))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError as exc:
+        log.warning("WebTransport: cannot share a development certificate in %s (%s); this process makes its "
+                    "own, so several workers would each have another one: set webtransport.cert_file", folder, exc)
+        return make_development_certificate(host)
+
+
+def _reuse(folder: Path) -> CertificatePair | None:
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError):
+        return None
+    if cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC) < datetime.timedelta(days=1):
+        return None
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return CertificatePair(str(cert_path), str(key_path), hashlib.sha256(der).digest(), development=True)
