@@ -104,7 +104,12 @@ class Membership:
         self._lingering: dict[str, asyncio.TimerHandle] = {}
 
     async def join(self, conn: Connection, room: str, *, since: int | None = None) -> None:
-        """Add ``conn`` to ``room``: hooks, presence, replay from ``since``."""
+        """Add ``conn`` to ``room``: hooks, presence, replay from ``since``.
+
+        Presence is per user, across connections and nodes: the room hears
+        ``join`` when a user's first connection joins and ``leave`` when
+        their last one leaves.
+        """
         try:
             room = frames.validate_room_id(room)
         except frames.InvalidInput as exc:  # a handler's join_room(None) closes its connection with the reason
@@ -137,7 +142,9 @@ class Membership:
         conn.rooms.add(room)
         try:
             await s.store.add_member(room, Member(conn.id, conn.user_id, s.node_id, conn.transport))
-            users = await s.store.users(room)
+            present = await s.store.members(room)
+            users = list(dict.fromkeys(m.user_id for m in present))
+            first_of_user = sum(m.user_id == conn.user_id for m in present) <= 1
             conn.send_frame(frames.system_frame("room.joined", {
                 "room_id": room, "user_id": conn.user_id, "users": users,
                 "sequence": self.history.position(room)}))
@@ -148,7 +155,8 @@ class Membership:
                 self._ungate(conn, room, gate)
         if conn.is_ended or room not in conn.rooms:  # dropped or gone during its replay: nothing to announce
             return
-        await s.notify(room, frames.presence_frame("join", room_id=room, user_id=conn.user_id), sender=conn)
+        if first_of_user:  # presence is per user: a second tab of someone already here is no news
+            await s.notify(room, frames.presence_frame("join", room_id=room, user_id=conn.user_id), sender=conn)
         await s.plugins.acall("streaming_room_joined", connection=conn, room=room)
 
     async def replay(self, conn: Connection, room: str, since: int) -> None:
@@ -240,7 +248,8 @@ class Membership:
                 del self.local[room]
                 self._linger(room)
         await s.store.remove_member(room, conn.id)
-        await s.notify(room, frames.presence_frame("leave", room_id=room, user_id=conn.user_id), sender=conn)
+        if not any(m.user_id == conn.user_id for m in await s.store.members(room)):  # their last connection here
+            await s.notify(room, frames.presence_frame("leave", room_id=room, user_id=conn.user_id), sender=conn)
         if conn.state is ConnectionState.OPEN:
             conn.send_frame(frames.system_frame("room.left", {"room_id": room}))
         await s.plugins.acall("streaming_room_left", connection=conn, room=room)
