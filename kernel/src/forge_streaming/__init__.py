@@ -33,7 +33,7 @@ from .history import RoomHistory
 from .hookspecs import AWAITABLE_HOOKS, hookimpl, hookspec
 from .origins import origin_allowed
 from .pubsub import BackendHealth, BackendListener, BackendState, Envelope, EnvelopeKind, PubSubBackend
-from .rooms import Member, RoomStore
+from .rooms import Member, RoomStore, RoomStoreListener
 from .service import PLUGIN_API, ServiceState, Streaming
 from .transports import Handler, Transport
 
@@ -62,7 +62,8 @@ __all__ = [
     "InvalidInput",
     "Member", "Message",
     "OutboundFrame", "PluginLoadError", "ProtocolError", "PubSubBackend", "PublishMessage", "Refused",
-    "RoomHistory", "RoomStore", "ServiceState", "Size", "Streaming", "StreamingConfig", "StreamingError", "Transport",
+    "RoomHistory", "RoomStore", "RoomStoreListener", "ServiceState", "Size", "Streaming", "StreamingConfig",
+    "StreamingError", "Transport",
     "UnknownTransport", "__version__", "get_streaming", "hookimpl", "load_config", "new_extension",
     "origin_allowed",
 ]

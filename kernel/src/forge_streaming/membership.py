@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from . import frames
@@ -26,6 +26,7 @@ from .connection import CloseCode, Connection, ConnectionState
 from .errors import Refused
 from .frames import OutboundFrame
 from .history import RoomHistory
+from .pubsub import Envelope, EnvelopeKind
 from .rooms import Member
 
 if TYPE_CHECKING:
@@ -253,6 +254,26 @@ class Membership:
         if conn.state is ConnectionState.OPEN:
             conn.send_frame(frames.system_frame("room.left", {"room_id": room}))
         await s.plugins.acall("streaming_room_left", connection=conn, room=room)
+
+    async def members_changed(self, room: str, joined: Sequence[Member], left: Sequence[Member]) -> None:
+        """Tell this node's members of ``room`` who left or came back without a notice of their own.
+
+        Every node hears the same change from the store, so each tells only its
+        own members (no publish). Per user, as for announced joins and leaves.
+        """
+        if room not in self.local:
+            return
+        present = await self._s.store.members(room)
+        arrived = {m.connection_id for m in joined}
+        here_before = {m.user_id for m in present if m.connection_id not in arrived}
+        here_now = {m.user_id for m in present}
+        notices = [frames.presence_frame("leave", room_id=room, user_id=user)
+                   for user in dict.fromkeys(m.user_id for m in left) if user not in here_now]
+        notices += [frames.presence_frame("join", room_id=room, user_id=user)
+                    for user in dict.fromkeys(m.user_id for m in joined) if user not in here_before]
+        for notice in notices:
+            self._s.on_envelope(Envelope(room=room, payload=frames.encode(notice), kind=EnvelopeKind.NOTICE,
+                                         node=self._s.node_id))
 
     async def leave_all(self, conn: Connection) -> None:
         """Take a closed connection out of every room; a failing store does not keep it there."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from .pubsub import BackendHealth, BackendState
 
@@ -27,10 +28,27 @@ class Member:
     joined_at: float = field(default_factory=time.time)
 
 
+class RoomStoreListener(Protocol):
+    """What the kernel gives a room store to report changes no member announced itself."""
+
+    def on_members_changed(self, room: str, joined: Sequence[Member], left: Sequence[Member]) -> None:
+        """Members of ``room`` on another node appeared or vanished without their own join/leave.
+
+        A node died or was partitioned away (its members left), or came back
+        (they joined again). The kernel tells this node's members of the
+        room, per user: ``leave`` for a user with no connection left in the
+        room, ``join`` for one who was not there. Synchronous; no await.
+        """
+
+
 class RoomStore(ABC):
     """Room membership and presence; registered by name through a hook."""
 
     name: ClassVar[str]
+
+    def watch(self, listener: RoomStoreListener) -> None:
+        """Called once before :meth:`start`: where to report members that vanish or come back
+        without a join or leave of their own (a store that spans nodes). A one-node store ignores it."""
 
     async def start(self, node_id: str) -> None:
         """Prepare the store (connect, load); called once at startup."""

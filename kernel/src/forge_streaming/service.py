@@ -35,7 +35,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from . import frames, loopguard
@@ -280,6 +280,7 @@ class Streaming:
         loop = asyncio.get_running_loop()
         loopguard.install(loop)
         self._flusher = FlushScheduler(loop)
+        self.store.watch(self)
         await self.store.start(self.node_id)
         await self.backend.start(self.node_id, self)
         for transport in self.transports.values():
@@ -491,6 +492,10 @@ class Streaming:
     def on_resync(self, reason: str, rooms: Collection[str] | None = None) -> None:
         """The backend may have lost messages of ``rooms`` (None: every room): tell their members."""
         self._fanout.on_resync(reason, rooms)
+
+    def on_members_changed(self, room: str, joined: Sequence[Member], left: Sequence[Member]) -> None:
+        """The room store saw members of another node vanish or come back (a node died, or returned)."""
+        self._background(self._membership.members_changed(room, joined, left))
 
     async def ingest(self, room: str, data: Any, *, user_id: str) -> int | None:
         """Publish a message that came from outside (a device on the broker), as ``user_id``."""

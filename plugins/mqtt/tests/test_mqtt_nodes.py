@@ -183,11 +183,17 @@ async def test_sigkilled_node_leaves_presence_everywhere(broker: Any, cluster: A
     a, b, c = cluster(broker, "a", "b", "c")
     async with ws_member(a, "p") as alice, ws_member(b, "p") as bob:
         await until(lambda: len(c.rooms().get("p", [])) == 2, what="both members in presence on c")
+        bob_id = next(f["data"]["user_id"] for f in bob.of("system") if f.get("event") == "room.joined")
+        await until(lambda: ("join", bob_id) in [(f["type"], f["user_id"]) for f in alice.frames if "user_id" in f],
+                    what="alice hearing bob join")
         b.proc.send_signal(signal.SIGKILL)
         b.proc.wait(5)
         await until(lambda: len(c.rooms().get("p", [])) == 1 and len(a.rooms().get("p", [])) == 1,
                     timeout=10, what="the killed node's member leaving presence on a and c")
         assert a.rooms()["p"] == c.rooms()["p"]
+        # alice is told: her list of who is here must not keep a dead node's users for good (issue 15, item 3)
+        await until(lambda: [f["user_id"] for f in alice.of("leave")] == [bob_id], timeout=10,
+                    what="a leave frame for the killed node's user")
         await alice.send("p", "still here")  # the survivors still talk
         await until(lambda: True)
         del bob
@@ -224,3 +230,22 @@ async def test_a_node_that_stalls_past_the_brokers_queue_tells_its_members_to_re
         assert len(counts) < 3001 and counts == sorted(counts, key=lambda c: int(c[2:])), "a hole, in order"
         _, health = await asyncio.to_thread(b.health)
         assert "lost between the broker and this node" in health["backend"]["detail"], health
+
+
+async def test_a_node_stopped_past_its_keepalive_is_a_leave_and_back_a_join(broker: Any, cluster: Any) -> None:
+    """A partition (SIGSTOP past the 2 s keepalive): the others hear 'leave'; when it comes back, 'join'."""
+    a, b = cluster(broker, "a", "b")
+    async with ws_member(a, "p") as alice, ws_member(b, "p") as bob:
+        bob_id = next(f["data"]["user_id"] for f in bob.of("system") if f.get("event") == "room.joined")
+
+        def heard() -> list[str]:
+            return [f["type"] for f in alice.frames if f.get("user_id") == bob_id and f["type"] in ("join", "leave")]
+
+        await until(lambda: heard() == ["join"], what="alice hearing bob join")
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            await until(lambda: heard() == ["join", "leave"], timeout=15, what="a leave once b's will fired")
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        await until(lambda: heard() == ["join", "leave", "join"], timeout=15, what="a join once b is back")
+        await until(lambda: len(a.rooms().get("p", [])) == 2, what="bob in presence on a again")

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import aiomqtt
-from forge_streaming import BackendHealth, BackendState, Member, RoomStore, StreamingConfig
+from forge_streaming import BackendHealth, BackendState, Member, RoomStore, RoomStoreListener, StreamingConfig
 
 from .link import LinkState, MqttLink
 from .settings import SECTION, MqttSettings
@@ -44,6 +44,8 @@ PUBLISH_DELAY = 0.02
 RESTORE_INTERVAL = 1.0
 """Seconds between two restorations of this node's own status (two processes with one node id would
 otherwise overwrite each other's status without pause)."""
+RETURN_WINDOW = 5.0
+"""After a node comes back online, how long its presence counts as members returning (told to the kernel)."""
 
 
 def _status(state: str, **extra: str) -> bytes:
@@ -93,12 +95,17 @@ class MqttRoomStore(RoomStore):
         self._restore_rooms: set[str] | None = set()  # rooms to publish again with our status; None: all
         self._stopping = False
         self.counters: Counter[str] = Counter()
+        self._listener: RoomStoreListener | None = None
+        self._returning: dict[str, float] = {}  # node back from offline -> until when its presence is a return
 
     @classmethod
     def from_config(cls, config: StreamingConfig) -> MqttRoomStore:
         return cls(config.section(SECTION, MqttSettings))
 
     # -- lifecycle ------------------------------------------------------------------
+
+    def watch(self, listener: RoomStoreListener) -> None:
+        self._listener = listener
 
     async def start(self, node_id: str) -> None:
         self._node = node_id
@@ -245,6 +252,8 @@ class MqttRoomStore(RoomStore):
                 self._lives[node] = life
             else:
                 self._lives.pop(node, None)
+            if node in self._offline:  # back (restarted, or the partition healed): its presence is a return
+                self._returning[node] = time.monotonic() + RETURN_WINDOW
             self._offline.discard(node)
             return
         known = self._lives.get(node)
@@ -257,6 +266,11 @@ class MqttRoomStore(RoomStore):
             return
         self._lives.pop(node, None)
         rooms = self._remote.pop(node, {})
+        self._returning.pop(node, None)
+        if self._listener is not None and node not in self._offline:
+            for room, members in rooms.items():  # they vanished without a leave of their own: the kernel says it
+                if members:
+                    self._listener.on_members_changed(room, (), members)
         if node not in self._offline:
             self._offline.add(node)
             if payload:
@@ -327,9 +341,16 @@ class MqttRoomStore(RoomStore):
             rooms.pop(room, None)
             return
         try:
-            rooms[room] = _decode_members(payload, node)
+            members = _decode_members(payload, node)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             log.warning("MQTT rooms: malformed presence of node %r in room %r ignored", node, room)
+            return
+        before = {m.connection_id for m in rooms.get(room, ())}
+        rooms[room] = members
+        if self._listener is not None and time.monotonic() < self._returning.get(node, -math.inf):
+            back = [m for m in members if m.connection_id not in before]
+            if back:  # a returning node's members: nobody announced them on this node
+                self._listener.on_members_changed(room, back, ())
 
 
 def factories() -> Mapping[str, Callable[[StreamingConfig], RoomStore]]:
