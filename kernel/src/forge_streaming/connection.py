@@ -210,7 +210,11 @@ class Connection(ABC):
         await self.streaming.leave(self, room)
 
     async def broadcast_to_room(self, room: str, data: Any) -> int | None:
-        """Publish ``data`` to the other members of ``room``; return its sequence."""
+        """Publish ``data`` to the other members of ``room``; return its sequence.
+
+        ``data`` is JSON data, bytes (a binary room message), or a received
+        :class:`Message` (``broadcast_to_room(room, await conn.read_message())``).
+        """
         return await self.streaming.publish(room, data, sender=self)
 
     # -- transport I/O -------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import frames
 from .connection import CloseCode, Connection
-from .frames import OutboundFrame
+from .frames import BINARY_TYPES, Message, OutboundFrame
 from .history import RoomHistory, Sequencer
 from .pubsub import Envelope, EnvelopeKind
 
@@ -59,25 +59,37 @@ class FanOut:
                       user_id: str | None = None) -> int | None:
         """Publish a message to ``room`` on every node; return its sequence, None if a hook dropped it.
 
+        ``data`` is any JSON value, or ``bytes`` (also ``bytearray``, ``memoryview``) for a binary
+        room message; a :class:`~forge_streaming.frames.Message` is published as its ``data``.
         Raises :class:`~forge_streaming.frames.InvalidInput` (a ``ValueError``) for an invalid room
         id, or data a browser could not parse (``NaN``, infinities, lone surrogates).
         """
         room = frames.validate_room_id(room)
         s = self._s
+        if isinstance(data, Message):  # a received message passed straight on (Forge's BroadcastToRoom(room, msg))
+            data = data.data
         message = PublishMessage(room=room, data=data, user_id=user_id or (sender.user_id if sender else "server"),
                                  sender=sender)
         for result in await s.plugins.acall("streaming_before_publish", message=message):
             if result is False:
                 return None
         sequence = self._sequencer.next(room)
+        data = message.data
+        binary = isinstance(data, BINARY_TYPES)
         try:
-            payload = frames.encode(frames.message_frame(
-                room_id=room, user_id=message.user_id, data=message.data, sequence=sequence))
+            if binary:  # the header, a newline, the bytes: encoded once here, like text
+                header = frames.message_frame(room_id=room, user_id=message.user_id, data=None, sequence=sequence)
+                del header["data"]
+                header["binary"] = True
+                payload = frames.binary_frame(header, data)
+            else:
+                payload = frames.encode(frames.message_frame(
+                    room_id=room, user_id=message.user_id, data=data, sequence=sequence))
         except (ValueError, RecursionError) as exc:  # from an application or a hook: client data was checked
             raise frames.InvalidInput("invalid_json", f"message data is not JSON a browser can parse: {exc}") from None
         await self.publish_envelope(Envelope(room=room, payload=payload, kind=EnvelopeKind.MESSAGE,
                                              sequence=sequence, sender=sender.id if sender else None,
-                                             node=s.node_id))
+                                             node=s.node_id, binary=binary))
         self._counters["published"] += 1
         return sequence
 
@@ -111,8 +123,8 @@ class FanOut:
         members = self._local.get(room)
         delivered = 0
         if members:
-            frame = OutboundFrame(payload=envelope.payload, room=room, sequence=envelope.sequence,
-                                  sender=envelope.sender)
+            frame = OutboundFrame(payload=envelope.payload, binary=envelope.binary, room=room,
+                                  sequence=envelope.sequence, sender=envelope.sender)
             sender = envelope.sender
             for conn_id, conn in list(members.items()):
                 if conn_id != sender:

@@ -18,6 +18,8 @@ application hands in, whatever the API:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import re
@@ -215,6 +217,17 @@ class OutboundFrame:
     def text(self) -> str:
         return self.payload.decode("utf-8")
 
+    def as_text(self) -> OutboundFrame:
+        """This frame for a text-only transport (SSE, long-polling): itself if text, else its base64 JSON form.
+
+        A binary room message becomes its JSON message frame with ``"data"``
+        the payload in base64 and ``"encoding": "base64"``, made once per
+        message and shared by every member (:func:`binary_as_text`).
+        """
+        if not self.binary:
+            return self
+        return self.encoded("text", binary_as_text)
+
 
 def encode(frame: dict[str, Any]) -> bytes:
     """Encode a frame as compact UTF-8 JSON.
@@ -276,10 +289,64 @@ def error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"type": "error", "event": "message.rejected", "data": data}
 
 
+BINARY_TYPES = (bytes, bytearray, memoryview)
+"""What the kernel publishes as a binary room message (``Message`` is unwrapped to its ``data`` first)."""
+
+SEPARATOR = b"\n"
+"""Ends a binary frame's JSON header; compact JSON never holds a raw newline, so the first one is it."""
+
+
+def binary_frame(header: dict[str, Any], payload: bytes | bytearray | memoryview) -> bytes:
+    """A binary room frame: ``header`` as compact UTF-8 JSON, one ``\\n`` byte, then ``payload`` as is."""
+    return encode(header) + SEPARATOR + payload
+
+
+def split_binary_frame(raw: bytes) -> tuple[dict[str, Any], bytes]:
+    """``(header, payload)`` of a binary room frame; :class:`ProtocolError` ``binary_not_supported`` if not one."""
+    end = raw.find(SEPARATOR)
+    if end <= 0 or raw[0] != 0x7B:  # "{"
+        raise ProtocolError("binary_not_supported", "a binary room frame is a JSON object header, a newline byte, "
+                                                    'then the payload: {"type":"message","room_id":"r"}\\n<bytes>')
+    try:
+        header = loads(raw[:end].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProtocolError("invalid_json", "a binary frame's header must be UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("invalid_frame", "a binary frame's header must be a JSON object")
+    return header, raw[end + 1:]
+
+
+def binary_as_text(frame: OutboundFrame) -> OutboundFrame:
+    """The text form of a binary room frame, for text-only transports (SSE, long-polling).
+
+    The header's fields plus ``"data"``: the payload in base64, and
+    ``"encoding": "base64"``. Transports cache it per frame
+    (``frame.encoded("text", binary_as_text)``): made once per message, not per member.
+    """
+    header, payload = split_binary_frame(frame.payload)
+    header["data"] = base64.b64encode(payload).decode("ascii")
+    header["encoding"] = "base64"
+    return OutboundFrame(payload=encode(header), room=frame.room, sequence=frame.sequence, sender=frame.sender)
+
+
+def decode_base64(text: object) -> bytes:
+    """Strict base64 (RFC 4648, padding required) to bytes; :class:`InvalidInput` ``invalid_frame`` if it is not."""
+    if not isinstance(text, str):
+        raise InvalidInput("invalid_frame", f"base64 data must be a string, got {type(text).__name__}")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("invalid_frame", "data_base64 is not valid base64") from None
+
+
 def parse_client_frame(raw: str | bytes, *, max_size: int, max_depth: int = MAX_JSON_DEPTH) -> ClientFrame:
-    """Parse and validate one client frame; raise :class:`ProtocolError`."""
+    """Parse and validate one client frame; raise :class:`ProtocolError`.
+
+    A binary frame is a ``message`` frame in the binary form (see
+    :func:`split_binary_frame`): its ``data`` is the payload, as ``bytes``.
+    """
     if isinstance(raw, bytes):
-        raise ProtocolError("binary_not_supported", "room frames are JSON text, got binary")
+        return _parse_binary_frame(raw, max_size=max_size)
     if len(raw) > max_size:
         raise ProtocolError("too_large", f"frame of {len(raw)} characters, the limit is {max_size}")
     obj = loads(raw, max_depth=max_depth)
@@ -302,3 +369,17 @@ def parse_client_frame(raw: str | bytes, *, max_size: int, max_depth: int = MAX_
     if kind == "message" and "data" not in obj:
         raise ProtocolError("invalid_frame", "a 'message' frame needs 'data'")
     return ClientFrame(type=kind, room_id=room_id, data=obj.get("data"), since=since)
+
+
+def _parse_binary_frame(raw: bytes, *, max_size: int) -> ClientFrame:
+    if len(raw) > max_size:
+        raise ProtocolError("too_large", f"frame of {len(raw)} bytes, the limit is {max_size}")
+    header, payload = split_binary_frame(raw)
+    if header.get("type") != "message":
+        raise ProtocolError("invalid_frame", "a binary frame is a 'message' frame: its header needs "
+                                             '"type":"message"')
+    try:
+        room_id = validate_room_id(header.get("room_id"))
+    except InvalidInput as exc:
+        raise ProtocolError(exc.code, f"binary 'message' frame: {exc.message}") from None
+    return ClientFrame(type="message", room_id=room_id, data=payload)

@@ -1,6 +1,7 @@
 """The built-in HTTP API, loaded like any other plugin (entry point name ``http-api``).
 
-``/healthz`` (backend state), ``POST /api/publish``, ``GET /api/stats`` and
+``/healthz`` (backend state), ``POST /api/publish`` (``{"room_id", "data"}``, or
+``"data_base64"`` for a binary message), ``GET /api/stats`` and
 ``GET /api/rooms`` (all three need ``Authorization: Bearer <api.key>``),
 ``/forge-streaming.js`` (the browser client) and the status page at ``/``
 when no plugin serves ``/``. Registered by the kernel before the installed
@@ -114,12 +115,13 @@ def streaming_register_routes(streaming: Streaming) -> list[BaseRoute]:
             return _error(400, exc.code, exc.message)
         if not isinstance(body, dict):
             return _error(400, "invalid_frame", "body must be a JSON object with 'room_id' and 'data'")
-        if "data" not in body:
-            return _error(400, "invalid_frame", "body needs 'data'")
+        if ("data" in body) == ("data_base64" in body):
+            return _error(400, "invalid_frame", "body needs 'data' (JSON) or 'data_base64' (bytes), one of them")
         user_id = body.get("user_id") if isinstance(body.get("user_id"), str) else "api"
         try:
             room = frames.validate_room_id(body.get("room_id"))
-            sequence = await streaming.publish(room, body["data"], user_id=user_id)
+            data = body["data"] if "data" in body else frames.decode_base64(body["data_base64"])
+            sequence = await streaming.publish(room, data, user_id=user_id)
         except frames.InvalidInput as exc:
             return _error(400, exc.code, f"'room_id': {exc.message}" if "room" in exc.code else exc.message)
         if sequence is None:

@@ -202,7 +202,7 @@ class Membership:
                 "sequence": history.latest(room)}))
             missed = [e for e in history.recent(room) if e.sequence is not None and e.sequence > since]
         below = min(REPLAY_LOW_WATER, max(1, self._s.config.limits.send_buffer // 4))
-        frames_out = (OutboundFrame(payload=e.payload, room=room, sequence=e.sequence) for e in missed)
+        frames_out = (OutboundFrame(payload=e.payload, binary=e.binary, room=room, sequence=e.sequence) for e in missed)
         if not await self._paced(conn, gate, frames_out, below):
             return
         replayed: set[bytes] | None = None

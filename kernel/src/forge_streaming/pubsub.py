@@ -28,6 +28,11 @@ class Envelope:
     ``payload`` is the UTF-8 JSON frame members receive, encoded once by the
     publishing node. ``sender`` is the publishing connection's id, skipped
     at delivery so that ``broadcast_to_room`` reaches only the others.
+    ``binary`` marks a binary room message: ``payload`` is then a JSON
+    header, a ``\\n`` byte and the raw bytes (README, "The room protocol"),
+    sent as a binary frame. A backend that crosses nodes must carry this
+    flag with the payload (the MQTT backend: a user property); one that
+    hands the envelope itself back (the memory backend) has nothing to do.
     """
 
     room: str
@@ -36,6 +41,7 @@ class Envelope:
     sequence: int | None = None
     sender: str | None = None
     node: str = ""
+    binary: bool = False
 
 
 class BackendState(str, enum.Enum):

@@ -476,7 +476,11 @@ class Streaming:
         return await self._fanout.publish(room, data, sender=sender, user_id=user_id)
 
     async def broadcast(self, room: str, message: Any) -> int | None:
-        """Publish ``message`` to everyone in ``room`` (Forge's ``Broadcast``)."""
+        """Publish ``message`` to everyone in ``room`` (Forge's ``Broadcast``).
+
+        ``message`` is JSON data, or bytes (a binary room message, as Forge's
+        ``[]byte``), or a received :class:`Message` passed straight on.
+        """
         return await self._fanout.publish(room, message)
 
     async def notify(self, room: str, frame: Mapping[str, Any], *, sender: Connection | None = None) -> None:

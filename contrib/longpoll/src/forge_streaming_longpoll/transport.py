@@ -116,8 +116,8 @@ class LongPollConnection(Connection):
     # -- server to client ----------------------------------------------------------
 
     def deliver(self, frame: OutboundFrame) -> None:
-        if not self.is_ended and not frame.binary:  # the kernel's room frames are JSON text
-            self._push(frame.payload)
+        if not self.is_ended:  # JSON text: a binary room message comes as its base64 JSON frame
+            self._push(frame.as_text().payload)
 
     async def write_message(self, message: str | bytes) -> None:
         if not isinstance(message, str):

@@ -10,6 +10,7 @@
  *   client.connect();
  *   client.join("lobby");
  *   client.send("lobby", { text: "hello" });
+ *   client.send("lobby", new Uint8Array([1, 2, 3]));  // binary (WebSocket, WebTransport)
  *
  * Transports, best first: WebTransport (HTTP/3, when the browser has it and the
  * server serves `/webtransport/certificate-hash`), WebSocket (`/ws`), then SSE
@@ -25,7 +26,10 @@
  *
  * Events (all `CustomEvent`s; read `event.detail`):
  *   state     {state, transport, attempt, delay}   connecting | open | reconnecting | closed
- *   message   {room, id, userId, data, timestamp, sequence, frame}
+ *   message   {room, id, userId, data, timestamp, sequence, frame, binary}
+ *             data is a Uint8Array for a binary message (binary: true), on every
+ *             transport: a binary WebSocket/WebTransport frame, or over SSE a
+ *             frame with "encoding": "base64" (decoded here); else the JSON value
  *   presence  {room, users, change, userId}        change: snapshot | join | leave
  *   typing    {room, userId, typing}
  *   joined    {room, users, userId, sequence, resumed}
@@ -133,9 +137,10 @@ async function openWebSocket(client, onFrame) {
     ws.addEventListener("close", (e) => reject(new TransportError("connect_failed",
       `WebSocket closed before opening (${e.code})`)), { once: true });
   });
+  ws.binaryType = "arraybuffer";
   ws.addEventListener("message", (e) => {
-    // Room frames are JSON text; anything else is not for this client.
-    if (typeof e.data === "string") onFrame(e.data);
+    // Room frames are JSON text, or binary room messages (JSON header, newline, payload).
+    onFrame(typeof e.data === "string" ? e.data : new Uint8Array(e.data));
   });
   ws.addEventListener("close", (e) => closedResolve({ code: e.code, reason: e.reason }));
   try {
@@ -240,7 +245,13 @@ async function openSSE(client, onFrame, rooms) {
   return {
     name: "sse",
     joinedAtOpen: new Set(rooms.map(([room]) => room)),
-    send: post,
+    send(text) {
+      // POSTs carry JSON text: binary messages are sent on WebSocket or WebTransport only.
+      if (typeof text !== "string") {
+        return Promise.reject(new TransportError("binary_not_supported", "the SSE transport sends text only"));
+      }
+      return post(text);
+    },
     close() { finish({ code: 1000, reason: "client closed" }); },
     closed,
   };
@@ -248,6 +259,28 @@ async function openSSE(client, onFrame, rooms) {
 
 /** WebTransport messages on the one bidirectional stream: 1 byte type, 4 bytes length, payload. */
 const WT_TEXT = 0x01;
+const WT_BINARY = 0x02;
+
+const textEncoder = new TextEncoder();
+const textDecoder = new TextDecoder();
+
+/** A frame for the transport: JSON text, or for bytes a binary frame (compact JSON header, 0x0A, payload). */
+function encodeFrame(frame) {
+  if (!(frame.data instanceof Uint8Array)) return JSON.stringify(frame);
+  const header = textEncoder.encode(JSON.stringify({ type: frame.type, room_id: frame.room_id }));
+  const out = new Uint8Array(header.length + 1 + frame.data.length);
+  out.set(header);
+  out[header.length] = 0x0a;
+  out.set(frame.data, header.length + 1);
+  return out;
+}
+
+function base64ToBytes(text) {
+  const raw = atob(text);
+  const bytes = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
+  return bytes;
+}
 
 function hexToBytes(hex) {
   const bytes = new Uint8Array(hex.length / 2);
@@ -310,10 +343,11 @@ async function openWebTransport(client, onFrame) {
     name: "webtransport",
     joinedAtOpen: new Set(),
     async send(text) {
-      const payload = encoder.encode(text);
+      const binary = typeof text !== "string";
+      const payload = binary ? text : encoder.encode(text);
       const message = new Uint8Array(5 + payload.length);
       const view = new DataView(message.buffer);
-      view.setUint8(0, WT_TEXT);
+      view.setUint8(0, binary ? WT_BINARY : WT_TEXT);
       view.setUint32(1, payload.length);
       message.set(payload, 5);
       try {
@@ -347,6 +381,7 @@ async function readFrames(readable, onFrame) {
       if (buffer.length - start < 5 + size) break;
       const payload = buffer.subarray(start + 5, start + 5 + size);
       if (kind === WT_TEXT) onFrame(decoder.decode(payload));
+      else if (kind === WT_BINARY) onFrame(payload.slice());
       start += 5 + size;
     }
     buffer = buffer.slice(start);
@@ -435,13 +470,20 @@ export class ForgeStreamingClient extends EventTarget {
 
   /**
    * Send `data` (any JSON) to a joined room. Resolves once handed to the
-   * transport; while disconnected it waits in the bounded queue.
+   * transport; while disconnected it waits in the bounded queue. A
+   * Uint8Array, ArrayBuffer or other ArrayBuffer view is sent as a binary
+   * room message (WebSocket and WebTransport; the SSE transport rejects it).
    */
   send(room, data) {
     if (!this._rooms.has(room)) {
       return Promise.reject(new TypeError(`join room ${room} before sending to it`));
     }
     const frame = { type: "message", room_id: room, data };
+    if (data instanceof ArrayBuffer || ArrayBuffer.isView(data)) {
+      const bytes = data instanceof ArrayBuffer ? new Uint8Array(data)
+        : new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+      frame.data = bytes.slice(); // the caller may reuse its buffer before the send goes out
+    }
     return new Promise((resolve, reject) => {
       const item = { room, frame, resolve, reject };
       if (this._ready(room)) {
@@ -529,7 +571,7 @@ export class ForgeStreamingClient extends EventTarget {
       if (signal.aborted) return null;
       try {
         const rooms = [...this._rooms].map(([room, entry]) => [room, entry.since]);
-        return await OPENERS[name](this, (text) => this._onText(text), rooms);
+        return await OPENERS[name](this, (raw) => this._onFrame(raw), rooms);
       } catch (err) {
         this._emit("transport-failed", { transport: name, code: err.code || "connect_failed", message: err.message });
       }
@@ -565,7 +607,7 @@ export class ForgeStreamingClient extends EventTarget {
   _write(frame) {
     const conn = this._conn;
     if (!conn) return Promise.resolve(false);
-    return conn.send(JSON.stringify(frame)).then(() => true, (err) => {
+    return conn.send(encodeFrame(frame)).then(() => true, (err) => {
       this._emit("error", { code: err.code || "send_failed", message: err.message, frame });
       return false;
     });
@@ -573,7 +615,7 @@ export class ForgeStreamingClient extends EventTarget {
 
   _deliverItem(item) {
     const conn = this._conn;
-    conn.send(JSON.stringify(item.frame)).then(item.resolve, (err) => {
+    conn.send(encodeFrame(item.frame)).then(item.resolve, (err) => {
       // The connection died under this message: keep it for the next one
       // (at least once; the server may have it already).
       if (err.code === "not_connected") this._queue.unshift(item);
@@ -592,6 +634,23 @@ export class ForgeStreamingClient extends EventTarget {
   }
 
   // -- incoming frames ---------------------------------------------------------------
+
+  _onFrame(raw) {
+    if (typeof raw === "string") return this._onText(raw);
+    // A binary room message: a JSON header, one newline byte (0x0A), then the payload.
+    const end = raw.indexOf(0x0a);
+    let header;
+    try {
+      header = end > 0 ? JSON.parse(textDecoder.decode(raw.subarray(0, end))) : null;
+    } catch {
+      header = null;
+    }
+    if (!header || header.type !== "message") {
+      this._emit("error", { code: "invalid_frame", message: "the server sent a binary frame that is not a room message" });
+      return undefined;
+    }
+    return this._onMessage(header, raw.slice(end + 1));
+  }
 
   _onText(text) {
     let frame;
@@ -615,7 +674,7 @@ export class ForgeStreamingClient extends EventTarget {
     }
   }
 
-  _onMessage(frame) {
+  _onMessage(frame, bytes) {
     const room = frame.room_id;
     const entry = this._rooms.get(room);
     if (!entry) return;
@@ -627,9 +686,11 @@ export class ForgeStreamingClient extends EventTarget {
       if (this._seenOrder.length > this.options.dedupeWindow) this._seen.delete(this._seenOrder.shift());
     }
     if (typeof frame.sequence === "number") entry.since = Math.max(entry.since ?? 0, frame.sequence);
+    let data = bytes ?? frame.data;
+    if (bytes === undefined && frame.encoding === "base64") data = base64ToBytes(frame.data); // SSE
     this._emit("message", {
-      room, id: frame.id, userId: frame.user_id, data: frame.data,
-      timestamp: frame.timestamp, sequence: frame.sequence, frame,
+      room, id: frame.id, userId: frame.user_id, data,
+      timestamp: frame.timestamp, sequence: frame.sequence, frame, binary: frame.binary === true,
     });
   }
 

@@ -10,6 +10,8 @@ buffer and tells its clients to ``resync``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import uuid
@@ -36,6 +38,7 @@ from .topics import (
     MAX_DIGITS,
     MAX_NODE_ID_LENGTH,
     MAX_POSITION,
+    PROP_BINARY,
     PROP_COUNT,
     PROP_KIND,
     PROP_NODE,
@@ -197,6 +200,8 @@ class MqttPubSub(PubSubBackend):
             pairs.append((PROP_SEQUENCE, str(envelope.sequence)))
         if envelope.sender is not None:
             pairs.append((PROP_SENDER, envelope.sender))
+        if envelope.binary:
+            pairs.append((PROP_BINARY, "1"))
         props = UserProperties(pairs)
         self._unmarked.add(envelope.room)
         if self._mark_timer is None:
@@ -315,6 +320,7 @@ class MqttPubSub(PubSubBackend):
             sequence=sequence,
             sender=props.get(PROP_SENDER),
             node=node,
+            binary=props.get(PROP_BINARY) == "1",
         )
         if envelope.sequence is not None:
             self._logs.record(envelope)
@@ -453,8 +459,7 @@ class MqttPubSub(PubSubBackend):
         elif room in self._rooms:
             entries = self._logs.since(room, since)
             body = {"room_id": room, "node": self._node, "complete": entries is not None,
-                    "messages": [{"sequence": e.sequence, "sender": e.sender, "node": e.node,
-                                  "payload": e.payload.decode("utf-8")} for e in entries or ()]}
+                    "messages": [_history_entry(e) for e in entries or ()]}
             reply = publish_properties()
             if correlation is not None:
                 reply.CorrelationData = correlation
@@ -485,6 +490,17 @@ class MqttPubSub(PubSubBackend):
             future.set_result(envelopes)
 
 
+def _history_entry(envelope: Envelope) -> dict[str, Any]:
+    """One message of a history reply: a text frame as ``payload``, a binary one as ``payload_base64``."""
+    entry: dict[str, Any] = {"sequence": envelope.sequence, "sender": envelope.sender, "node": envelope.node}
+    if envelope.binary:
+        entry["binary"] = True
+        entry["payload_base64"] = base64.b64encode(envelope.payload).decode("ascii")
+    else:
+        entry["payload"] = envelope.payload.decode("utf-8")
+    return entry
+
+
 def _history_reply(payload: Any, room: str, since: int) -> list[Envelope] | None:
     """The envelopes of a reply to a history request for ``room`` after ``since``; None if the node could not
     vouch (``complete`` false). ValueError when the reply does not answer that request: another room, frames
@@ -505,16 +521,28 @@ def _history_reply(payload: Any, room: str, since: int) -> list[Envelope] | None
         if not isinstance(m, dict):
             raise ValueError("a message is not a JSON object")
         sequence, text, sender, node = m.get("sequence"), m.get("payload"), m.get("sender"), m.get("node") or ""
+        binary = m.get("binary") is True
+        if binary:
+            text = m.get("payload_base64")
         if type(sequence) is not int or not last < sequence < MAX_POSITION:
             raise ValueError(f"sequence {sequence!r} is not above {last} and below 2**63")
         if not isinstance(text, str) or not (sender is None or isinstance(sender, str)) or not isinstance(node, str):
             raise ValueError("a message's payload, sender or node is not a string")
-        frame = json.loads(text)
+        if binary:
+            try:
+                payload = base64.b64decode(text, validate=True)
+            except binascii.Error:
+                raise ValueError("a binary message's payload_base64 is not base64") from None
+            header, newline, _ = payload.partition(b"\n")
+            frame = json.loads(header) if newline else None
+        else:
+            payload = text.encode("utf-8")
+            frame = json.loads(text)
         if not isinstance(frame, dict) or frame.get("room_id") != room:
             raise ValueError("a message is a frame of another room")
         last = sequence
-        envelopes.append(Envelope(room=room, payload=text.encode("utf-8"), kind=EnvelopeKind.MESSAGE,
-                                  sequence=sequence, sender=sender, node=node))
+        envelopes.append(Envelope(room=room, payload=payload, kind=EnvelopeKind.MESSAGE,
+                                  sequence=sequence, sender=sender, node=node, binary=binary))
     return envelopes
 
 

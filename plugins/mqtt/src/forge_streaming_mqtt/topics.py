@@ -35,6 +35,7 @@ PROP_KIND = "forge-kind"
 PROP_SEQUENCE = "forge-sequence"
 PROP_SENDER = "forge-sender"
 PROP_NODE = "forge-node"
+PROP_BINARY = "forge-binary"  # "1" on a binary room message (Envelope.binary); absent on text
 PROP_COUNT = "forge-count"  # "{stream}:{number}", numbered per room by the publishing node (continuity.py)
 
 

@@ -259,6 +259,8 @@ class SSEConnection(Connection):
         await self.send_event(events.Event(text))
 
     def deliver(self, frame: OutboundFrame) -> None:
+        if frame.binary:  # SSE is text: a binary room message goes as JSON, its data in base64 (once per message)
+            frame = frame.as_text()
         seq = frame.sequence
         if seq is not None and seq > self._one_seq and frame.room == self._one:
             # the fast path: a member of one room (the common case) gets the frame's shared
