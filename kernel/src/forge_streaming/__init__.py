@@ -27,6 +27,7 @@ from .errors import (
     StreamingError,
     UnknownTransport,
 )
+from .events import Event
 from .fanout import PublishMessage
 from .frames import ClientFrame, InvalidInput, Message, OutboundFrame, ProtocolError
 from .history import RoomHistory
@@ -58,7 +59,7 @@ __all__ = [
     "AWAITABLE_HOOKS", "PLUGIN_API", "hookspec",
     "BackendHealth", "BackendListener", "BackendState", "BufferedWriter", "ClientFrame", "CloseCode",
     "ConfigError", "ConfigSection", "Connection", "ConnectionClosed", "ConnectionRequest", "ConnectionState",
-    "Duration", "Envelope", "EnvelopeKind", "Flushable", "FlushScheduler", "Handler", "HookFailed", "Identity",
+    "Duration", "Envelope", "EnvelopeKind", "Event", "Flushable", "FlushScheduler", "Handler", "HookFailed", "Identity",
     "InvalidInput",
     "Member", "Message",
     "OutboundFrame", "PluginLoadError", "ProtocolError", "PubSubBackend", "PublishMessage", "Refused",

@@ -20,8 +20,6 @@ import os
 import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -502,6 +500,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _api(url: str, path: str, key: str | None, body: Any = None) -> Any:
+    import urllib.error  # the client commands only: not on serve's start
+    import urllib.request
+
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url.rstrip("/") + path, data=data, method="POST" if data else "GET")
     request.add_header("Content-Type", "application/json")

@@ -225,11 +225,13 @@ async def test_handler_reads_frames_posted_with_its_token(kit: type[Kit]) -> Non
 
 
 def test_event_encoding_refuses_bad_values() -> None:
+    from forge_streaming_sse.events import encode_event
+
     with pytest.raises(ValueError, match="retry"):
-        Event(data="x", retry=-1).encode()
+        encode_event(Event(data="x", retry=-1))
     with pytest.raises(ValueError, match="NUL"):
-        Event(data="x", id="a\x00b").encode()
-    assert Event(data=b"bytes", type="t").encode() == b"event: t\ndata: bytes\n\n"
+        encode_event(Event(data="x", id="a\x00b"))
+    assert encode_event(Event(data=b"bytes", type="t")) == b"event: t\ndata: bytes\n\n"
 
 
 async def test_readme_python_client_talks_to_the_room_endpoint(kit: type[Kit]) -> None:

@@ -5,8 +5,9 @@
 ``stream.done``); ``/sse`` is the built-in room endpoint. See README.md.
 """
 
+from forge_streaming import Event  # the kernel's class, beside Streaming; importable from here as before
+
 from .connection import SSEConnection
-from .events import Event
 from .protocol import EXTENSION, SSEHttpToolsProtocol
 from .settings import SSESettings
 from .transport import SSETransport

@@ -40,6 +40,7 @@ from forge_streaming import (
     Connection,
     ConnectionClosed,
     ConnectionRequest,
+    Event,
     FlushScheduler,
     Message,
     OutboundFrame,
@@ -216,11 +217,11 @@ class SSEConnection(Connection):
     async def wait_closed(self) -> None:
         await self.closed.wait()
 
-    async def send_event(self, event: events.Event) -> None:
+    async def send_event(self, event: Event) -> None:
         """Send one event; raise ConnectionClosed once the stream has ended."""
         if self._writer.closed or self.closed.is_set():
             raise ConnectionClosed(self.close_code or CloseCode.GOING_AWAY, self.close_reason or "stream ended")
-        self._write(event.encode())
+        self._write(events.encode_event(event))
 
     async def send_comment(self, text: str) -> None:
         """Send an SSE comment line (clients ignore it; proxies see traffic)."""
@@ -256,7 +257,7 @@ class SSEConnection(Connection):
     async def write_message(self, message: str | bytes) -> None:
         """Send ``message`` as one unnamed event (bytes must be UTF-8 text: SSE carries text only)."""
         text = message.decode("utf-8") if isinstance(message, bytes) else message
-        await self.send_event(events.Event(text))
+        await self.send_event(Event(text))
 
     def deliver(self, frame: OutboundFrame) -> None:
         if frame.binary:  # SSE is text: a binary room message goes as JSON, its data in base64 (once per message)

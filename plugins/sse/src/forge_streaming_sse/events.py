@@ -8,42 +8,29 @@ WebSocket member gets.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
-from forge_streaming import OutboundFrame
-from sse_starlette import ServerSentEvent
+from forge_streaming import Event, OutboundFrame
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode  # JSON.parse refuses NaN
 
 KEEP_ALIVE = b": keep-alive\n\n"
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One Server-Sent Event, as a handler sends it with ``await stream.send_event(...)``.
+def encode_event(event: Event) -> bytes:
+    """A handler's :class:`forge_streaming.Event` on the wire (through sse-starlette)."""
+    data = event.data
+    if isinstance(data, bytes):
+        data = data.decode("utf-8")
+    elif not isinstance(data, str):
+        data = _dumps(data)
+    if event.retry is not None and (not isinstance(event.retry, int) or event.retry < 0):
+        raise ValueError(f"Event.retry must be a whole number of milliseconds >= 0, got {event.retry!r}")
+    if event.id is not None and "\x00" in event.id:
+        raise ValueError("Event.id must not contain NUL (browsers ignore such ids)")
+    from sse_starlette import ServerSentEvent  # only for handler events: ~4 ms off the plugin's import
 
-    ``data`` that is not a string (dicts, lists, numbers) is sent as compact
-    JSON; a string is sent as is, one ``data:`` line per line. ``retry`` is
-    the reconnect delay in milliseconds.
-    """
-
-    data: Any = ""
-    type: str | None = None
-    id: str | None = None
-    retry: int | None = None
-
-    def encode(self) -> bytes:
-        data = self.data
-        if isinstance(data, bytes):
-            data = data.decode("utf-8")
-        elif not isinstance(data, str):
-            data = _dumps(data)
-        if self.retry is not None and (not isinstance(self.retry, int) or self.retry < 0):
-            raise ValueError(f"Event.retry must be a whole number of milliseconds >= 0, got {self.retry!r}")
-        if self.id is not None and "\x00" in self.id:
-            raise ValueError("Event.id must not contain NUL (browsers ignore such ids)")
-        return ServerSentEvent(data, event=self.type, id=self.id, retry=self.retry, sep="\n").encode()
+    return ServerSentEvent(data, event=event.type, id=event.id, retry=event.retry, sep="\n").encode()
 
 
 def plain(frame: OutboundFrame) -> bytes:

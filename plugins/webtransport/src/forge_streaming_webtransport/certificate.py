@@ -14,12 +14,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from forge_streaming import ConfigError
+
+if TYPE_CHECKING:  # cryptography is imported when a certificate is made or loaded, not with the plugin
+    from cryptography import x509
 
 DEV_VALIDITY = datetime.timedelta(days=10)
 
@@ -39,6 +39,8 @@ class CertificatePair:
 
 
 def _san_names(host: str | None) -> list[x509.GeneralName]:
+    from cryptography import x509
+
     names: list[x509.GeneralName] = [x509.DNSName("localhost")]
     ips = {"127.0.0.1", "::1"}
     if host and host not in ("0.0.0.0", "::", "localhost"):
@@ -52,6 +54,11 @@ def _san_names(host: str | None) -> list[x509.GeneralName]:
 
 def make_development_certificate(host: str | None, directory: str | None = None) -> CertificatePair:
     """A fresh ECDSA P-256 certificate valid for 10 days, written to a private temp dir."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forge-streaming development")])
@@ -85,6 +92,9 @@ def load_certificate(cert_file: str | None, key_file: str | None) -> Certificate
     for key, path in (("webtransport.cert_file", cert_file), ("webtransport.key_file", key_file)):
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             raise ConfigError(f"{key}: cannot read {path!r}; expected a readable PEM file")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
     except ValueError as exc:

@@ -27,18 +27,18 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from forge_streaming import Handler, Streaming, Transport
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .certificate import CertificatePair, load_certificate, make_development_certificate
-from .server import WebTransportServer
 from .settings import WebTransportSettings
+
+if TYPE_CHECKING:  # aioquic (the server) and cryptography are imported when WebTransport starts, not with the plugin
+    from .server import WebTransportServer
 
 log = logging.getLogger("forge_streaming.webtransport")
 HASH_PATH = "/webtransport/certificate-hash"
@@ -105,6 +105,8 @@ class WebTransportTransport(Transport):
             self.certificate = shared_development_certificate(self.host, port)  # workers share the port
         elif self.certificate is None:
             self.certificate = make_development_certificate(self.host)
+        from .server import WebTransportServer
+
         server = WebTransportServer(self.streaming, settings, self.certificate)
         await server.start(self.host, port)
         self.server = server
@@ -177,6 +179,9 @@ def shared_development_certificate(host: str, port: int) -> CertificatePair:
 
 
 def _reuse(folder: Path) -> CertificatePair | None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     cert_path, key_path = folder / "cert.pem", folder / "key.pem"
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
