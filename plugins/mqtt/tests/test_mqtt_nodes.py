@@ -232,9 +232,9 @@ async def test_a_node_that_stalls_past_the_brokers_queue_tells_its_members_to_re
         assert "lost between the broker and this node" in health["backend"]["detail"], health
 
 
-async def test_a_node_stopped_past_its_keepalive_is_a_leave_and_back_a_join(broker: Any, cluster: Any) -> None:
+async def test_a_node_stopped_past_its_keepalive_is_a_leave_and_back_a_join(own_broker: Any, cluster: Any) -> None:
     """A partition (SIGSTOP past the 2 s keepalive): the others hear 'leave'; when it comes back, 'join'."""
-    a, b = cluster(broker, "a", "b")
+    a, b = cluster(own_broker, "a", "b")
     async with ws_member(a, "p") as alice, ws_member(b, "p") as bob:
         bob_id = next(f["data"]["user_id"] for f in bob.of("system") if f.get("event") == "room.joined")
 
@@ -242,9 +242,11 @@ async def test_a_node_stopped_past_its_keepalive_is_a_leave_and_back_a_join(brok
             return [f["type"] for f in alice.frames if f.get("user_id") == bob_id and f["type"] in ("join", "leave")]
 
         await until(lambda: heard() == ["join"], what="alice hearing bob join")
+        await until(lambda: len(a.rooms().get("p", [])) == 2, what="bob in presence on a")
         b.proc.send_signal(signal.SIGSTOP)
         try:
-            await until(lambda: heard() == ["join", "leave"], timeout=15, what="a leave once b's will fired")
+            await until(lambda: heard() == ["join", "leave"], timeout=15,
+                        what=f"a leave once b's will fired (heard {heard()}, presence on a {a.rooms()})")
         finally:
             b.proc.send_signal(signal.SIGCONT)
         await until(lambda: heard() == ["join", "leave", "join"], timeout=15, what="a join once b is back")
