@@ -92,3 +92,23 @@ def test_mqtt_case_measures_two_nodes_beside_one(tmp_path: Path) -> None:
     assert len(two["server_cpu_by_process"]) == 2 and two["probe_p50_ms"] > 0
     assert len(two["paired_rounds"]) == cases.MQTT_ROUNDS
     assert "two nodes" in "\n".join(report.mqtt_section(case))
+
+
+@pytest.mark.slow
+@needs_websocket
+def test_paced_case_runs_ours_with_and_without_window_beside_raw_websockets(tmp_path: Path) -> None:
+    opts = _options(tmp_path, ["ours", "websockets"])
+    opts.paced_seconds = 0.04  # 20 messages at either pace (the floor): bounded in count
+    case = cases.paced(opts)
+    assert not case.not_measured
+    servers = ["ours", *(f"ours-window-{ms}ms" for ms in cases.WINDOWS_MS), "websockets"]
+    assert [(r["server"], r["pace_ms"]) for r in case.rows] == [(s, p * 1e3) for s in servers for p in cases.PACES]
+    for row in case.rows:
+        assert "error" not in row, row
+        assert row["received"] == row["expected"] == 20 * 20 and row["lost"] == 0 and row["out_of_order"] == 0, row
+        assert row["server_us_per_delivery"] > 0
+    text = "\n".join(report.paced_section(case))
+    assert "one message every 2 ms" in text and "flush_window 10ms" in text
+    targets = {row[0]: row for row in report.targets({"paced": case})}
+    window_target = next(t for t in targets if "10 ms window" in t)
+    assert targets[window_target][2] in ("met", "missed")  # measured, whichever way it went here

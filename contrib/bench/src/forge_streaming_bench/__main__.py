@@ -23,13 +23,16 @@ from . import machine, procstat, report
 
 PRESETS: dict[str, dict[str, Any]] = {  # fields of cases.Options
     "quick": {"sizes": [100], "deliveries": 40_000, "repeats": 1, "echo_pairs": 50, "echo_rounds": 20,
-              "idle_connections": 1_000, "capacity_target": 0, "probe_messages": 100},
+              "idle_connections": 1_000, "capacity_target": 0, "probe_messages": 100,
+              "paced_seconds": 1.0},
     "default": {"sizes": [100, 1000], "deliveries": 200_000, "repeats": 5, "echo_pairs": 200, "echo_rounds": 50,
-                "idle_connections": 10_000, "capacity_target": 0, "probe_messages": 200},
+                "idle_connections": 10_000, "capacity_target": 0, "probe_messages": 200,
+                "paced_seconds": 2.0},
     "full": {"sizes": [100, 1000, 10_000], "deliveries": 400_000, "repeats": 3, "echo_pairs": 500,
-             "echo_rounds": 50, "idle_connections": 10_000, "capacity_target": 50_000, "probe_messages": 400},
+             "echo_rounds": 50, "idle_connections": 10_000, "capacity_target": 50_000, "probe_messages": 400,
+             "paced_seconds": 3.0},
 }
-ALL_CASES = ["fanout", "echo", "memory", "capacity", "sse", "webtransport", "mqtt"]
+ALL_CASES = ["fanout", "paced", "echo", "memory", "capacity", "sse", "webtransport", "mqtt", "startup"]
 
 
 def _ints(text: str) -> list[int]:
@@ -48,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=_ints, help="fan-out room sizes N, e.g. 100,1000")
     parser.add_argument("--deliveries", type=int, help="deliveries per burst (M = deliveries / N, 10..2000)")
     parser.add_argument("--repeats", type=int, help="runs per figure; the median is reported")
+    parser.add_argument("--paced-seconds", type=float, dest="paced_seconds",
+                        help="length of one paced fan-out run in seconds (messages = seconds / pace)")
     parser.add_argument("--idle-connections", type=int, help="connections for the idle memory case")
     parser.add_argument("--capacity", type=int, dest="capacity_target", help="connections the capacity case aims at")
     parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full" if args.full else "default"]
     overrides: dict[str, Any] = {key: getattr(args, key)
-                                 for key in ("sizes", "deliveries", "repeats", "idle_connections", "capacity_target")
+                                 for key in ("sizes", "deliveries", "repeats", "idle_connections", "capacity_target",
+                                             "paced_seconds")
                                  if getattr(args, key) is not None}
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(wanted) - set(ALL_CASES))

@@ -23,6 +23,7 @@ from forge_streaming.testing import free_port
 from . import servers
 from .runner import median_run, run_loadgen
 from .servers import KINDS, ServerKind
+from .startup import startup  # issue 19: process start to the first 200 (its own module)
 
 WS_SERVERS = ["ours", "websockets", "starlette", "socketio", "node-ws"]
 
@@ -40,6 +41,8 @@ class Options:
     servers: list[str]
     workdir: Path
     fd_limit: int = 0
+    paced_seconds: float = 2.0
+    """Length of one paced run: messages = paced_seconds / pace (bounded by PACED_MAX_MESSAGES)."""
 
 
 @dataclass
@@ -98,6 +101,71 @@ def fanout(opts: Options) -> Case:
                     case.rows.append({"server": kind.name, "label": kind.label, "n": n, **result})
         except Exception as exc:  # a peer that fails to start is reported, the others still run
             case.rows.append({"server": kind.name, "label": kind.label, "n": 0, "error": str(exc)[:300]})
+    case.seconds = time.monotonic() - started
+    return case
+
+
+PACES = (0.010, 0.002)
+"""Seconds between two messages of the paced case: one every 10 ms and one every 2 ms."""
+WINDOWS_MS = (5, 10)
+"""``websocket.flush_window`` values ours also runs with in the paced case (beside the default, off)."""
+PACED_MAX_MESSAGES = 5000
+PACED_MAX_REPEATS = 3
+
+
+def paced_messages(opts: Options, pace: float) -> int:
+    """Messages in one paced run: ``paced_seconds`` worth, 20 to PACED_MAX_MESSAGES."""
+    return max(20, min(PACED_MAX_MESSAGES, round(opts.paced_seconds / pace)))
+
+
+def _paced_servers(opts: Options, case: Case) -> list[tuple[str, str, str, Any]]:
+    """(row name, label, dialect, start()) for ours (window off, then each window) and the peers."""
+    chosen: list[tuple[str, str, str, Any]] = []
+    kinds = {k.name: k for k in _kinds(opts, ["ours", "websockets", "node-ws"], case)}
+    if "ours" in kinds:
+        ours = kinds["ours"]
+        chosen.append(("ours", ours.label, ours.dialect, lambda: servers.start(ours, opts.workdir)))
+        for ms in WINDOWS_MS:
+            config = {"websocket": {"flush_window": f"{ms}ms"}}
+            chosen.append((f"ours-window-{ms}ms", f"{ours.label}, flush_window {ms}ms", ours.dialect,
+                           lambda config=config: _ours_node(opts.workdir, None, 0, config)))
+    for name in ("websockets", "node-ws"):
+        if name in kinds:
+            kind = kinds[name]
+            chosen.append((name, kind.label, kind.dialect, lambda kind=kind: servers.start(kind, opts.workdir)))
+    return chosen
+
+
+def paced(opts: Options) -> Case:
+    """(1b) One room, N members, one message every 10 ms and every 2 ms: nothing coalesces without a window.
+
+    Ours runs three times: with the default flush (end of the loop turn) and with ``websocket.flush_window``
+    5 ms and 10 ms; the peers are raw ``websockets.broadcast`` and Node ``ws``. Each run is bounded in
+    messages (``paced_messages``) and in time (the loader's deadlines).
+    """
+    case = Case("paced", "Paced WebSocket fan-out")
+    started = time.monotonic()
+    repeats = max(1, min(opts.repeats, PACED_MAX_REPEATS))
+    sizes = [n for n in opts.sizes if n <= 1000] or opts.sizes[:1]  # 10,000 every 2 ms is past any server here
+    for name, label, dialect, start in _paced_servers(opts, case):
+        try:
+            with start() as running:
+                for n in sizes:
+                    for pace in PACES:
+                        m = paced_messages(opts, pace)
+                        extra = {"pace": pace, "pace_mode": "absolute", "bursts": repeats,
+                                 "burst_timeout": m * pace + 60}
+                        result = _fanout_runs(opts, [running], dialect, n, m, extra)
+                        case.rows.append({"server": name, "label": label, "n": n, "pace_ms": pace * 1e3, **result})
+        except Exception as exc:  # a peer that fails to start is reported, the others still run
+            case.rows.append({"server": name, "label": label, "n": 0, "error": str(exc)[:300]})
+    case.notes.append(
+        f"One publisher sends one ~100-byte message every 10 ms and every 2 ms (scheduled on the clock, "
+        f"{opts.paced_seconds:g} s per run), to a room of N members; the window opens at the first message and "
+        "closes when the last member has the last one. Ours also runs with `websocket.flush_window` "
+        f"{' and '.join(f'{ms} ms' for ms in WINDOWS_MS)}: each member's frames then leave at most that late, "
+        "in one write per window instead of one per message (the latency columns show the cost). "
+        f"Median of {repeats} run(s).")
     case.seconds = time.monotonic() - started
     return case
 
@@ -363,5 +431,5 @@ def webtransport(opts: Options) -> Case:
     return case
 
 
-CASES = {"fanout": fanout, "echo": echo, "memory": memory, "capacity": capacity, "sse": sse,
-         "webtransport": webtransport, "mqtt": mqtt}
+CASES = {"fanout": fanout, "paced": paced, "echo": echo, "memory": memory, "capacity": capacity, "sse": sse,
+         "webtransport": webtransport, "mqtt": mqtt, "startup": startup}

@@ -90,6 +90,46 @@ def fanout_section(case: Case) -> list[str]:
     return out
 
 
+def paced_section(case: Case) -> list[str]:
+    """Per N and pace: every server's CPU per delivery, vs ours (window off) and vs raw websockets."""
+    out: list[str] = []
+    cells = sorted({(r["n"], r["pace_ms"]) for r in case.rows if r.get("n") and "pace_ms" in r})
+    for n, pace_ms in cells:
+        rows = [r for r in case.rows if r.get("n") == n and r.get("pace_ms") == pace_ms]
+        base = _ours(rows)
+        peer = _ours(rows, server="websockets")
+        m = next((r.get("messages") for r in rows if r.get("messages")), None)
+        out += [f"**N = {n:,} members, one message every {pace_ms:g} ms** ({_f(m)} messages, "
+                f"{_f((m or 0) * n)} deliveries per run)", ""]
+        table = []
+        for r in rows:
+            if "error" in r:
+                table.append([r["label"], f"error: {r['error'][:120]}"] + [""] * 8)
+                continue
+            cpu = r["server_us_per_delivery"]
+            table.append([r["label"], _f(cpu, 2), _ratio(cpu, _figure(base, "server_us_per_delivery")),
+                          _ratio(cpu, _figure(peer, "server_us_per_delivery")), _f(r["deliveries_per_s"], 0),
+                          _f(r["p50_ms"], 2), _f(r["p99_ms"], 2), f"{r['lost']} / {r['out_of_order']}",
+                          _f(r["client_us_per_delivery"], 2), f"{r.get('runs', 1)}"])
+        out += _table(["server", "server CPU µs/delivery", "CPU vs ours", "CPU vs raw websockets", "deliveries/s",
+                       "p50 ms", "p99 ms", "lost / out of order", "client CPU µs/delivery", "runs"], table)
+        out.append("")
+    return out
+
+
+def paced_ratios(case: Case | None, server: str) -> list[tuple[int, float, float]]:
+    """(N, pace ms, ``server``'s CPU per delivery / raw websockets') for every paced cell both measured."""
+    if case is None:
+        return []
+    out = []
+    for n, pace_ms in sorted({(r["n"], r["pace_ms"]) for r in case.rows if r.get("n") and "pace_ms" in r}):
+        rows = [r for r in case.rows if r.get("n") == n and r.get("pace_ms") == pace_ms]
+        ours, peer = _ours(rows, server=server), _ours(rows, server="websockets")
+        if ours and peer and peer["server_us_per_delivery"]:
+            out.append((n, pace_ms, ours["server_us_per_delivery"] / peer["server_us_per_delivery"]))
+    return out
+
+
 def echo_section(case: Case) -> list[str]:
     base = _ours(case.rows)
     table = []
@@ -151,7 +191,7 @@ def mqtt_section(case: Case) -> list[str]:
                    "lost / out of order"], table) + [""]
 
 
-SECTIONS = {"fanout": fanout_section, "echo": echo_section, "memory": memory_section,
+SECTIONS = {"fanout": fanout_section, "paced": paced_section, "echo": echo_section, "memory": memory_section,
             "capacity": capacity_section, "sse": fanout_section,
             "webtransport": fanout_section, "mqtt": mqtt_section}
 
@@ -179,6 +219,18 @@ def targets(cases: dict[str, Case]) -> list[list[str]]:
     p99 = ours["p99_ms"] / ws["p99_ms"] if ours and ws and n == 1000 else None
     add("p99 latency at N = 1,000 no worse than raw websockets", p99, f"{p99:.2f}x theirs" if p99 else "",
         p99 is not None and p99 <= 1.0, "N = 1,000" if n == 1000 else "N = 1,000 not run")
+
+    paced = cases.get("paced")
+    for server, limit, target in (("ours", 0.8, "Paced fan-out CPU/delivery <= 0.8x raw websockets without a write "
+                                   "window"),
+                                  ("ours-window-10ms", 0.5, "Paced fan-out CPU/delivery <= 0.5x raw websockets with "
+                                   "a 10 ms window (`websocket.flush_window: 10ms`)")):
+        cells = paced_ratios(paced, server)
+        worst = max((r for _, _, r in cells), default=None)
+        text = ", ".join(f"{r:.2f}x" for _, _, r in cells)
+        where = "; ".join(f"N = {n:,} every {p:g} ms" for n, p, _ in cells)
+        add(target, worst, f"{text} (worst {worst:.2f}x)" if worst is not None else "",
+            worst is not None and worst <= limit, f"{where}: every cell must meet it" if cells else "paced case")
 
     sse = cases.get("sse")
     sn = headline_n(sse)

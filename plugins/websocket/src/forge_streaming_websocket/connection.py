@@ -33,6 +33,7 @@ from forge_streaming import (
     Connection,
     ConnectionClosed,
     ConnectionRequest,
+    FlushScheduler,
     Message,
     OutboundFrame,
 )
@@ -146,9 +147,10 @@ class DirectConnection(WebSocketConnection):
 
     def __init__(self, request: ConnectionRequest, streaming: Streaming, receive: Receive, send: Send,
                  scope: dict[str, Any], limits: Limits, subprotocol: str | None,
-                 protocol: ForgeWebSocketProtocol) -> None:
+                 protocol: ForgeWebSocketProtocol, *, scheduler: FlushScheduler | None = None) -> None:
         super().__init__(request, streaming, receive, send, scope, limits, subprotocol)
         self._protocol = protocol
+        self._scheduler = scheduler  # the transport's windowed one (websocket.flush_window), else the kernel's
         self._writer: BufferedWriter | None = None
         self._compressed = False
 
@@ -160,7 +162,8 @@ class DirectConnection(WebSocketConnection):
         self._set_socket_buffers(transport)
         self._compressed = bool(protocol.conn.extensions)
         self._writer = BufferedWriter(transport, limit=self.limits.send_buffer,
-                                      scheduler=self.streaming.flush_scheduler, on_overflow=self._overflow)
+                                      scheduler=self._scheduler or self.streaming.flush_scheduler,
+                                      on_overflow=self._overflow)
         protocol.writer = self._writer
         protocol.connection = self
 

@@ -39,3 +39,8 @@ class WebSocketSettings(ConfigSection):
 
     close_timeout: Duration = 5.0
     """After sending a close frame, how long to wait for the peer before the socket is cut."""
+
+    flush_window: Duration = Field(default=0.0, ge=0.0, le=1.0)
+    """Delay a connection's flush by up to this long after its first pending write, so paced traffic
+    leaves in fewer ``write()`` calls at a latency cost bounded by it; 0 (the default) flushes at the end
+    of the loop iteration. At most 1 s."""

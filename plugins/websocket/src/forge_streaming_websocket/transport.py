@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from forge_streaming import ConnectionRequest, Handler, Transport, origin_allowed
+from forge_streaming import ConnectionRequest, FlushScheduler, Handler, Transport, origin_allowed
 from starlette.routing import BaseRoute, WebSocketRoute
 
 from .connection import DirectConnection, Limits, QueuedConnection, WebSocketConnection, reject
@@ -20,7 +21,8 @@ log = logging.getLogger("forge_streaming.websocket")
 
 Scope = dict[str, Any]
 
-SERVER_APPLIED = ("read_buffer_size", "write_buffer_size", "enable_compression", "ping_interval", "ping_timeout")
+SERVER_APPLIED = ("read_buffer_size", "write_buffer_size", "enable_compression", "ping_interval", "ping_timeout",
+                  "flush_window")
 """Keys of the ``websocket`` section that only the server's WebSocket protocol can apply
 (uvicorn options and this plugin's protocol class, from :meth:`WebSocketTransport.server_options`)."""
 
@@ -43,6 +45,9 @@ class WebSocketTransport(Transport):
             read_buffer_size=s.read_buffer_size,
             write_buffer_size=s.write_buffer_size,
         )
+        self.flush_scheduler: FlushScheduler | None = FlushScheduler(window=s.flush_window) if s.flush_window else None
+        """``websocket.flush_window`` on: one windowed scheduler for every connection of this transport (one
+        timer for all of them); None: the kernel's end-of-iteration ``streaming.flush_scheduler``."""
         self.options_taken = False
         """True once the HTTP server asked for :meth:`server_options` (``forge-streaming serve``, the test
         kit, or ``uvicorn.run(app, **streaming.server_options())``): the keys in SERVER_APPLIED then apply."""
@@ -51,6 +56,10 @@ class WebSocketTransport(Transport):
         return [WebSocketRoute(path, Endpoint(self, handler)) for path, handler in endpoints.items()]
 
     async def start(self) -> None:
+        # The windowed scheduler is bound to the serving loop, like the kernel's own: a timer left pending
+        # on an earlier loop would otherwise leave it "scheduled" for good.
+        if self.settings.flush_window:
+            self.flush_scheduler = FlushScheduler(asyncio.get_running_loop(), window=self.settings.flush_window)
         if self.options_taken:
             return
         # Under a server that did not ask for our options (plain ``uvicorn app:app``) uvicorn's own
@@ -130,7 +139,8 @@ class Endpoint:
         subprotocol = transport.choose_subprotocol(list(scope.get("subprotocols") or ()))
         conn: WebSocketConnection
         if isinstance(protocol, ForgeWebSocketProtocol):
-            conn = DirectConnection(request, streaming, receive, send, scope, transport.limits, subprotocol, protocol)
+            conn = DirectConnection(request, streaming, receive, send, scope, transport.limits, subprotocol, protocol,
+                                    scheduler=transport.flush_scheduler)
         else:
             conn = QueuedConnection(request, streaming, receive, send, scope, transport.limits, subprotocol)
         await streaming.serve_connection(conn, self.handler)
