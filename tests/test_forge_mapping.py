@@ -51,6 +51,7 @@ def code(cell: str) -> str:
 API_ROWS = table("API")
 CONFIG_ROWS = table("Configuration keys")
 FRAME_ROWS = table("Wire frames")
+FLAT_ROWS = table("Forge's flat keys")
 
 
 def test_the_page_has_its_tables() -> None:
@@ -115,6 +116,33 @@ def test_config_row_is_accepted_and_applied(row: list[str]) -> None:
     assert applied == example or isinstance(example, str), f"{key}: {example!r} became {applied!r}"  # 64KiB: 65536
     with pytest.raises(forge_streaming.ConfigError, match=re.escape(key)):
         Streaming(nested(key, {"not": "a value"}))
+
+
+def test_every_forge_key_the_config_knows_has_a_row() -> None:
+    from forge_streaming.config import FORGE_KEYS, FORGE_SWITCHES
+
+    listed = {code(row[0]) for row in FLAT_ROWS}
+    assert set(FORGE_KEYS) | set(FORGE_SWITCHES) | {"backend", "enable_message_history"} <= listed
+
+
+@pytest.mark.parametrize("row", FLAT_ROWS, ids=[code(row[0]) for row in FLAT_ROWS])
+def test_a_forge_flat_key_in_a_forge_file_is_applied_or_refused(row: list[str], tmp_path: Path) -> None:
+    from forge_streaming.config import FORGE_SWITCHES
+
+    forge_key, example = code(row[0]), yaml.safe_load(code(row[2]))
+    config = tmp_path / "forge.yaml"
+    config.write_text(yaml.safe_dump({"extensions": {"streaming": {forge_key: example}}}))
+    streaming = Streaming(str(config))  # accepted at the row's example value
+    if forge_key in FORGE_SWITCHES:
+        holds, _ = FORGE_SWITCHES[forge_key]
+        config.write_text(yaml.safe_dump({"extensions": {"streaming": {forge_key: not holds}}}))
+        with pytest.raises(forge_streaming.ConfigError, match=forge_key):
+            Streaming(str(config))
+        return
+    ours = code(row[1])
+    applied = lookup(streaming.config.effective(), ours)
+    expected = {"backend": "memory", "enable_message_history": 0}.get(forge_key, example)  # local; false
+    assert applied == expected, f"{forge_key}: {example!r} became {ours} = {applied!r}"
 
 
 # -- wire frames ----------------------------------------------------------------------------
