@@ -20,8 +20,8 @@ import httpx
 import pytest
 import uvicorn
 import websockets
-from forge_streaming import Connection, Streaming, hookimpl
-from forge_streaming.testing import free_port, serve
+from forge_streaming import Connection, Streaming
+from forge_streaming.testing import DropRecorder, free_port, serve
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -35,16 +35,9 @@ def only_these(streaming_plugins_only: Any) -> None:
     streaming_plugins_only(*ALLOW)
 
 
-class Drops:
-    def __init__(self) -> None:
-        self.reasons: list[tuple[str, str]] = []
-
-    @hookimpl
-    def streaming_connection_dropped(self, connection: Connection, reason: str) -> None:
-        self.reasons.append((connection.id, reason))
 
 
-def big_service(make_streaming: Any, drops: Drops) -> Streaming:
+def big_service(make_streaming: Any, drops: DropRecorder) -> Streaming:
     streaming: Streaming = make_streaming({"limits": {"max_message_size": "20MiB"}}, plugins=(drops,))
     assert streaming.config.limits.send_buffer == MiB
 
@@ -70,7 +63,7 @@ async def echo_every_size(url: str) -> None:
 
 
 async def test_websocket_echo_of_1_4_16_mib_text_and_binary(make_streaming: Any) -> None:
-    drops = Drops()
+    drops = DropRecorder()
     streaming = big_service(make_streaming, drops)
     async with serve(streaming) as server:
         assert streaming.transports["websocket"].describe()["send_buffer"] == MiB
@@ -98,7 +91,7 @@ async def plain_uvicorn(streaming: Streaming) -> AsyncIterator[str]:
 
 
 async def test_websocket_fallback_echo_of_1_4_16_mib_text_and_binary(make_streaming: Any) -> None:
-    drops = Drops()
+    drops = DropRecorder()
     streaming = big_service(make_streaming, drops)
     async with plain_uvicorn(streaming) as url:
         await echo_every_size(url + "/echo")
@@ -107,7 +100,7 @@ async def test_websocket_fallback_echo_of_1_4_16_mib_text_and_binary(make_stream
 
 
 async def test_room_messages_of_1_4_16_mib_reach_websocket_and_sse_members(make_streaming: Any) -> None:
-    drops = Drops()
+    drops = DropRecorder()
     streaming = big_service(make_streaming, drops)
     async with serve(streaming) as server, \
             websockets.connect(server.ws_url + "/ws", max_size=32 * MiB) as sender, \

@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 import websockets
-from forge_streaming import Connection, Streaming, hookimpl
-from forge_streaming.testing import RunningServer, eventually, serve
+from forge_streaming import Streaming
+from forge_streaming.testing import DropRecorder, RunningServer, eventually, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,13 +42,6 @@ def only_these(streaming_plugins_only: Any) -> None:
 def at_least(items: list[Any], count: int) -> bool:
     return len(items) >= count
 
-class Drops:
-    def __init__(self) -> None:
-        self.reasons: list[tuple[str, str]] = []
-
-    @hookimpl
-    def streaming_connection_dropped(self, connection: Connection, reason: str) -> None:
-        self.reasons.append((connection.id, reason))
 
 
 def small_socket(rcvbuf: int = 16 * 1024) -> socket.socket:
@@ -108,7 +101,7 @@ async def publish_live(streaming: Streaming) -> None:
         await streaming.broadcast("r", {"n": n, "pad": "live"})
 
 
-def make(make_streaming: Any, drops: Drops) -> Streaming:
+def make(make_streaming: Any, drops: DropRecorder) -> Streaming:
     """Default limits (send_buffer 1 MiB); history large enough for the 1.5 MB; a small server-side
     SO_SNDBUF so that the replay cannot all hide in the kernel's socket buffers and a slow reader paces it."""
     streaming: Streaming = make_streaming({"websocket": {"write_buffer_size": "64KiB"},
@@ -118,7 +111,7 @@ def make(make_streaming: Any, drops: Drops) -> Streaming:
 
 
 async def test_websocket_resume_larger_than_send_buffer_is_paced_by_the_reader(make_streaming: Any) -> None:
-    drops = Drops()
+    drops = DropRecorder()
     streaming = make(make_streaming, drops)
     async with room_with_history(streaming) as (server, keeper):
         sock = small_socket()
@@ -192,7 +185,7 @@ class RawSSE:
 
 
 async def test_sse_resume_larger_than_send_buffer_is_paced_by_the_reader(make_streaming: Any) -> None:
-    drops = Drops()
+    drops = DropRecorder()
     streaming = make(make_streaming, drops)
     async with room_with_history(streaming) as (server, keeper):
         stream = await RawSSE.open(server.port, "/sse?rooms=r", {"Last-Event-ID": f"r:{keeper.joined_at}"})
@@ -225,7 +218,7 @@ async def test_sse_resume_larger_than_send_buffer_is_paced_by_the_reader(make_st
 
 
 async def test_longpoll_resume_larger_than_send_buffer_is_paced_by_polls(make_streaming: Any) -> None:
-    drops = Drops()
+    drops = DropRecorder()
     streaming = make(make_streaming, drops)
     async with room_with_history(streaming) as (server, keeper), httpx.AsyncClient(
             base_url=server.url, timeout=10) as http:
@@ -253,7 +246,7 @@ async def test_longpoll_resume_larger_than_send_buffer_is_paced_by_polls(make_st
 async def test_live_traffic_held_for_a_stalled_resume_is_bounded_by_send_buffer(make_streaming: Any) -> None:
     """A resumer that stops reading mid-replay: the live traffic held for it counts against
     ``limits.send_buffer`` (on top of one message), past which it is dropped; the room goes on."""
-    drops = Drops()
+    drops = DropRecorder()
     streaming = make(make_streaming, drops)
     async with room_with_history(streaming) as (server, keeper):
         sock = small_socket(4096)

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 import websockets
-from forge_streaming import Connection, Streaming, hookimpl
-from forge_streaming.testing import eventually, serve
+from forge_streaming import Streaming
+from forge_streaming.testing import DropRecorder, eventually, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,13 +38,6 @@ def only_these(streaming_plugins_only: Any) -> None:
 def at_least(items: list[Any], count: int) -> bool:
     return len(items) >= count
 
-class Drops:
-    def __init__(self) -> None:
-        self.reasons: list[tuple[str, str]] = []
-
-    @hookimpl
-    def streaming_connection_dropped(self, connection: Connection, reason: str) -> None:
-        self.reasons.append((connection.id, reason))
 
 
 def server_side(server_port: int, client_port: int) -> list[tuple[str, int]]:
@@ -67,7 +60,7 @@ def stalled_socket(port: int) -> socket.socket:
     return sock
 
 
-async def flood_until_dropped(streaming: Streaming, drops: Drops, fast: Any, port: int,
+async def flood_until_dropped(streaming: Streaming, drops: DropRecorder, fast: Any, port: int,
                               client_port: int) -> tuple[int, int]:
     """Broadcast to room ``r`` at the fast member's pace until the stalled one is dropped;
     (messages sent, most bytes the server's socket held for the stalled member)."""
@@ -102,7 +95,7 @@ async def flood_until_dropped(streaming: Streaming, drops: Drops, fast: Any, por
 
 
 async def test_websocket_slow_consumer_is_reset_right_after_the_drop(make_streaming: Any) -> None:
-    drops = Drops()
+    drops = DropRecorder()
     streaming: Streaming = make_streaming(plugins=(drops,))
     async with serve(streaming) as server, websockets.connect(server.ws_url + "/ws", max_size=None) as fast:
         await fast.send(json.dumps({"type": "join", "room_id": "r"}))
@@ -127,7 +120,7 @@ async def test_websocket_slow_consumer_is_reset_right_after_the_drop(make_stream
 
 
 async def test_sse_slow_consumer_is_reset_right_after_the_drop(make_streaming: Any) -> None:
-    drops = Drops()
+    drops = DropRecorder()
     streaming: Streaming = make_streaming(plugins=(drops,))
     async with serve(streaming) as server, websockets.connect(server.ws_url + "/ws", max_size=None) as fast:
         await fast.send(json.dumps({"type": "join", "room_id": "r"}))

@@ -34,6 +34,7 @@ from typing import Any
 from .connection import CloseCode, Connection, ConnectionRequest
 from .errors import ConnectionClosed, Refused
 from .frames import Message, OutboundFrame
+from .hookspecs import hookimpl
 from .pubsub import BackendState, Envelope, EnvelopeKind, PubSubBackend
 from .rooms import Member, RoomStore
 from .service import Streaming
@@ -397,6 +398,17 @@ def serve(target: Any, *, host: str = "127.0.0.1", port: int | None = None,
                 task.cancel()
 
     return running()
+
+
+class DropRecorder:
+    """A plugin that records ``streaming_connection_dropped``: ``(connection id, reason)`` in ``reasons``."""
+
+    def __init__(self) -> None:
+        self.reasons: list[tuple[str, str]] = []
+
+    @hookimpl
+    def streaming_connection_dropped(self, connection: Connection, reason: str) -> None:
+        self.reasons.append((connection.id, reason))
 
 
 # -- a connection without a transport, for testing hooks and the kernel ---------------

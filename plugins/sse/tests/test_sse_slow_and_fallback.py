@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 import uvicorn
-from forge_streaming import Connection, hookimpl
-from forge_streaming.testing import free_port, serve
+from forge_streaming.testing import DropRecorder, free_port, serve
 from forge_streaming_sse import Event, SSEConnection
 from httpx_sse import aconnect_sse
 from starlette.types import ASGIApp
@@ -21,18 +20,11 @@ if TYPE_CHECKING:
     from conftest import Kit  # the kit fixture's type (test modules do not import conftest at run time)
 
 
-class Drops:
-    def __init__(self) -> None:
-        self.reasons: list[tuple[str, str]] = []
-
-    @hookimpl
-    def streaming_connection_dropped(self, connection: Connection, reason: str) -> None:
-        self.reasons.append((connection.id, reason))
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "asgi-send"])
 async def test_slow_reader_is_ended_with_a_reason_and_the_room_is_not_slowed(kit: type[Kit], fast_path: bool) -> None:
-    drops = Drops()
+    drops = DropRecorder()
     streaming = kit.make_streaming({"sse": {"send_buffer": "64KiB", "fast_path": fast_path}}, plugins=(drops,))
     async with serve(streaming) as server:
         slow = await kit.RawSSE.open(server.url, "/sse?rooms=r", rcvbuf=4096, limit=4096)

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import websockets
-from forge_streaming import Connection, Streaming, hookimpl
-from forge_streaming.testing import ServerProcess, serve
+from forge_streaming import Streaming
+from forge_streaming.testing import DropRecorder, ServerProcess, serve
 from forge_streaming_webtransport import WebTransportSession
 
 if TYPE_CHECKING:
@@ -42,13 +42,6 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-class Drops:
-    def __init__(self) -> None:
-        self.reasons: list[tuple[str, str]] = []
-
-    @hookimpl
-    def streaming_connection_dropped(self, connection: Connection, reason: str) -> None:
-        self.reasons.append((connection.id, reason))
 
 
 async def test_99_unread_streams_of_1_mb_close_the_session_and_memory_stays_flat(wt: ClientKit,
@@ -125,7 +118,7 @@ async def test_99_unread_streams_of_1_mb_close_the_session_and_memory_stays_flat
 async def test_unread_data_counts_across_streams_datagrams_and_pending_streams(
         make_streaming: Callable[..., Streaming], wt: ClientKit) -> None:
     """A handler that reads nothing: many streams each under the bound still close the session past it."""
-    drops = Drops()
+    drops = DropRecorder()
     streaming = make_streaming({"webtransport": {"read_buffer": "256KiB"}}, plugins=(drops,))
     opened: list[str] = []
 
@@ -151,7 +144,7 @@ async def test_unread_data_counts_across_streams_datagrams_and_pending_streams(
 async def test_reading_handler_is_never_cut_by_the_bound(make_streaming: Callable[..., Streaming],
                                                          wt: ClientKit) -> None:
     """Data that is read does not count: 4 MiB through one stream with a 256 KiB bound."""
-    drops = Drops()
+    drops = DropRecorder()
     streaming = make_streaming({"webtransport": {"read_buffer": "256KiB"}}, plugins=(drops,))
     received: list[int] = []
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from forge_streaming import Connection, Streaming, hookimpl
-from forge_streaming.testing import serve
+from forge_streaming import Streaming
+from forge_streaming.testing import DropRecorder, serve
 from forge_streaming_webtransport import WebTransportSession
 
 if TYPE_CHECKING:
@@ -37,18 +37,11 @@ MiB = 1024 * 1024
 def at_least(items: list[Any], count: int) -> bool:
     return len(items) >= count
 
-class Drops:
-    def __init__(self) -> None:
-        self.reasons: list[tuple[str, str]] = []
-
-    @hookimpl
-    def streaming_connection_dropped(self, connection: Connection, reason: str) -> None:
-        self.reasons.append((connection.id, reason))
 
 
 async def test_resume_larger_than_send_buffer_is_paced_not_cut(make_streaming: Callable[..., Streaming],
                                                                wt: ClientKit) -> None:
-    drops = Drops()
+    drops = DropRecorder()
     streaming = make_streaming({"rooms": {"history_max_bytes": "4MiB"}}, plugins=(drops,))
     assert streaming.config.limits.send_buffer < HISTORY * len(PAD)
     async with serve(streaming) as srv, wt.client(srv.port) as client, wt.client(srv.port) as other:
@@ -87,7 +80,7 @@ async def test_resume_larger_than_send_buffer_is_paced_not_cut(make_streaming: C
 @pytest.mark.parametrize("size", [1 * MiB, 4 * MiB, 16 * MiB], ids=["1MiB", "4MiB", "16MiB"])
 async def test_a_room_message_up_to_max_message_size_does_not_cut_its_receiver(
         make_streaming: Callable[..., Streaming], wt: ClientKit, size: int) -> None:
-    drops = Drops()
+    drops = DropRecorder()
     streaming = make_streaming({"limits": {"max_message_size": "20MiB"}}, plugins=(drops,))
     assert streaming.config.limits.send_buffer == MiB
     async with serve(streaming) as srv, wt.client(srv.port) as client:
@@ -105,7 +98,7 @@ async def test_a_room_message_up_to_max_message_size_does_not_cut_its_receiver(
 
 async def test_handler_writes_up_to_max_message_size_do_not_cut_the_session(
         make_streaming: Callable[..., Streaming], wt: ClientKit) -> None:
-    drops = Drops()
+    drops = DropRecorder()
     streaming = make_streaming({"limits": {"max_message_size": "20MiB"}}, plugins=(drops,))
 
     @streaming.handle_webtransport("/echo")
