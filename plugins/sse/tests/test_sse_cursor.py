@@ -102,3 +102,34 @@ async def test_cursor_follows_joins_and_leaves_and_resumes_exactly(kit: type[Kit
             assert messages(got) == [8] and got[-1].id == f"r:{r8}"
         finally:
             await alice.close()
+
+
+async def test_joins_that_would_overflow_the_resume_id_are_refused_and_the_stream_still_resumes(
+        kit: type[Kit]) -> None:
+    """100 rooms with long names made a 152 KB ``id:`` on every event, which no resume could carry back (issue 16)."""
+    streaming = kit.make_streaming({"limits": {"max_rooms_per_connection": 200}})
+    names = [f"{n:03d}-" + "é" * 120 for n in range(100)]  # percent-encoded: about 750 bytes each
+    async with serve(streaming) as server, httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+        alice, session = await open_member(kit, server)
+        try:
+            for name in names:
+                assert (await post(client, session, {"type": "join", "room_id": name})).status_code == 202
+            refused = await alice.until(lambda e: e.json().get("type") == "error"
+                                        and e.json()["data"]["code"] == "cursor_full")
+            joined = [e for e in refused if kit.is_system(e, "room.joined")]
+            assert 10 < len(joined) < 30, len(joined)  # as many as one Last-Event-ID can carry back
+            seq = await streaming.broadcast(names[0], "after")
+            got = await alice.until(lambda e: kit.is_message(e, "after"))
+            last_id = got[-1].id
+            assert last_id is not None and len(last_id.encode()) <= 16_384
+        finally:
+            await alice.close()
+        await kit.eventually(lambda: not streaming.connections)
+        missed = await streaming.broadcast(names[0], "missed")
+        assert missed is not None and seq is not None
+        again, _ = await open_member(kit, server, "", {"Last-Event-ID": last_id})
+        try:
+            resumed = await again.until(lambda e: kit.is_message(e, "missed"))
+            assert not any(kit.is_system(e, "resume.ignored") for e in resumed)
+        finally:
+            await again.close()

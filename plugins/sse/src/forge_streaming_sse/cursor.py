@@ -27,6 +27,11 @@ def quoted(room: str) -> bytes:
     return quote(room, safe="").encode("ascii")
 
 
+def part_size(room: str) -> int:
+    """The most ``room`` can add to a cursor: its quoted name, ``:``, a sequence and a comma."""
+    return len(quoted(room)) + MAX_SEQUENCE_DIGITS + 2
+
+
 def encode(positions: dict[str, int]) -> bytes:
     return b",".join(quoted(room) + b":%d" % seq for room, seq in positions.items())
 
