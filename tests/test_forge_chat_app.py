@@ -113,14 +113,19 @@ def start(how: str, workdir: Path, broker: int) -> tuple[subprocess.Popen[bytes]
     log = workdir / f"{how}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+    # Every worker must be listening before a QUIC client starts: the kernel spreads a shared UDP port's packets
+    # over the sockets bound to it, and a worker binding mid-handshake would move the client's packets to a worker
+    # that does not know its connection (docs: Ways to run).
+    workers = 2 if how == "workers" else 1
     deadline = time.monotonic() + 30
     while True:
         assert proc.poll() is None, f"{how} exited:\n{log.read_text()}"
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                break
+            up = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
-            pass
+            up = False
+        if up and log.read_text(errors="replace").count("WebTransport on udp") >= workers:  # one line per worker
+            break
         assert time.monotonic() < deadline, f"{how} not ready:\n{log.read_text()}"
         time.sleep(0.1)
     return proc, port, log
