@@ -11,7 +11,16 @@ import asyncio
 from typing import Any
 
 import pytest
-from forge_streaming import CloseCode, Connection, OutboundFrame, Refused, Streaming, UnknownTransport, hookimpl
+from forge_streaming import (
+    CloseCode,
+    Connection,
+    Identity,
+    OutboundFrame,
+    Refused,
+    Streaming,
+    UnknownTransport,
+    hookimpl,
+)
 from forge_streaming.testing import RecordingConnection, open_connection
 
 
@@ -178,3 +187,19 @@ def test_handler_mistakes_are_refused_at_registration(make_streaming: Any) -> No
         streaming.handle_websocket("/y", not_async)  # type: ignore[type-var]  # the mistake under test
     with pytest.raises(UnknownTransport, match="no installed plugin provides the transport 'nope'"):
         streaming.handle("nope", "/x", first)
+
+
+async def test_no_member_may_pose_as_a_device() -> None:
+    """Messages a device publishes on the broker carry ``device:...`` user ids (issue 15): a login cannot claim one."""
+
+    class Impostor:
+        @hookimpl
+        def streaming_authenticate(self) -> Identity:
+            return Identity("device:thermostat")
+
+    streaming = Streaming({}, plugins=[Impostor()])
+    async with streaming.running():
+        conn = RecordingConnection(streaming)
+        await serve(streaming, conn, None)
+        assert conn.refused is not None and conn.refused[:2] == (403, "reserved_user_id")
+        assert not streaming.connections

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forge_streaming")
 
+DEVICE_PREFIX = "device:"
+"""User ids of messages that entered through a backend (a device on the broker); no connection may have one."""
+
 
 def _ip(conn: Connection) -> str:
     return conn.request.client[0] if conn.request.client else ""
@@ -66,6 +69,12 @@ class Admission:
             log.error("streaming_authenticate returned %r, not an Identity or None; refusing the %s connection",
                       result, request.transport)
             raise Refused("internal error", status=500, close_code=CloseCode.INTERNAL_ERROR, code="internal_error")
+        if result is not None and result.user_id.startswith(DEVICE_PREFIX):
+            # messages that entered through the broker carry "device:..." user ids: no member may pose as one
+            log.warning("refusing the %s connection: its identity %r is in the %r namespace, kept for devices",
+                        request.transport, result.user_id[:80], DEVICE_PREFIX)
+            raise Refused(f"user ids starting with {DEVICE_PREFIX!r} are kept for devices", status=403,
+                          code="reserved_user_id")
         return result
 
     def admit(self, conn: Connection) -> None:
