@@ -118,17 +118,31 @@ def start(how: str, workdir: Path, broker: int) -> tuple[subprocess.Popen[bytes]
     # that does not know its connection (docs: Ways to run).
     workers = 2 if how == "workers" else 1
     deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None, f"{how} exited:\n{log.read_text()}"
-        try:
-            up = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            up = False
-        if up and log.read_text(errors="replace").count("WebTransport on udp") >= workers:  # one line per worker
-            break
-        assert time.monotonic() < deadline, f"{how} not ready:\n{log.read_text()}"
-        time.sleep(0.1)
+    try:
+        while True:
+            assert proc.poll() is None, f"{how} exited:\n{log.read_text()}"
+            try:
+                up = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                up = False
+            if up and log.read_text(errors="replace").count("WebTransport on udp") >= workers:  # one line per worker
+                break
+            assert time.monotonic() < deadline, f"{how} not ready:\n{log.read_text()}"
+            time.sleep(0.1)
+    except BaseException:
+        stop(proc)  # a server that did not come up is ended too, by its PID
+        raise
     return proc, port, log
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT (uvicorn drains and stops its workers), then SIGKILL if it does not end in time."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 class WtMember(QuicConnectionProtocol):
@@ -257,9 +271,4 @@ async def test_the_forge_chat_app_runs_with_forge_config_and_every_member_gets_e
                 for reader in readers:
                     reader.cancel()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc)
