@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -218,6 +218,15 @@ class DemoPage:
     def expect_state(self, state: str) -> None:
         expect(self.page.locator("#state")).to_have_attribute("data-state", state, timeout=WAIT)
 
+    def expect_members(self, pages: Sequence[DemoPage]) -> None:
+        """Wait until this page lists every one of ``pages``: only then has its join reached the server.
+
+        State "open" comes before the join, so a message sent to a page that is
+        merely open can arrive before the page is a member, and is not for it.
+        """
+        for other in pages:
+            expect(self.page.locator(f'#users li[data-user="{other.user_id}"]')).to_have_count(1, timeout=WAIT)
+
     def unexpected_errors(self, allow_network: bool = False) -> list[str]:
         return [e for e in self.errors if not (allow_network and NETWORK_ERRORS.search(e))]
 
@@ -277,9 +286,8 @@ def test_websocket_and_sse_pages_see_each_other(servers: list[Server], tmp_path:
         demo.expect_state("open")
         expect(demo.page.locator("#transport")).to_have_attribute("data-transport", badge, timeout=WAIT)
     # presence: each sees the other (and itself) in "Here now"
-    for demo, other in ((alice, bob), (bob, alice)):
-        expect(demo.page.locator(f'#users li[data-user="{other.user_id}"]')).to_have_count(1, timeout=WAIT)
-        expect(demo.page.locator(f'#users li[data-user="{demo.user_id}"]')).to_have_count(1, timeout=WAIT)
+    for demo in (alice, bob):
+        demo.expect_members((alice, bob))
 
     alice.send("hello from the WebSocket page")
     bob.expect_message("hello from the WebSocket page", alice.user_id)
@@ -367,6 +375,7 @@ def test_auto_falls_back_to_what_the_server_offers(servers: list[Server], tmp_pa
     for demo in (first, second):
         demo.expect_state("open")
         expect(demo.page.locator("#transport")).to_have_attribute("data-transport", expected, timeout=WAIT)
+        demo.expect_members((first, second))
     first.send(f"over {expected}")
     second.expect_message(f"over {expected}", first.user_id)
     for demo in (first, second):
@@ -385,6 +394,7 @@ def test_short_disconnect_replays_missed_messages(servers: list[Server], proxies
     flaky = open_page(proxy.url, name="flaky", room=room, transport=transport)
     for demo in (steady, flaky):
         demo.expect_state("open")
+        demo.expect_members((steady, flaky))
     steady.send("before the blip")
     flaky.expect_message("before the blip")
 
