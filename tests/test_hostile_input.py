@@ -99,7 +99,7 @@ def test_json_a_browser_cannot_parse_is_refused_at_parse(data: str) -> None:
 def test_json_at_the_edges_is_accepted_and_re_encodes(data: str, value: Any) -> None:
     frame = parse_client_frame(message(data), max_size=1 << 20)
     assert frame.data == value
-    assert json.loads(encode(message_frame(room_id="r", user_id="u", data=frame.data, sequence=1)))["data"] == value
+    assert json.loads(encode(message_frame(room_id="r", user_id="u", data=frame.data)))["data"] == value
 
 
 def test_the_depth_limit_is_a_parameter() -> None:
@@ -127,7 +127,7 @@ def test_what_the_parser_accepts_always_re_encodes(value: Any, wrap: int) -> Non
     except ProtocolError as exc:
         assert exc.code == "invalid_json"
         return
-    payload = encode(message_frame(room_id="r", user_id="u", data=frame.data, sequence=1))
+    payload = encode(message_frame(room_id="r", user_id="u", data=frame.data))
     assert json.loads(payload)["room_id"] == "r"
 
 

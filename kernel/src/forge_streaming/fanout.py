@@ -1,24 +1,33 @@
 """Publishing and fan-out: a message goes to the backend once, comes back once per node.
 
-Hot path. A room message is encoded once per publish; each node hands the
-shared frame to its local members with one ``deliver`` call each. A member
-whose ``deliver`` raises is dropped (reason ``delivery failed``); the
-sender and the rest of the room carry on.
+Hot path. A room message is encoded once per publish, without its
+position; the backend (the engine) sets the position, and each node adds
+it to the frame once (:func:`frames.with_sequence`) and hands the shared
+frame to its local members with one ``deliver`` call each. A member whose
+``deliver`` raises is dropped (reason ``delivery failed``); the sender and
+the rest of the room carry on.
+
+A publisher that wants the position back (``Streaming.publish``, the HTTP
+API) waits for its own message to return from the engine: the envelope
+carries the message's id, and this node listens to the room meanwhile.
+The room protocol does not wait: a member's next message need not wait
+for the engine to number this one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import frames
 from .connection import CloseCode, Connection
 from .frames import BINARY_TYPES, Message, OutboundFrame
-from .history import RoomHistory, Sequencer
+from .history import RoomHistory
 from .pubsub import Envelope, EnvelopeKind
 
 if TYPE_CHECKING:
@@ -27,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("forge_streaming")
 
 DELIVERY_FAILED = "delivery failed"
+POSITION_TIMEOUT = 10.0
+"""Seconds a publisher waits for the engine to give its message a position (an MQTT sequencer failing over)."""
 
 
 @dataclass(slots=True)
@@ -43,12 +54,14 @@ class FanOut:
     """Publish to the backend; deliver what the backend hands back to local members."""
 
     def __init__(self, streaming: Streaming, local: dict[str, dict[str, Connection]], history: RoomHistory,
-                 counters: Counter[str]) -> None:
+                 counters: Counter[str], listen: Callable[[str], Awaitable[None]]) -> None:
         self._s = streaming
         self._local = local
         self._history = history
         self._counters = counters
-        self._sequencer = Sequencer()
+        self._listen = listen  # makes this node listen to a room for a while (Membership.listen)
+        self._receipts: dict[str, asyncio.Future[int]] = {}  # message id -> its position, once it is back
+        self._unnumbered_warned = False
         hook = streaming.plugins.hook
         self._deliver_hook = hook.streaming_delivered
         self._has_deliver_hook = bool(self._deliver_hook.get_hookimpls())
@@ -56,13 +69,15 @@ class FanOut:
         self._has_published_hook = bool(self._published_hook.get_hookimpls())
 
     async def publish(self, room: str, data: Any, *, sender: Connection | None = None,
-                      user_id: str | None = None) -> int | None:
-        """Publish a message to ``room`` on every node; return its sequence, None if a hook dropped it.
+                      user_id: str | None = None, wait: bool = True) -> int | None:
+        """Publish a message to ``room`` on every node; return its position, None if a hook dropped it.
 
         ``data`` is any JSON value, or ``bytes`` (also ``bytearray``, ``memoryview``) for a binary
         room message; a :class:`~forge_streaming.frames.Message` is published as its ``data``.
         Raises :class:`~forge_streaming.frames.InvalidInput` (a ``ValueError``) for an invalid room
-        id, or data a browser could not parse (``NaN``, infinities, lone surrogates).
+        id, or data a browser could not parse (``NaN``, infinities, lone surrogates), and
+        ``TimeoutError`` when the engine gave no position within :data:`POSITION_TIMEOUT`.
+        With ``wait=False`` it returns None once the message is handed to the backend.
         """
         room = frames.validate_room_id(room)
         s = self._s
@@ -73,25 +88,40 @@ class FanOut:
         for result in await s.plugins.acall("streaming_before_publish", message=message):
             if result is False:
                 return None
-        sequence = self._sequencer.next(room)
         data = message.data
         binary = isinstance(data, BINARY_TYPES)
+        message_id = frames.new_message_id()
         try:
             if binary:  # the header, a newline, the bytes: encoded once here, like text
-                header = frames.message_frame(room_id=room, user_id=message.user_id, data=None, sequence=sequence)
+                header = frames.message_frame(room_id=room, user_id=message.user_id, data=None, message_id=message_id)
                 del header["data"]
                 header["binary"] = True
                 payload = frames.binary_frame(header, data)
             else:
                 payload = frames.encode(frames.message_frame(
-                    room_id=room, user_id=message.user_id, data=data, sequence=sequence))
+                    room_id=room, user_id=message.user_id, data=data, message_id=message_id))
         except (ValueError, RecursionError) as exc:  # from an application or a hook: client data was checked
             raise frames.InvalidInput("invalid_json", f"message data is not JSON a browser can parse: {exc}") from None
-        await self.publish_envelope(Envelope(room=room, payload=payload, kind=EnvelopeKind.MESSAGE,
-                                             sequence=sequence, sender=sender.id if sender else None,
-                                             node=s.node_id, binary=binary))
-        self._counters["published"] += 1
-        return sequence
+        envelope = Envelope(room=room, payload=payload, kind=EnvelopeKind.MESSAGE, sender=sender.id if sender else None,
+                            node=s.node_id, binary=binary, id=message_id if wait else None)
+        if not wait:
+            await self.publish_envelope(envelope)
+            self._counters["published"] += 1
+            return None
+        await self._listen(room)  # its position comes with the message, which this node must hear
+        receipt: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._receipts[message_id] = receipt
+        try:
+            await self.publish_envelope(envelope)
+            self._counters["published"] += 1
+            if not receipt.done():  # the memory backend has numbered and delivered it already
+                await asyncio.wait_for(asyncio.shield(receipt), POSITION_TIMEOUT)
+            return receipt.result()
+        except TimeoutError:
+            raise TimeoutError(f"room {room!r}: the pub/sub backend {s.backend.name!r} gave the message no position "
+                               f"within {POSITION_TIMEOUT:.0f} s; it may still be delivered") from None
+        finally:
+            self._receipts.pop(message_id, None)
 
     async def publish_envelope(self, envelope: Envelope) -> None:
         """Hand ``envelope`` to the backend, timing it for ``streaming_published`` when a plugin listens."""
@@ -117,9 +147,19 @@ class FanOut:
     def on_envelope(self, envelope: Envelope) -> None:
         """Fan one envelope out to this node's members of its room."""
         room = envelope.room
-        if envelope.sequence is not None:
-            self._sequencer.observe(room, envelope.sequence)
+        sequence = envelope.sequence
+        if sequence is not None:  # a room message numbered by the engine: its position goes into the frame
+            envelope = replace(envelope, payload=frames.with_sequence(envelope.payload, sequence,
+                                                                      binary=envelope.binary))
             self._history.record(envelope)
+            if envelope.id is not None and self._receipts:
+                receipt = self._receipts.get(envelope.id)
+                if receipt is not None and not receipt.done():
+                    receipt.set_result(sequence)
+        elif envelope.kind is EnvelopeKind.MESSAGE and not self._unnumbered_warned:
+            self._unnumbered_warned = True
+            log.error("pub/sub backend %r handed back a room message without a position: it breaks the backend "
+                      "contract (pubsub.py); members get it, but it cannot be resumed from", self._s.backend.name)
         members = self._local.get(room)
         delivered = 0
         if members:
@@ -156,8 +196,9 @@ class FanOut:
         local = self._local
         affected = local.items() if rooms is None else [(r, local[r]) for r in rooms if r in local]
         for room, members in affected:
+            latest = history.latest(room)  # the gap is after the last message this node heard
             payload = frames.encode(frames.system_frame("resync", {
-                "room_id": room, "reason": reason, "sequence": history.latest(room)}))
+                "room_id": room, "reason": reason, "since": latest, "sequence": latest}))
             frame = OutboundFrame(payload=payload, room=room)
             for conn in list(members.values()):
                 try:

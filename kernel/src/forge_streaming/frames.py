@@ -258,9 +258,8 @@ def now_iso() -> str:
     return f"{_second[1]}.{millis:03d}Z"
 
 
-def message_frame(
-    *, room_id: str, user_id: str, data: Any, sequence: int, message_id: str | None = None
-) -> dict[str, Any]:
+def message_frame(*, room_id: str, user_id: str, data: Any, message_id: str | None = None) -> dict[str, Any]:
+    """A room message as published: without its position, which the engine sets (see :func:`with_sequence`)."""
     return {
         "type": "message",
         "id": message_id or new_message_id(),
@@ -268,8 +267,21 @@ def message_frame(
         "user_id": user_id,
         "data": data,
         "timestamp": now_iso(),
-        "sequence": sequence,
     }
+
+
+def with_sequence(payload: bytes, sequence: int, *, binary: bool = False) -> bytes:
+    """``payload`` (an encoded room message, text or binary) with ``"sequence": sequence`` as its last field.
+
+    A message is encoded once by its publishing node, before the engine gives
+    it a position; each node adds the position here, once per message and
+    node. A text frame ends with ``}``; a binary frame's JSON header ends
+    just before its first ``\n`` byte.
+    """
+    if not binary:
+        return b'%b,"sequence":%d}' % (payload[:-1], sequence)
+    end = payload.index(SEPARATOR)
+    return b'%b,"sequence":%d}%b' % (payload[:end - 1], sequence, payload[end:])
 
 
 def presence_frame(kind: str, *, room_id: str, user_id: str, **extra: Any) -> dict[str, Any]:

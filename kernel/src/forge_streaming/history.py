@@ -1,52 +1,36 @@
-"""Per-room history with monotonic sequences, to resume after a reconnect.
+"""Per-room history, to resume after a reconnect from a position.
 
-Sequences are microsecond timestamps forced to increase per room
-(``max(last + 1, now)``), so they stay monotonic across a server restart
-and are comparable between nodes of a cluster, without coordination.
-Each room keeps its last ``size`` messages, within ``max_bytes`` of
-encoded frames, and a *floor*: the newest sequence this node can no longer
-vouch for (evicted, or before it started listening to the room). All rooms
+Positions are set by the engine (the pub/sub backend), never here: unique
+in their room, the same on every node, increasing in delivery order, not
+necessarily consecutive. Each room keeps its last ``size`` messages, within
+``max_bytes`` of encoded frames, and a *floor*: the newest position this
+node can no longer vouch for. A node vouches only for what it heard while
+listening: when it starts (or starts again) listening to a room, or hears
+that it may have missed something, the floor is unknown until the next
+message arrives, and then sits just below that message's position (anything
+before it was published before this node was listening). All rooms
 together keep at most ``total_bytes``; past it the least recently active
-rooms lose their oldest messages first. A resume from below the floor is
-answered with ``None`` (the caller sends ``resync``), never with a silent
-hole. The kernel forgets a room's log once it stops listening to the room
-(``rooms.history_linger`` after its last local member left).
+rooms lose their oldest messages first. A resume from below the floor, or
+while the floor is unknown, is answered with ``None`` (the caller asks the
+cluster, or sends ``resync``), never with a silent hole. The kernel forgets
+a room's log once it stops listening to the room (``rooms.history_linger``
+after its last local member left).
 """
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict, deque
 from collections.abc import Collection
 
 from .pubsub import Envelope
 
 
-class Sequencer:
-    """Issues per-room sequences that only go up."""
-
-    __slots__ = ("_last",)
-
-    def __init__(self) -> None:
-        self._last: dict[str, int] = {}
-
-    def next(self, room: str) -> int:
-        seq = max(self._last.get(room, 0) + 1, time.time_ns() // 1000)
-        self._last[room] = seq
-        return seq
-
-    def observe(self, room: str, sequence: int) -> None:
-        """Keep issuing above a sequence seen from another node."""
-        if sequence > self._last.get(room, 0):
-            self._last[room] = sequence
-
-
 class _RoomLog:
     __slots__ = ("entries", "floor", "bytes")
 
-    def __init__(self, floor: int) -> None:
+    def __init__(self) -> None:
         self.entries: deque[Envelope] = deque()
-        self.floor = floor
+        self.floor: int | None = None  # None: vouch from just below the next message heard
         self.bytes = 0  # payload bytes of ``entries``
 
 
@@ -79,7 +63,7 @@ class RoomHistory:
     def _log(self, room: str) -> _RoomLog:
         log = self._logs.get(room)
         if log is None:
-            log = _RoomLog(floor=time.time_ns() // 1000 - 1)
+            log = _RoomLog()
             self._logs[room] = log
             if len(self._logs) > self.max_rooms:
                 self._bytes -= self._logs.popitem(last=False)[1].bytes
@@ -92,7 +76,8 @@ class RoomHistory:
         size = len(envelope.payload)
         log.bytes -= size
         self._bytes -= size
-        log.floor = max(log.floor, envelope.sequence or log.floor)
+        if envelope.sequence is not None and (log.floor is None or envelope.sequence > log.floor):
+            log.floor = envelope.sequence
 
     def _within_total(self) -> None:
         """Evict the least recently active rooms' oldest messages until all rooms fit ``total_bytes``."""
@@ -109,15 +94,16 @@ class RoomHistory:
             self._bytes -= log.bytes
 
     def track(self, room: str) -> None:
-        """Start vouching for ``room`` from now on (this node began listening)."""
-        log = self._log(room)
+        """Start vouching for ``room`` from the next message heard (this node began listening)."""
         # listening again after a pause: what was published meanwhile never reached this node
-        log.floor = max(log.floor, time.time_ns() // 1000 - 1)
+        self._log(room).floor = None
 
     def record(self, envelope: Envelope) -> None:
         if envelope.sequence is None or self.size == 0:
             return
         log = self._log(envelope.room)
+        if log.floor is None:  # the first message heard since listening (again): vouch from just below it
+            log.floor = envelope.sequence - 1
         size = len(envelope.payload)
         if size > self.max_bytes:  # cannot be kept: a resume from before it is a resync
             while log.entries:
@@ -135,7 +121,7 @@ class RoomHistory:
     def since(self, room: str, sequence: int) -> list[Envelope] | None:
         """Messages after ``sequence`` in order, or None when some may be missing."""
         log = self._logs.get(room)
-        if log is None or sequence < log.floor:
+        if log is None or log.floor is None or sequence < log.floor:
             return None
         return [e for e in log.entries if e.sequence is not None and e.sequence > sequence]
 
@@ -145,28 +131,23 @@ class RoomHistory:
             return None
         return log.entries[-1].sequence
 
-    def position(self, room: str) -> int:
-        """Where a member joining now stands: resuming from here replays only what comes next."""
-        return max(self.latest(room) or 0, time.time_ns() // 1000 - 1)
-
     def gap(self, rooms: Collection[str] | None = None) -> None:
-        """Messages of ``rooms`` (None: of every room) may have been lost just now: vouch only from here on."""
-        floor = time.time_ns() // 1000
+        """Messages of ``rooms`` (None: of every room) may have been lost just now: vouch only from the next one."""
         logs = self._logs.values() if rooms is None else [self._logs[r] for r in rooms if r in self._logs]
         for log in logs:
-            log.floor = max(log.floor, floor)
+            log.floor = None
 
     def merge(self, room: str, since: int, envelopes: list[Envelope]) -> None:
-        """Add messages another node vouched for (everything after ``since``), in sequence order.
+        """Add messages another node vouched for (everything after ``since``), in position order.
 
-        Duplicates of what this node heard itself are dropped; the floor goes
-        down to ``since`` unless the log had to evict some of them again.
+        What this node heard itself is kept (a position names one message);
+        the floor goes down to ``since`` unless the log had to evict some of them again.
         """
         log = self._log(room)
-        merged = {(e.sequence, e.payload): e for e in log.entries}
+        merged = {e.sequence: e for e in log.entries}
         for envelope in envelopes:
             if envelope.sequence is not None and envelope.sequence > since:
-                merged.setdefault((envelope.sequence, envelope.payload), envelope)
+                merged.setdefault(envelope.sequence, envelope)
         ordered = sorted(merged.values(), key=lambda e: e.sequence or 0)
         kept, kept_bytes = 0, 0
         for envelope in reversed(ordered):  # the newest that fit both bounds
@@ -179,7 +160,7 @@ class RoomHistory:
         log.entries.extend(ordered[len(ordered) - kept:])
         self._bytes += kept_bytes - log.bytes
         log.bytes = kept_bytes
-        log.floor = min(log.floor, since)
+        log.floor = since if log.floor is None else min(log.floor, since)
         if evicted:
             log.floor = max(log.floor, evicted[-1].sequence or 0)
         if self._bytes > self.total_bytes:

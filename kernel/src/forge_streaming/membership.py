@@ -10,8 +10,10 @@ each message the kernel awaits :meth:`Connection.drained`, so at most about
 it runs, the member's place in its room's table is held by a
 :class:`_ReplayGate`, which keeps the room's live frames (within
 ``limits.send_buffer`` on top of one message) until the replay is out: the
-member gets the replay, then the live frames, in order and once. The fan-out
-sees one more object with a ``deliver`` method; its hot path is unchanged.
+member gets the replay, then the live frames, in order and once: a live
+frame at or below the last position replayed is not sent again (positions
+name one message each and only go up). The fan-out sees one more object
+with a ``deliver`` method; its hot path is unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 from . import frames
@@ -129,10 +132,7 @@ class Membership:
         lingering = self._lingering.pop(room, None)
         if lingering is not None:
             lingering.cancel()
-        if room not in self._subscribed:
-            self._subscribed.add(room)
-            self.history.track(room)
-            await s.backend.subscribe(room)
+        await self._subscribe(room)
         if conn.state is not ConnectionState.OPEN:
             if room not in self.local:
                 self._linger(room)
@@ -148,7 +148,7 @@ class Membership:
             first_of_user = sum(m.user_id == conn.user_id for m in present) <= 1
             conn.send_frame(frames.system_frame("room.joined", {
                 "room_id": room, "user_id": conn.user_id, "users": users,
-                "sequence": self.history.position(room)}))
+                "sequence": await self._position(room)}))
             if gate is not None and since is not None:
                 await self._replay(conn, room, since, gate)
         finally:
@@ -179,6 +179,32 @@ class Membership:
         finally:
             self._ungate(conn, room, gate)
 
+    async def listen(self, room: str) -> None:
+        """Listen to ``room`` for at least ``rooms.history_linger`` (a publisher waits for its message there)."""
+        if room in self._subscribed:
+            return
+        await self._subscribe(room)
+        if room not in self.local and room not in self._lingering:
+            self._linger(room)
+
+    async def _subscribe(self, room: str) -> None:
+        if room not in self._subscribed:
+            self._subscribed.add(room)
+            self.history.track(room)
+            await self._s.backend.subscribe(room)
+
+    async def _position(self, room: str) -> int:
+        """Where a member joining now stands: resuming from here replays only what comes next.
+
+        The latest message this node heard; if none since it listens, where
+        the engine says the room stands (0 when it cannot tell: a resume from
+        there asks the cluster, or gets ``resync``).
+        """
+        latest = self.history.latest(room)
+        if latest is not None:
+            return latest
+        return await self._s.backend.position(room) or 0
+
     def _gate(self, conn: Connection) -> _ReplayGate:
         return _ReplayGate(conn, self._s.config.limits.send_buffer)
 
@@ -191,10 +217,15 @@ class Membership:
         """
         history = self.history
         missed = history.since(room, since)
+        if missed is None and history.latest(room) is None:  # heard nothing since listening: does the engine know?
+            if since == await self._s.backend.position(room):
+                missed = []  # the engine's latest: nothing was published after ``since``
         if missed is None:
             fetched = await self._s.backend.fetch_history(room, since)
-            if fetched is not None:
-                history.merge(room, since, fetched)
+            if fetched is not None:  # as published: the position goes into each frame here, as for live ones
+                history.merge(room, since, [
+                    replace(e, payload=frames.with_sequence(e.payload, e.sequence, binary=e.binary))
+                    for e in fetched if e.sequence is not None])
                 missed = history.since(room, since)
         if missed is None:
             conn.send_frame(frames.system_frame("resync", {
@@ -203,25 +234,24 @@ class Membership:
             missed = [e for e in history.recent(room) if e.sequence is not None and e.sequence > since]
         below = min(REPLAY_LOW_WATER, max(1, self._s.config.limits.send_buffer // 4))
         frames_out = (OutboundFrame(payload=e.payload, binary=e.binary, room=room, sequence=e.sequence) for e in missed)
-        if not await self._paced(conn, gate, frames_out, below):
-            return
-        replayed: set[bytes] | None = None
-        while gate.held:  # live frames that came during the replay (and during this loop)
-            if replayed is None:  # those heard while the replay was gathered are in it already
-                replayed = {e.payload for e in missed}
-            fresh = [f for f in gate.take() if f.sequence is None or f.payload not in replayed]
-            if not await self._paced(conn, gate, fresh, below):
-                return
+        last = await self._paced(conn, gate, frames_out, below, since)
+        while last is not None and gate.held:  # live frames that came during the replay (and during this loop)
+            # those heard while the replay was gathered are in it already: a position is sent once
+            fresh = [f for f in gate.take() if f.sequence is None or f.sequence > last]
+            last = await self._paced(conn, gate, fresh, below, last)
 
     @staticmethod
-    async def _paced(conn: Connection, gate: _ReplayGate, out: Iterable[OutboundFrame], below: int) -> bool:
-        """Deliver ``out`` as the client takes it; False once the member is gone (ended, left, dropped)."""
+    async def _paced(conn: Connection, gate: _ReplayGate, out: Iterable[OutboundFrame], below: int,
+                     last: int) -> int | None:
+        """Deliver ``out`` as the client takes it; the last position sent, None once the member is gone."""
         for frame in out:
             await conn.drained(below)
             if gate.closed or conn.is_ended:
-                return False
+                return None
             conn.deliver(frame)
-        return True
+            if frame.sequence is not None:
+                last = frame.sequence
+        return last
 
     def _ungate(self, conn: Connection, room: str, gate: _ReplayGate) -> None:
         """Put the member itself back in its room's table, with anything the gate still holds."""

@@ -1,10 +1,30 @@
-"""The pub/sub backend contract: how room traffic crosses nodes.
+"""The pub/sub backend contract: how room traffic crosses nodes, and who sets a room's order.
 
 The kernel publishes each room message once, as an :class:`Envelope` whose
-payload is already the encoded frame members receive; the backend carries
-it to every node (itself included) whose kernel subscribed to the room, and
-hands it back through :meth:`BackendListener.on_envelope`. The memory
-backend does that in process; the MQTT backend through a broker.
+payload is already the encoded frame members receive, but for its
+position; the backend carries it to every node (itself included) whose
+kernel subscribed to the room, and hands it back through
+:meth:`BackendListener.on_envelope`. The memory backend does that in
+process; the MQTT backend through a broker.
+
+**The backend (the engine) sets each room message's position**, never the
+kernel and never a clock: a ``MESSAGE`` envelope reaches :meth:`PubSubBackend.publish`
+with ``sequence=None`` and must come back to every node with ``sequence``
+set, and that position is
+
+- unique in its room, the same on every node;
+- strictly increasing in the order every node hands the room's messages back;
+- never given again to another message of the room, even after the engine
+  restarts (start a new run above the old one, e.g. from the clock's
+  microseconds, and count up from there).
+
+Positions need not be consecutive. The payload never holds the position:
+the kernel adds ``"sequence"`` to the frame on each node
+(:func:`~forge_streaming.frames.with_sequence`), so a backend stores and
+returns payloads exactly as published. ``NOTICE`` envelopes (presence,
+typing) have no position and are live only. When a backend cannot carry
+some messages (an outage, a hole it detected), it says so through
+:meth:`BackendListener.on_resync`; members are never left with a silent gap.
 """
 
 from __future__ import annotations
@@ -26,8 +46,13 @@ class Envelope:
     """One room frame on its way to every node.
 
     ``payload`` is the UTF-8 JSON frame members receive, encoded once by the
-    publishing node. ``sender`` is the publishing connection's id, skipped
-    at delivery so that ``broadcast_to_room`` reaches only the others.
+    publishing node, without its position; ``sequence`` is the position the
+    engine gave it (None on the way in, and for notices). ``sender`` is the
+    publishing connection's id, skipped at delivery so that
+    ``broadcast_to_room`` reaches only the others. ``id`` is set (the
+    message's id) only when the publisher waits to learn the position: a
+    backend must hand it back with the envelope, so the publishing node can
+    tell its own message when it returns.
     ``binary`` marks a binary room message: ``payload`` is then a JSON
     header, a ``\\n`` byte and the raw bytes (README, "The room protocol"),
     sent as a binary frame. A backend that crosses nodes must carry this
@@ -42,6 +67,7 @@ class Envelope:
     sender: str | None = None
     node: str = ""
     binary: bool = False
+    id: str | None = None
 
 
 class BackendState(str, enum.Enum):
@@ -73,11 +99,11 @@ class BackendListener(Protocol):
         (e.g. a broker that dropped messages for a slow subscriber) only that room.
         """
 
-    async def ingest(self, room: str, data: Any, *, user_id: str) -> int | None:
+    async def ingest(self, room: str, data: Any, *, user_id: str) -> None:
         """Publish a message that entered through the backend itself (a device on the broker).
 
-        It goes through the same hooks as any other publish; returns its
-        sequence, or None when a hook dropped it.
+        It goes through the same hooks as any other publish, and does not wait
+        for its position (the next device message need not wait for this one's).
         """
 
 
@@ -96,7 +122,11 @@ class PubSubBackend(ABC):
 
     @abstractmethod
     async def publish(self, envelope: Envelope) -> None:
-        """Send to every node subscribed to ``envelope.room`` (this one included)."""
+        """Send to every node subscribed to ``envelope.room`` (this one included).
+
+        A ``MESSAGE`` envelope comes in without a position; the backend gives
+        it one (see the module's docstring) before any node receives it.
+        """
 
     @abstractmethod
     async def subscribe(self, room: str) -> None:
@@ -110,9 +140,22 @@ class PubSubBackend(ABC):
         return BackendHealth(BackendState.UP)
 
     async def fetch_history(self, room: str, since: int) -> list[Envelope] | None:
-        """Messages of ``room`` after ``since`` held elsewhere in the cluster.
+        """Messages of ``room`` after position ``since``, in order, held elsewhere in the cluster or the engine.
 
         Called when this node's own history cannot answer a resume. ``None``
         means the backend cannot tell either (the client gets ``resync``).
+        """
+        return None
+
+    async def position(self, room: str) -> int | None:
+        """Where ``room`` stands in the engine now: its latest message's position; None if unknown.
+
+        A room with no message yet stands at a position below any it will get
+        and never given in an earlier run of the engine (the memory backend:
+        the clock when it started), so that a cursor from before a restart
+        is never taken for "up to date". Asked only when this node has heard
+        nothing in the room since it started listening: a member joining then
+        is told where it stands, and a member resuming from exactly there gets
+        no needless ``resync``.
         """
         return None

@@ -90,7 +90,7 @@ class RoomProtocol:
             raise ProtocolError("not_member", f"join room {room!r} before sending to it")
         elif frame.type == "message":
             self._counters[f"messages_in.{conn.transport}"] += 1
-            await self._fanout.publish(room, frame.data, sender=conn)
+            await self._fanout.publish(room, frame.data, sender=conn, wait=False)
         elif frame.type == "typing":
             await self._fanout.notify(room, frames.presence_frame("typing", room_id=room, user_id=conn.user_id,
                                                                   data=bool(frame.data)), sender=conn)

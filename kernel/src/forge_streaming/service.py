@@ -170,7 +170,7 @@ class Streaming:
         self._admission = Admission(self, self.plugins, self.config.limits)
         self._membership = Membership(self, self._history)
         self._lifecycle = Lifecycle(self, self._admission, self._membership)
-        self._fanout = FanOut(self, self._membership.local, self._history, self._counters)
+        self._fanout = FanOut(self, self._membership.local, self._history, self._counters, self._membership.listen)
         self._room_protocol = RoomProtocol(self, self._membership, self._fanout, self._counters)
         # Bound straight to the part that does the work: the backend calls these once per message, and a
         # connection's task waits in serve_connection for its whole life (no facade frame kept per connection).
@@ -472,7 +472,12 @@ class Streaming:
 
     async def publish(self, room: str, data: Any, *, sender: Connection | None = None,
                       user_id: str | None = None) -> int | None:
-        """Publish a message to ``room`` on every node; return its sequence, None if a hook dropped it."""
+        """Publish a message to ``room`` on every node; return its position, None if a hook dropped it.
+
+        The position is the engine's (the pub/sub backend's): with a backend that
+        numbers messages remotely (MQTT's sequencer) this waits for the message to
+        come back numbered, a broker round trip or two.
+        """
         return await self._fanout.publish(room, data, sender=sender, user_id=user_id)
 
     async def broadcast(self, room: str, message: Any) -> int | None:
@@ -501,9 +506,9 @@ class Streaming:
         """The room store saw members of another node vanish or come back (a node died, or returned)."""
         self._background(self._membership.members_changed(room, joined, left))
 
-    async def ingest(self, room: str, data: Any, *, user_id: str) -> int | None:
-        """Publish a message that came from outside (a device on the broker), as ``user_id``."""
-        return await self._fanout.publish(room, data, user_id=user_id)
+    async def ingest(self, room: str, data: Any, *, user_id: str) -> None:
+        """Publish a message that came from outside (a device on the broker), as ``user_id``, without waiting."""
+        await self._fanout.publish(room, data, user_id=user_id, wait=False)
 
     def health(self) -> BackendHealth:
         """The backend's health, degraded by the room store's when that is not up."""

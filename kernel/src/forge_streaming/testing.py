@@ -85,10 +85,9 @@ class RecordingListener:
         self.envelopes.append(envelope)
         self._changed.set()
 
-    async def ingest(self, room: str, data: Any, *, user_id: str) -> int | None:
+    async def ingest(self, room: str, data: Any, *, user_id: str) -> None:
         self.ingested.append((room, data, user_id))
         self._changed.set()
-        return None
 
     def on_resync(self, reason: str, rooms: Collection[str] | None = None) -> None:
         self.resyncs.append(reason)
@@ -128,8 +127,19 @@ class PubSubBackendContract:
 
     @staticmethod
     def _envelope(room: str, n: int, *, sender: str | None = None, node: str = "n1") -> Envelope:
-        return Envelope(room=room, payload=f'{{"n":{n}}}'.encode(), kind=EnvelopeKind.MESSAGE,
-                        sequence=1_000 + n, sender=sender, node=node)
+        """A room message as the kernel publishes it: no position yet (the backend sets it)."""
+        return Envelope(room=room, payload=f'{{"n":{n}}}'.encode(), kind=EnvelopeKind.MESSAGE, sender=sender,
+                        node=node)
+
+    @staticmethod
+    def _assert_one_order(envelopes: list[Envelope], room: str) -> list[int]:
+        """``room``'s positions as delivered: each set, each above the one before (so none twice)."""
+        positions = [e.sequence for e in envelopes if e.room == room and e.kind is EnvelopeKind.MESSAGE]
+        assert all(isinstance(p, int) and p > 0 for p in positions), f"a room message without a position: {positions}"
+        numbers = [p for p in positions if p is not None]
+        out_of_order = [(a, b) for a, b in zip(numbers, numbers[1:], strict=False) if b <= a]
+        assert not out_of_order, f"positions not strictly increasing in delivery order: {out_of_order[:5]}"
+        return numbers
 
     def test_publish_reaches_subscriber_with_every_field(self) -> None:
         async def scenario() -> None:
@@ -137,17 +147,22 @@ class PubSubBackendContract:
             try:
                 await backend.subscribe("room-a")
                 sent = Envelope(room="room-a", payload='{"x":"é"}'.encode(), kind=EnvelopeKind.MESSAGE,
-                                sequence=42, sender="ws-1", node="n1")
+                                sender="ws-1", node="n1", id="m-1")
                 await backend.publish(sent)
-                await listener.wait_for(lambda e: len(e) >= 1)
+                binary = Envelope(room="room-a", payload=b'{"type":"message"}\n\x00\xff', kind=EnvelopeKind.MESSAGE,
+                                  node="n1", binary=True)
+                await backend.publish(binary)
+                await listener.wait_for(lambda e: len(e) >= 2)
                 got = listener.envelopes[0]
-                assert (got.room, got.payload, got.kind, got.sequence, got.sender) == (
-                    "room-a", sent.payload, EnvelopeKind.MESSAGE, 42, "ws-1")
+                assert (got.room, got.payload, got.kind, got.sender, got.id) == (
+                    "room-a", sent.payload, EnvelopeKind.MESSAGE, "ws-1", "m-1")
+                assert isinstance(got.sequence, int) and got.sequence > 0, "the backend sets the position"
+                assert (listener.envelopes[1].payload, listener.envelopes[1].binary) == (binary.payload, True)
                 notice = Envelope(room="room-a", payload=b'{"type":"typing"}', kind=EnvelopeKind.NOTICE, node="n1")
                 await backend.publish(notice)
-                await listener.wait_for(lambda e: len(e) >= 2)
-                assert listener.envelopes[1].kind is EnvelopeKind.NOTICE
-                assert listener.envelopes[1].sequence is None
+                await listener.wait_for(lambda e: len(e) >= 3)
+                assert listener.envelopes[2].kind is EnvelopeKind.NOTICE
+                assert listener.envelopes[2].sequence is None
             finally:
                 await backend.stop()
 
@@ -162,6 +177,32 @@ class PubSubBackendContract:
                     await backend.publish(self._envelope("room-a", n))
                 await listener.wait_for(lambda e: len(e) >= 200)
                 assert listener.payloads() == [f'{{"n":{n}}}'.encode() for n in range(200)]
+            finally:
+                await backend.stop()
+
+        run(scenario())
+
+    def test_positions_are_unique_and_increase_per_room(self) -> None:
+        async def scenario() -> None:
+            backend, listener = await self._started("n1")
+            try:
+                await backend.subscribe("room-a")
+                await backend.subscribe("room-b")
+                for n in range(150):
+                    await backend.publish(self._envelope("room-a" if n % 3 else "room-b", n))
+                await listener.wait_for(lambda e: len(e) >= 150)
+                assert len(self._assert_one_order(listener.envelopes, "room-a")) == 100
+                assert len(self._assert_one_order(listener.envelopes, "room-b")) == 50
+                latest = await backend.position("room-a")
+                assert latest is None or latest == listener.envelopes[-1 if 149 % 3 else -2].sequence, (
+                    "position() is None (unknown) or the room's latest position")
+                before = await backend.position("room-quiet")
+                if before is not None:
+                    await backend.subscribe("room-quiet")
+                    await backend.publish(self._envelope("room-quiet", 1))
+                    await listener.wait_for(lambda e: any(x.room == "room-quiet" for x in e))
+                    first = listener.envelopes[-1].sequence or 0
+                    assert first > before, "a room's first position is above where the room stood"
             finally:
                 await backend.stop()
 
@@ -222,6 +263,41 @@ class PubSubBackendContract:
                 await b.stop()
 
         run(scenario())
+
+    def test_concurrent_publishers_on_three_nodes_give_one_order(self) -> None:
+        """Every node hands the room's messages back in one order, under the same positions."""
+        if not self.multi_node:
+            _skip("this backend spans one node only (multi_node = False)")
+
+        async def scenario() -> None:
+            nodes = [await self._started(f"node-{name}") for name in "abc"]
+            try:
+                for backend, _ in nodes:
+                    await backend.subscribe("shared")
+                await asyncio.sleep(0.3)
+
+                async def publisher(index: int) -> None:
+                    backend = nodes[index][0]
+                    for n in range(100):
+                        await backend.publish(self._envelope("shared", index * 1000 + n, node=f"node-{'abc'[index]}"))
+                        if n % 10 == 0:
+                            await asyncio.sleep(0)
+
+                await asyncio.gather(*(publisher(i) for i in range(3)))
+                for _, listener in nodes:
+                    await listener.wait_for(lambda e: len(e) >= 300, timeout=10)
+                await asyncio.sleep(0.2)
+                orders = []
+                for _, listener in nodes:
+                    positions = self._assert_one_order(listener.envelopes, "shared")
+                    assert len(positions) == 300, f"{len(positions)} of 300 delivered"
+                    orders.append([(e.sequence, e.payload) for e in listener.envelopes])
+                assert orders[0] == orders[1] == orders[2], "nodes disagree on the room's order or positions"
+            finally:
+                for backend, _ in nodes:
+                    await backend.stop()
+
+        run(scenario(), timeout=30)
 
 
 class RoomStoreContract:

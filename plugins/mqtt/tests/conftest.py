@@ -21,7 +21,7 @@ import paho.mqtt.client as paho
 import pytest
 import yaml
 from forge_streaming.testing import free_port
-from forge_streaming_mqtt.topics import PROP_COUNT, PROP_KIND, PROP_NODE, Topics
+from forge_streaming_mqtt.topics import PROP_COUNT, PROP_KIND, PROP_NODE, PROP_PREVIOUS, PROP_SEQUENCE, Topics
 from forge_streaming_mqtt.wire import UserProperties
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -87,18 +87,29 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         b.kill()
 
 
+_SEQUENCED: dict[tuple[str, str], int] = {}  # (prefix, room) -> the last position _publish_as_node gave
+
+
 def _publish_as_node(port: int, prefix: str, room: str, node: str, counts: list[str],
                      marks: dict[str, str] | None = None, padding: int = 0) -> None:
-    """Publish room messages numbered ``counts`` as node ``node`` would (then its ``marks``), with plain paho."""
+    """Publish room messages numbered ``counts`` as node ``node`` would, once the sequencer numbered them
+    (consecutive positions, each naming the one before), then its ``marks``, with plain paho."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
         topics = Topics(prefix)
-        infos = [client.publish(topics.messages(room), json.dumps({"count": count, "pad": "x" * padding}).encode(), 1,
-                                properties=UserProperties([(PROP_KIND, "message"), (PROP_NODE, node),  # type: ignore[arg-type]
-                                                           (PROP_COUNT, count)])) for count in counts]
+        infos = []
+        for count in counts:
+            previous = _SEQUENCED.get((prefix, room))
+            position = _SEQUENCED[(prefix, room)] = (previous or 1000) + 1
+            pairs = [(PROP_KIND, "message"), (PROP_NODE, node), (PROP_COUNT, count), (PROP_SEQUENCE, str(position))]
+            if previous is not None:
+                pairs.append((PROP_PREVIOUS, str(previous)))
+            payload = json.dumps({"count": count, "pad": "x" * padding}).encode()
+            infos.append(client.publish(topics.messages(room), payload, 1,
+                                        properties=UserProperties(pairs)))  # type: ignore[arg-type]
         if marks is not None:
             infos.append(client.publish(topics.marks(node), json.dumps(marks).encode(), 1))
         for info in infos:

@@ -251,8 +251,9 @@ async def test_sequences_from_the_wire_are_bounded(broker: Any) -> None:
             for n, bad in enumerate(BAD_SEQUENCES):
                 forger.publish(topic, json.dumps({"type": "message", "room_id": "r", "data": f"forged {n}",
                                                   "sequence": 1}), props=node_props("x", bad, f"s1:{n + 1}"))
-            for count in ("s1:" + "9" * 30, "s1:²", "s" * 100 + ":1"):
-                forger.publish(topic, b'{"type":"message","data":"forged count"}', props=node_props("y", None, count))
+            for position, count in enumerate(("s1:" + "9" * 30, "s1:²", "s" * 100 + ":1"), start=5):
+                forger.publish(topic, b'{"type":"message","data":"forged count"}',
+                               props=node_props("y", str(position), count))
             forger.publish(Topics(prefix).marks("x"), json.dumps({"r": "s1:²"}))
         sequence = await a.publish("r", "after")
         assert sequence is not None and 0 < sequence < 2**63

@@ -4,14 +4,57 @@
 own call, so a burst of messages is fanned out without a task switch.
 Envelopes of rooms this node did not subscribe to are dropped, as a
 broker would.
+
+It is the engine of one node, so it sets each room's order: a room's
+positions count up by one from the microsecond clock at the room's first
+message in this process, and a room without messages stands at the
+clock's value when the process started. So a process that restarts never
+gives a position again, and a cursor from an earlier run never equals one
+of this run: resuming from it gets ``resync``.
 """
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import ClassVar
 
-from forge_streaming import BackendListener, Envelope, PubSubBackend, StreamingConfig, hookimpl
+from forge_streaming import BackendListener, Envelope, EnvelopeKind, PubSubBackend, StreamingConfig, hookimpl
+
+MAX_ROOMS = 100_000
+"""Rooms whose last position is remembered; a room forgotten past it starts a new run from the clock."""
+
+
+class RoomPositions:
+    """The last position given in each room (least recently used forgotten past ``max_rooms``)."""
+
+    def __init__(self, max_rooms: int = MAX_ROOMS) -> None:
+        self.max_rooms = max_rooms
+        self._last: OrderedDict[str, int] = OrderedDict()
+        self._forgot = False  # once a room was forgotten, a room without a position may have had some
+        self.start = time.time_ns() // 1000  # where every room of this run stands before its first message
+
+    def next(self, room: str) -> int:
+        last = self._last.get(room)
+        if last is None:
+            position = max(time.time_ns() // 1000, self.start + 1)
+            if len(self._last) >= self.max_rooms:
+                self._last.popitem(last=False)
+                self._forgot = True
+        else:
+            position = last + 1
+            self._last.move_to_end(room)
+        self._last[room] = position
+        return position
+
+    def last(self, room: str) -> int | None:
+        """The room's last position; the run's start if it had none, None if it may have been forgotten."""
+        last = self._last.get(room)
+        if last is None:
+            return None if self._forgot else self.start
+        return last
 
 
 class MemoryPubSub(PubSubBackend):
@@ -20,6 +63,7 @@ class MemoryPubSub(PubSubBackend):
     def __init__(self) -> None:
         self._listener: BackendListener | None = None
         self._rooms: set[str] = set()
+        self._positions = RoomPositions()
 
     async def start(self, node_id: str, listener: BackendListener) -> None:
         self._listener = listener
@@ -29,8 +73,13 @@ class MemoryPubSub(PubSubBackend):
         self._rooms.clear()
 
     async def publish(self, envelope: Envelope) -> None:
+        if envelope.kind is EnvelopeKind.MESSAGE:
+            envelope = replace(envelope, sequence=self._positions.next(envelope.room))
         if self._listener is not None and envelope.room in self._rooms:
             self._listener.on_envelope(envelope)
+
+    async def position(self, room: str) -> int | None:
+        return self._positions.last(room)
 
     async def subscribe(self, room: str) -> None:
         self._rooms.add(room)

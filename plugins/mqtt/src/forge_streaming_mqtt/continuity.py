@@ -19,7 +19,8 @@ The last messages of a burst are the likeliest to be dropped (the broker's
 queue for a busy node is longest then), and no later message would reveal
 them. So a node also publishes *marks*: half a second after it published to
 some rooms, the last number of each (``{prefix}/marks/{node}``). A mark
-above what a node received is a hole too.
+above what a node received is a hole too (or a delay: the messages pass
+through the sequencer, the mark does not; late ones are still delivered).
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ class Continuity:
         last = seen.get(origin) if seen is not None else None
         if last is None or last[0] != stream or number <= last[1]:
             return 0  # in step, or nothing of that stream heard since subscribing: not ours to judge
-        assert seen is not None
-        seen[origin] = (stream, number)
+        # Not moved on to ``number``: the messages may only be late (they pass through the sequencer, which
+        # may be moving), and when they do arrive they must not be taken for duplicates.
         return number - last[1]
 
     def forget(self, room: str) -> None:

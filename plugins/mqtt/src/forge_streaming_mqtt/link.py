@@ -96,6 +96,8 @@ class MqttLink:
         on_connect: ConnectHandler,
         on_disconnect: Callable[[], None] | None = None,
         will: aiomqtt.Will | Callable[[], aiomqtt.Will] | None = None,
+        session_expiry: int | None = None,
+        manual_ack: bool = False,
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -104,6 +106,10 @@ class MqttLink:
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
         self._will = will
+        # seconds the broker keeps this client's session (subscriptions, queued QoS 1 messages) while it is
+        # away; None: a clean session on every connection
+        self._session_expiry = session_expiry
+        self._manual_ack = manual_ack  # QoS 1 messages are acknowledged by ack(), not on arrival
         self._broker = settings.broker()
         self._max_queued = max(settings.outgoing_buffer, 1000)  # paho's outgoing queue, in messages
         self.state = LinkState.CONNECTING
@@ -160,7 +166,7 @@ class MqttLink:
             password=self._broker.password,
             identifier=self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=True,
+            clean_start=self._session_expiry is None,
             keepalive=max(1, round(self.settings.keepalive)),
             will=will,
             timeout=max(self.settings.connect_timeout, 1.0),
@@ -169,7 +175,7 @@ class MqttLink:
             max_inflight_messages=self.settings.max_inflight,
             max_queued_outgoing_messages=self._max_queued,  # past it: Sent.FULL
             logger=logging.getLogger("forge_streaming.mqtt.paho"),
-            properties=_connect_properties(),
+            properties=_connect_properties(self._session_expiry),
             # small packets (PUBACKs, single messages) must not wait for Nagle's algorithm
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
@@ -178,6 +184,8 @@ class MqttLink:
         # publish_and_wait), so its on_publish callback is off: paho would otherwise build a
         # reason code and a properties object for every QoS 0 packet it sends.
         client._client.on_publish = None  # noqa: SLF001
+        if self._manual_ack:
+            client._client.manual_ack_set(True)  # noqa: SLF001
         return client
 
     async def _run(self) -> None:
@@ -251,6 +259,12 @@ class MqttLink:
         client._packet_queue(paho.PUBLISH, packet, 0, 0, _NO_RECEIPT)  # type: ignore[arg-type]  # noqa: SLF001
         return Sent.OK
 
+    def ack(self, message: aiomqtt.Message) -> None:
+        """Acknowledge a QoS 1 message (``manual_ack`` links): the PUBACK leaves after what was sent before it."""
+        client = self._paho
+        if client is not None and message.qos:
+            client.ack(message.mid, message.qos)
+
     async def publish_and_wait(self, topic: str, payload: bytes, *, qos: int, retain: bool = False,
                                timeout: float = 2.0) -> bool:
         """Publish and wait until the broker has it (QoS 1/2) or it is sent (QoS 0); False if not in time."""
@@ -283,12 +297,14 @@ class MqttLink:
             await client.unsubscribe(topics)
 
 
-def _connect_properties() -> Properties:
+def _connect_properties(session_expiry: int | None = None) -> Properties:
     # Receive Maximum: how many unacknowledged QoS 1/2 messages the broker may send us. Without it
     # Mosquitto sends 20 and waits for our PUBACKs; we handle and acknowledge every message as it is
     # read, so let the broker send a burst at once (it arrives in one read and one fan-out).
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.ReceiveMaximum = 65535
+    if session_expiry is not None:
+        props.SessionExpiryInterval = session_expiry
     return props
 
 

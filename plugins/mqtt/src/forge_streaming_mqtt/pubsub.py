@@ -1,10 +1,13 @@
-"""The MQTT pub/sub backend: one broker publish per room message, every node delivers it.
+"""The MQTT pub/sub backend: room messages numbered by one sequencer node, delivered by every node.
 
-A node's own messages come back through the broker too, so every node sees
-one room's messages in the same (broker) order. While the broker is
-unreachable, outgoing messages wait in a bounded buffer (oldest dropped
-first, counted); once reconnected the node resubscribes, flushes the
-buffer and tells its clients to ``resync``.
+A room message goes to the broker once (``.../submit``), is numbered by the
+sequencer (sequencer.py) and comes back once to every node listening to
+the room (``.../messages``), its own node included: every node hears the
+room's messages in one order, under the same positions. Presence notices
+skip the sequencer. While the broker is unreachable (or before any
+sequencer is known), outgoing messages wait in a bounded buffer (oldest
+dropped first, counted); once reconnected the node resubscribes, flushes
+the buffer and tells its clients to ``resync``.
 """
 
 from __future__ import annotations
@@ -33,25 +36,28 @@ from forge_streaming import (
 from .continuity import DUPLICATE, MALFORMED, Continuity, Numbering
 from .ingest import parse_device_payload
 from .link import MqttLink, Sent, publish_properties, read_user_properties
+from .sequencer import Positions, Sequencer
 from .settings import SECTION, MqttSettings
 from .topics import (
-    MAX_DIGITS,
     MAX_NODE_ID_LENGTH,
     MAX_POSITION,
     PROP_BINARY,
     PROP_COUNT,
+    PROP_ID,
     PROP_KIND,
     PROP_NODE,
+    PROP_PREVIOUS,
     PROP_SENDER,
     PROP_SEQUENCE,
     Topics,
     valid_id,
+    wire_number,
 )
 from .wire import UserProperties
 
 log = logging.getLogger("forge_streaming.mqtt")
 
-_Outgoing = tuple[str, bytes, UserProperties]
+_Outgoing = tuple[str, bytes, UserProperties, int]  # topic, payload, properties, QoS
 MARK_DELAY = 0.5  # seconds after a node's publishes to a room until it announces the room's last number
 MARK_ROOMS = 500  # rooms per mark message, at most
 MAX_CORRELATION = 64  # bytes of a history request's Correlation Data (ours: 32)
@@ -78,10 +84,14 @@ class MqttPubSub(PubSubBackend):
         self._logs = RoomHistory(size=history_size, max_rooms=100_000)
         self._numbering = Numbering()
         self._continuity = Continuity()
+        self._positions = Positions()
+        self._sequencer: Sequencer | None = None
+        self._sequenced = False  # a sequencer was announced since this connection began: room messages go out
         self._unmarked: set[str] = set()  # rooms published to since the last marks
         self._mark_timer: asyncio.TimerHandle | None = None
         self._buffer: deque[_Outgoing] = deque()
-        self._ready = False  # connected, resubscribed and flushed: publish goes straight out
+        self._ready = False  # connected and resubscribed: publish goes straight out (room messages: once sequenced)
+        self._flushing = False  # the buffer is being sent: new messages queue behind it
         self._gap = False  # a connection was lost (or never made): resync on the next connect
         # history requests in flight: correlation -> (room, since, answer); a reply must match its request
         self._pending: dict[bytes, tuple[str, int, asyncio.Future[list[Envelope]]]] = {}
@@ -103,6 +113,8 @@ class MqttPubSub(PubSubBackend):
             # Device publishes become room messages through the listener (the service): hooks, sequence, history.
             self._ingest_queue = asyncio.Queue(maxsize=max(self.settings.outgoing_buffer, 1))
             self._ingest_task = asyncio.create_task(self._ingest_loop(listener), name="forge-mqtt-ingest")
+        self._sequencer = Sequencer(self.settings, self.topics, node_id, heard=self._positions.last,
+                                    counters=self.counters)
         base = self.settings.client_id or f"{self.settings.topic_prefix}-{node_id}"
         self._link = MqttLink(self.settings, client_id=f"{base}-pubsub", role="pubsub",
                               on_message=self._on_message, on_connect=self._on_connect, on_disconnect=self._on_lost)
@@ -118,6 +130,8 @@ class MqttPubSub(PubSubBackend):
             self._ingest_task.cancel()
             self._ingest_task = None
         self._ingest_queue = None
+        if self._sequencer is not None:
+            await self._sequencer.stop()
         if self._link is not None:
             await self._link.stop()
         self._ready = False
@@ -153,21 +167,40 @@ class MqttPubSub(PubSubBackend):
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
         assert self._link is not None
-        topics = [self.topics.history_request, self.topics.history_response(self._node), self.topics.all_marks]
+        topics = [self.topics.history_request, self.topics.history_response(self._node), self.topics.all_marks,
+                  self.topics.sequencer]
         if self.settings.subscribe_mode == "wildcard":
             topics.append(self.topics.all_room_messages)
         else:
             topics.extend(self.topics.messages(room) for room in sorted(self._rooms))
         if self._ingest_queue is not None:
             topics.append(self.topics.ingest_shared)
+        self._sequenced = False
+        assert self._sequencer is not None
+        self._sequencer.on_connected()
         await self._link.subscribe(topics, self._qos)
         self._continuity.reset()
+        self._positions.reset()
         for room in self._rooms:
             self._logs.track(room)  # vouch only from the new subscription on
+        self._ready = True
+        if self._sequenced:  # the sequencer's retained announcement came with the subscription
+            await self._flush()
+        if self._gap:
+            self._gap = False
+            self._logs.gap()
+            self.counters["resyncs"] += 1
+            if self._listener is not None:
+                self._listener.on_resync("broker reconnected")
+
+    async def _flush(self) -> None:
+        """Send what waited for the broker (or for a sequencer), in order, before anything newer."""
+        assert self._link is not None
+        self._flushing = True
         flushed = 0
         while self._buffer:
             item = self._buffer.popleft()
-            sent = self._link.publish_nowait(item[0], item[1], qos=self._qos, properties=item[2])
+            sent = self._link.publish_nowait(item[0], item[1], qos=item[3], properties=item[2])
             if sent is Sent.DOWN:
                 self._buffer.appendleft(item)
                 raise aiomqtt.MqttError("connection lost while flushing the outgoing buffer")
@@ -176,38 +209,52 @@ class MqttPubSub(PubSubBackend):
                 await asyncio.sleep(0.001)  # new publishes keep buffering behind it: _ready is False until the end
                 continue
             flushed += 1
-        self._ready = True
+        self._flushing = False
         if flushed:
             log.info("MQTT pubsub: flushed %d buffered messages", flushed)
-        if self._gap:
-            self._gap = False
-            self._logs.gap()
-            self.counters["resyncs"] += 1
-            if self._listener is not None:
-                self._listener.on_resync("broker reconnected")
 
+    def _on_announcement(self, message: aiomqtt.Message) -> None:
+        assert self._sequencer is not None
+        self._sequencer.on_announcement(message.payload if isinstance(message.payload, bytes) else b"")
+        if self._sequencer.holder is not None and not self._sequenced:
+            self._sequenced = True  # from now on room messages go out (queued by the broker if the holder dies)
+            if self._ready and self._buffer and not self._flushing:
+                asyncio.get_running_loop().create_task(self._flush_quietly(), name="forge-mqtt-flush")
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self._flush()
+        except aiomqtt.MqttError:
+            self._flushing = False  # the reconnect flushes again
     def _on_lost(self) -> None:
         self._ready = False
+        self._sequenced = False
         self._gap = True
 
     # -- the hot path ------------------------------------------------------------------
 
     async def publish(self, envelope: Envelope) -> None:
-        topic = self.topics.messages(envelope.room)
-        pairs = [(PROP_KIND, envelope.kind.value), (PROP_NODE, envelope.node or self._node),
-                 (PROP_COUNT, self._numbering.next(envelope.room))]
-        if envelope.sequence is not None:
-            pairs.append((PROP_SEQUENCE, str(envelope.sequence)))
+        room = envelope.room
+        pairs = [(PROP_KIND, envelope.kind.value), (PROP_NODE, envelope.node or self._node)]
+        if envelope.kind is EnvelopeKind.MESSAGE:  # numbered per origin to see losses; notices take another path
+            pairs.append((PROP_COUNT, self._numbering.next(room)))
         if envelope.sender is not None:
             pairs.append((PROP_SENDER, envelope.sender))
         if envelope.binary:
             pairs.append((PROP_BINARY, "1"))
+        if envelope.id is not None:
+            pairs.append((PROP_ID, envelope.id))
         props = UserProperties(pairs)
-        self._unmarked.add(envelope.room)
-        if self._mark_timer is None:
-            self._mark_timer = asyncio.get_running_loop().call_later(MARK_DELAY, self._send_marks)
-        while self._ready and self._link is not None:
-            sent = self._link.publish_nowait(topic, envelope.payload, qos=self._qos, properties=props)
+        if envelope.kind is EnvelopeKind.MESSAGE:
+            # to the sequencer, at QoS 1: while no node holds the role the broker queues it in the role's session
+            topic, qos, open_ = self.topics.submit(room), 1, self._sequenced
+            self._unmarked.add(room)
+            if self._mark_timer is None:
+                self._mark_timer = asyncio.get_running_loop().call_later(MARK_DELAY, self._send_marks)
+        else:
+            topic, qos, open_ = self.topics.messages(room), self._qos, True
+        while open_ and self._ready and not self._flushing and self._link is not None:
+            sent = self._link.publish_nowait(topic, envelope.payload, qos=qos, properties=props)
             if sent is Sent.OK:
                 return
             if sent is Sent.DOWN:
@@ -215,7 +262,7 @@ class MqttPubSub(PubSubBackend):
             # Backpressure: the broker acknowledges slower than we publish; this publisher waits its turn.
             self.counters["publish_waits"] += 1
             await asyncio.sleep(0.001)
-        self._hold(topic, envelope.payload, props)
+        self._hold(topic, envelope.payload, props, qos)
 
     def _send_marks(self) -> None:
         """Announce the last number of every room published to since the last marks (continuity.py)."""
@@ -248,7 +295,7 @@ class MqttPubSub(PubSubBackend):
                 elif missing:
                     self._on_hole(room, node, missing)
 
-    def _hold(self, topic: str, payload: bytes, props: UserProperties) -> None:
+    def _hold(self, topic: str, payload: bytes, props: UserProperties, qos: int) -> None:
         limit = self.settings.outgoing_buffer
         if limit == 0:
             self.counters["buffer_dropped"] += 1
@@ -259,7 +306,7 @@ class MqttPubSub(PubSubBackend):
             if _milestone(self.counters["buffer_dropped"]):
                 log.warning("MQTT pubsub: outgoing buffer full (pubsub.mqtt.outgoing_buffer=%d); "
                             "%d oldest messages dropped so far", limit, self.counters["buffer_dropped"])
-        self._buffer.append((topic, payload, props))
+        self._buffer.append((topic, payload, props, qos))
 
     def _on_message(self, message: aiomqtt.Message) -> None:
         topic = message.topic.value
@@ -272,6 +319,8 @@ class MqttPubSub(PubSubBackend):
                 self._on_device_publish(room, message)
         elif (node := self.topics.node_of_marks(topic)) is not None:
             self._on_marks(node, message)
+        elif topic == self.topics.sequencer:
+            self._on_announcement(message)
         elif topic == self.topics.history_request:
             self._answer_history(message)
         elif topic == self.topics.history_response(self._node):
@@ -295,13 +344,32 @@ class MqttPubSub(PubSubBackend):
                 log.warning("MQTT pubsub: ignoring a publish without forge metadata on %s; devices should "
                             "publish to %s", message.topic.value, self.topics.publish(room))
             return
-        text = props.get(PROP_SEQUENCE)
+        kind = EnvelopeKind.NOTICE if props.get(PROP_KIND) == EnvelopeKind.NOTICE.value else EnvelopeKind.MESSAGE
         sequence = None
-        if text is not None and not (  # topics.wire_number, inlined: once per message
-                len(text) <= MAX_DIGITS and text.isdigit() and text.isascii()
-                and (sequence := int(text)) < MAX_POSITION):
-            self._refuse_number(message.topic.value, PROP_SEQUENCE, text)
-            return
+        if kind is EnvelopeKind.MESSAGE:
+            text, before = props.get(PROP_SEQUENCE), props.get(PROP_PREVIOUS)
+            if text is None:  # a room message the sequencer never numbered: not from a node of this version
+                self.counters["unnumbered_dropped"] += 1
+                if _milestone(self.counters["unnumbered_dropped"]):
+                    log.warning("MQTT pubsub: dropped a room message on %r without a position: every node of a "
+                                "cluster must run the same forge-streaming-mqtt (room messages go through the "
+                                "sequencer)", message.topic.value)
+                return
+            sequence = wire_number(text)
+            if sequence is None:
+                self._refuse_number(message.topic.value, PROP_SEQUENCE, text)
+                return
+            previous = None if before is None else wire_number(before)
+            if before is not None and previous is None:
+                self._refuse_number(message.topic.value, PROP_PREVIOUS, before)
+                return
+            verdict = self._positions.check(room, sequence, previous)
+            if verdict is not Positions.NEXT:
+                if verdict == Positions.STALE:
+                    self.counters["stale_dropped"] += 1
+                self._on_position_hole(room, sequence, stale=verdict == Positions.STALE)
+                if verdict == Positions.STALE:
+                    return
         count = props.get(PROP_COUNT)
         if count is not None:
             missing = self._continuity.check(room, node, count)
@@ -316,11 +384,12 @@ class MqttPubSub(PubSubBackend):
         envelope = Envelope(
             room=room,
             payload=message.payload if isinstance(message.payload, bytes) else bytes(str(message.payload), "utf-8"),
-            kind=EnvelopeKind.NOTICE if props.get(PROP_KIND) == EnvelopeKind.NOTICE.value else EnvelopeKind.MESSAGE,
+            kind=kind,
             sequence=sequence,
             sender=props.get(PROP_SENDER),
             node=node,
             binary=props.get(PROP_BINARY) == "1",
+            id=props.get(PROP_ID),
         )
         if envelope.sequence is not None:
             self._logs.record(envelope)
@@ -346,6 +415,22 @@ class MqttPubSub(PubSubBackend):
         assert self._listener is not None
         self._listener.on_resync("messages lost between the broker and this node", rooms=[room])
 
+    def _on_position_hole(self, room: str, position: int, *, stale: bool) -> None:
+        """The room's positions do not follow on (the sequencer moved, or the broker dropped some): resync."""
+        self.counters["position_holes"] += 1
+        if _milestone(self.counters["position_holes"]):
+            log.warning("MQTT pubsub: room %r: position %d %s (%d such holes so far; the sequencer moved, or the "
+                        "broker dropped messages); the room's members get resync", room, position,
+                        "was already passed" if stale else "does not follow the last one heard",
+                        self.counters["position_holes"])
+        self._logs.gap([room])
+        assert self._listener is not None
+        self._listener.on_resync("the room's order has a hole on this node", rooms=[room])
+
+    async def position(self, room: str) -> int | None:
+        """Known only on the sequencer's node, for rooms it numbered in its current term."""
+        return self._sequencer.given(room) if self._sequencer is not None else None
+
     # -- subscriptions -------------------------------------------------------------------
 
     async def subscribe(self, room: str) -> None:
@@ -363,6 +448,7 @@ class MqttPubSub(PubSubBackend):
         self._rooms.discard(room)
         self._logs.forget(room)
         self._continuity.forget(room)
+        self._positions.forget(room)
         if self.settings.subscribe_mode == "rooms" and self._link is not None:
             await self._link.unsubscribe([self.topics.messages(room)])
 

@@ -37,6 +37,8 @@ PROP_SENDER = "forge-sender"
 PROP_NODE = "forge-node"
 PROP_BINARY = "forge-binary"  # "1" on a binary room message (Envelope.binary); absent on text
 PROP_COUNT = "forge-count"  # "{stream}:{number}", numbered per room by the publishing node (continuity.py)
+PROP_PREVIOUS = "forge-previous"  # the room's position before this message, as the sequencer gave it (sequencer.py)
+PROP_ID = "forge-id"  # the message id, when its publisher waits for the position (Envelope.id)
 
 
 def valid_id(value: str, max_length: int = MAX_ROOM_ID_LENGTH) -> bool:
@@ -116,9 +118,14 @@ class Topics:
         self.ingest_shared = f"$share/{prefix}-ingest/{prefix}/rooms/+/publish"
         self.marks_root = f"{prefix}/marks/"
         self.all_marks = f"{prefix}/marks/+"
+        self.all_submits = f"{prefix}/rooms/+/submit"
+        self.sequencer = f"{prefix}/sequencer"
 
     def messages(self, room: str) -> str:
         return f"{self.rooms_root}{encode_level(room)}/messages"
+
+    def submit(self, room: str) -> str:
+        return f"{self.rooms_root}{encode_level(room)}/submit"
 
     def publish(self, room: str) -> str:
         return f"{self.rooms_root}{encode_level(room)}/publish"

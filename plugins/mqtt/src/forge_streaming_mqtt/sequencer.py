@@ -1,0 +1,245 @@
+"""The sequencer: one node at a time numbers every room's messages, so that all nodes share one order.
+
+MQTT has no order of its own that nodes could number alike (each node
+hears a room from the moment it subscribed, and a broker may drop some of
+it). So nodes publish room messages to ``{prefix}/rooms/{room}/submit``,
+and the sequencer takes them in the broker's order, gives each the room's
+next position, and publishes it to ``{prefix}/rooms/{room}/messages``,
+where every node listening to the room receives it: the same message under
+the same position everywhere, positions going up in the order nodes
+receive them. Each message also carries the room's position before it
+(``forge-previous``), so a node sees any hole (:class:`Positions`).
+
+Who sequences. The sequencer connects with one fixed client id,
+``{prefix}-sequencer``, and a session the broker keeps for
+:data:`SESSION_EXPIRY` seconds. A broker lets only one connection hold a
+client id (a second one takes it over), so two nodes never sequence at
+once for long; and while nobody holds it, the broker queues the submitted
+messages in the session (QoS 1) for the next sequencer. The holder
+announces itself in the retained ``{prefix}/sequencer`` topic; its last
+will clears the announcement. A node that sees no announcement (at start,
+or when the holder died: its will, 1.5x ``keepalive`` later) waits a
+random moment and takes the role; one that sees another node announced
+gives it up. A sequencer that loses its connection gives the role up too,
+rather than take it back from whoever took over.
+
+The sequencer acknowledges a submitted message only after it sent it on,
+numbered, on the same connection: one that dies in between leaves it
+unacknowledged, and the broker gives it to the next sequencer (a node that
+heard it already drops the second copy by its ``forge-count``).
+
+A new sequencer continues a room from the last position its node heard
+in it; where it heard none, it starts a new run from the microsecond clock
+(above any position the room had), without ``forge-previous``, so every
+node resyncs that room's members once: it cannot vouch that nothing was
+lost while the role moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+
+import aiomqtt
+
+from .link import MqttLink, Sent
+from .settings import MqttSettings
+from .topics import MAX_NODE_ID_LENGTH, PROP_PREVIOUS, PROP_SEQUENCE, Topics, valid_id
+from .wire import UserProperties
+
+log = logging.getLogger("forge_streaming.mqtt")
+
+SESSION_EXPIRY = 300
+"""Seconds the broker keeps the sequencer's session (and queues submitted messages) while no node holds it."""
+TAKEOVER_JITTER = 0.3
+"""A node waits up to this many seconds (at random) before taking the free role: one node wins, seldom two."""
+ANNOUNCEMENT_WAIT = 0.5
+"""After connecting, how long a node waits for the retained announcement before it takes the role as free."""
+MAX_ROOMS = 100_000
+"""Rooms whose last position the sequencer remembers; a room forgotten past it starts a new run."""
+
+
+def announcement(node: str) -> bytes:
+    return json.dumps({"node": node}).encode()
+
+
+def announced_node(payload: bytes) -> str | None:
+    """The node an announcement names; None for an empty (cleared) or malformed one."""
+    if not payload:
+        return None
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    node = body.get("node") if isinstance(body, dict) else None
+    return node if isinstance(node, str) and valid_id(node, MAX_NODE_ID_LENGTH) else None
+
+
+class Positions:
+    """The receiving side: is a numbered message the next of its room, or is something missing?"""
+
+    NEXT = 0
+    HOLE = 1  # something before it never arrived (or a new run began): the room's members resync
+    STALE = 2  # at or below a position already heard: dropped
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def check(self, room: str, position: int, previous: int | None) -> int:
+        last = self._last.get(room)
+        if last is not None and position <= last:
+            return self.STALE
+        self._last[room] = position
+        if last is None or previous == last:
+            return self.NEXT
+        return self.HOLE
+
+    def last(self, room: str) -> int | None:
+        return self._last.get(room)
+
+    def forget(self, room: str) -> None:
+        """This node stopped listening to ``room``: the next subscription starts afresh."""
+        self._last.pop(room, None)
+
+    def reset(self) -> None:
+        """A new connection: what was lost meanwhile is covered by the reconnect's own resync."""
+        self._last.clear()
+
+
+class Sequencer:
+    """This node's part in numbering: a candidate, and while it holds the role, the numbering itself."""
+
+    def __init__(self, settings: MqttSettings, topics: Topics, node: str, *, heard: Callable[[str], int | None],
+                 counters: Counter[str]) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.node = node
+        self.holder: str | None = None  # who announced the role, as last heard
+        self._heard = heard  # the last position this node heard in a room
+        self._counters = counters
+        self._link: MqttLink | None = None
+        self._last: OrderedDict[str, int] = OrderedDict()  # positions given in this term
+        self._attempt: asyncio.Task[None] | None = None
+        self._stopped = False
+        # submits the broker sent with its CONNACK (queued while nobody held the role), before the link is usable
+        self._early: list[aiomqtt.Message] = []
+
+    @property
+    def leading(self) -> bool:
+        return self._link is not None
+
+    # -- the role ---------------------------------------------------------------------
+
+    def on_connected(self) -> None:
+        """The node's own connection is (back) up: take the role if nobody announces it soon."""
+        self.holder = None
+        self._try_later(ANNOUNCEMENT_WAIT)
+
+    def on_announcement(self, payload: bytes) -> None:
+        holder = announced_node(payload)
+        self.holder = holder
+        if holder is None:
+            self._try_later(0.0)
+        elif holder != self.node and self._link is not None:
+            log.info("MQTT sequencer: node %r announced the role; this node gives it up", holder)
+            self._give_up()
+
+    def _try_later(self, wait: float) -> None:
+        if self._stopped or self._link is not None or (self._attempt is not None and not self._attempt.done()):
+            return
+        self._attempt = asyncio.get_running_loop().create_task(self._try(wait), name="forge-mqtt-sequencer-try")
+
+    async def _try(self, wait: float) -> None:
+        await asyncio.sleep(wait + random.uniform(0, TAKEOVER_JITTER))
+        if self._stopped or self.holder is not None or self._link is not None:
+            return
+        self._last.clear()
+        self._early.clear()
+        self._counters["sequencer_terms"] += 1
+        log.info("MQTT sequencer: no node holds the role; node %r takes it", self.node)
+        self._link = MqttLink(self.settings, client_id=f"{self.topics.prefix}-sequencer", role="sequencer",
+                              on_message=self._on_submit, on_connect=self._on_connect,
+                              on_disconnect=self._on_lost,
+                              will=aiomqtt.Will(self.topics.sequencer, b"", qos=1, retain=True),
+                              session_expiry=SESSION_EXPIRY, manual_ack=True)
+        await self._link.start()
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        assert self._link is not None
+        early, self._early = self._early, []
+        for message in early:
+            self._on_submit(message)
+        await self._link.subscribe([self.topics.all_submits], 1)
+        self._link.publish_nowait(self.topics.sequencer, announcement(self.node), qos=1, retain=True)
+
+    def _on_lost(self) -> None:
+        """Lost the connection (or another node took the client id over): give the role up, never fight for it."""
+        log.info("MQTT sequencer: node %r lost its sequencer connection; giving the role up", self.node)
+        asyncio.get_running_loop().call_soon(self._give_up)
+
+    def _give_up(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            asyncio.get_running_loop().create_task(link.stop(), name="forge-mqtt-sequencer-stop")
+        if self.holder is None:
+            self._try_later(ANNOUNCEMENT_WAIT)
+
+    async def stop(self) -> None:
+        """Leave the role with a clean disconnect: the queued submits wait in the session for the next holder."""
+        self._stopped = True
+        if self._attempt is not None:
+            self._attempt.cancel()
+        link, self._link = self._link, None
+        if link is not None:
+            await link.publish_and_wait(self.topics.sequencer, b"", qos=1, retain=True, timeout=1.0)
+            await link.stop()
+
+    # -- numbering (hot path on the sequencer's node) ---------------------------------
+
+    def _next(self, room: str) -> tuple[int, int | None]:
+        last = self._last.get(room)
+        if last is None:
+            last = self._heard(room)
+            if len(self._last) >= MAX_ROOMS:
+                self._last.popitem(last=False)
+        else:
+            self._last.move_to_end(room)
+        position = last + 1 if last is not None else time.time_ns() // 1000
+        self._last[room] = position
+        return position, last
+
+    def _on_submit(self, message: aiomqtt.Message) -> None:
+        link = self._link
+        if link is not None and link.client is None:  # arrived with the CONNACK: numbered once the link is up
+            self._early.append(message)
+            return
+        parsed = self.topics.room_of(message.topic.value)
+        if link is None or parsed is None or parsed[1] != "submit":
+            self._counters["bad_topics"] += 1
+            if link is not None:
+                link.ack(message)
+            return
+        room = parsed[0]
+        props = getattr(message.properties, "UserProperty", None) or []
+        position, previous = self._next(room)
+        pairs = [(k, v) for k, v in props if k not in (PROP_SEQUENCE, PROP_PREVIOUS)]
+        pairs.append((PROP_SEQUENCE, str(position)))
+        if previous is not None:
+            pairs.append((PROP_PREVIOUS, str(previous)))
+        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+        sent = link.publish_nowait(self.topics.messages(room), payload, qos=self.settings.qos,
+                                   properties=UserProperties(pairs))
+        # Acknowledged only after the numbered message, on the same connection: a sequencer that dies between
+        # taking a message and sending it on leaves it unacknowledged, and the broker gives it to the next one.
+        link.ack(message)
+        # Not sent (the broker is far behind): every node sees the hole through forge-previous and resyncs.
+        self._counters["sequenced" if sent is Sent.OK else "sequencer_dropped"] += 1
+
+    def given(self, room: str) -> int | None:
+        """The last position this node gave in ``room`` while it holds the role; None otherwise."""
+        return self._last.get(room) if self._link is not None else None
