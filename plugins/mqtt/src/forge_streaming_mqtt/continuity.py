@@ -1,26 +1,21 @@
-"""Per-room publish numbers, so that a node notices messages the broker dropped instead of losing them silently.
+"""Per-room publish numbers of each node: a message the broker delivers twice, or drops, is noticed.
 
-A broker drops messages for a subscriber that falls too far behind
-(Mosquitto: ``max_queued_messages``), at any QoS, and tells nobody. So each
-node numbers what it publishes to a room, 1, 2, 3, ..., within a *stream*:
-a random id drawn when the node starts numbering that room (at start, or
-after it forgot the room). The pair travels in the ``forge-count`` user
-property as ``{stream}:{number}``.
+Each node numbers what it publishes to a room, 1, 2, 3, ..., within a
+*stream*: a random id drawn when the node starts numbering that room (at
+start, or after it forgot the room). The pair travels in the
+``forge-count`` user property as ``{stream}:{number}``, through the
+sequencer and on to every node.
 
 A receiving node remembers, per room and origin node, the last number. The
 next one must be one more: a larger one means messages were lost in between
 (the room's members get ``resync``), a smaller or equal one is a duplicate
-(dropped). A new stream, or a room just subscribed, starts counting afresh.
-A value that is not a stream of at most :data:`MAX_STREAM` characters, a
-colon and at most 19 ASCII digits is malformed (the message is dropped): no
-number from the wire is parsed unbounded.
-
-The last messages of a burst are the likeliest to be dropped (the broker's
-queue for a busy node is longest then), and no later message would reveal
-them. So a node also publishes *marks*: half a second after it published to
-some rooms, the last number of each (``{prefix}/marks/{node}``). A mark
-above what a node received is a hole too (or a delay: the messages pass
-through the sequencer, the mark does not; late ones are still delivered).
+(dropped: e.g. a message a sequencer sent on but died before acknowledging,
+which the next sequencer numbers again). A new stream, or a room just
+subscribed, starts counting afresh. A value that is not a stream of at most
+:data:`MAX_STREAM` characters, a colon and at most 19 ASCII digits is
+malformed (the message is dropped): no number from the wire is parsed
+unbounded. (The lost end of a burst, which no later number reveals, is the
+sequencer's marks' job: sequencer.py.)
 """
 
 from __future__ import annotations
@@ -33,13 +28,6 @@ from .topics import MAX_DIGITS
 DUPLICATE = -1
 MALFORMED = -2
 MAX_STREAM = 32  # characters of a stream id; ours are 8
-
-
-def _parse(count: str) -> tuple[str, int] | None:
-    stream, sep, text = count.partition(":")
-    if not sep or len(stream) > MAX_STREAM or len(text) > MAX_DIGITS or not text.isdigit() or not text.isascii():
-        return None
-    return stream, int(text)
 
 
 class Numbering:
@@ -61,11 +49,6 @@ class Numbering:
         number = int(entry[1]) + 1
         entry[1] = number
         return f"{entry[0]}:{number}"
-
-    def last(self, room: str) -> str | None:
-        """The last value given for ``room`` (what a mark announces), None if forgotten."""
-        entry = self._rooms.get(room)
-        return None if entry is None else f"{entry[0]}:{entry[1]}"
 
 
 class Continuity:
@@ -89,23 +72,6 @@ class Continuity:
             return number - last[1] - 1
         seen[origin] = (stream, number)
         return 0
-
-    def check_mark(self, room: str, origin: str, count: str) -> int:
-        """Messages missing according to a mark: the origin's last number in its stream is ``count``.
-
-        MALFORMED: not a count (the mark is ignored).
-        """
-        parsed = _parse(count)
-        if parsed is None:
-            return MALFORMED
-        stream, number = parsed
-        seen = self._rooms.get(room)
-        last = seen.get(origin) if seen is not None else None
-        if last is None or last[0] != stream or number <= last[1]:
-            return 0  # in step, or nothing of that stream heard since subscribing: not ours to judge
-        # Not moved on to ``number``: the messages may only be late (they pass through the sequencer, which
-        # may be moving), and when they do arrive they must not be taken for duplicates.
-        return number - last[1]
 
     def forget(self, room: str) -> None:
         """This node stopped listening to ``room``: the next subscription counts afresh."""

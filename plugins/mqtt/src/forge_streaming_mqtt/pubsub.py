@@ -58,8 +58,6 @@ from .wire import UserProperties
 log = logging.getLogger("forge_streaming.mqtt")
 
 _Outgoing = tuple[str, bytes, UserProperties, int]  # topic, payload, properties, QoS
-MARK_DELAY = 0.5  # seconds after a node's publishes to a room until it announces the room's last number
-MARK_ROOMS = 500  # rooms per mark message, at most
 MAX_CORRELATION = 64  # bytes of a history request's Correlation Data (ours: 32)
 
 
@@ -87,8 +85,6 @@ class MqttPubSub(PubSubBackend):
         self._positions = Positions()
         self._sequencer: Sequencer | None = None
         self._sequenced = False  # a sequencer was announced since this connection began: room messages go out
-        self._unmarked: set[str] = set()  # rooms published to since the last marks
-        self._mark_timer: asyncio.TimerHandle | None = None
         self._buffer: deque[_Outgoing] = deque()
         self._ready = False  # connected and resubscribed: publish goes straight out (room messages: once sequenced)
         self._flushing = False  # the buffer is being sent: new messages queue behind it
@@ -123,9 +119,6 @@ class MqttPubSub(PubSubBackend):
             self._gap = True
 
     async def stop(self) -> None:
-        if self._mark_timer is not None:
-            self._mark_timer.cancel()
-            self._mark_timer = None
         if self._ingest_task is not None:
             self._ingest_task.cancel()
             self._ingest_task = None
@@ -248,9 +241,6 @@ class MqttPubSub(PubSubBackend):
         if envelope.kind is EnvelopeKind.MESSAGE:
             # to the sequencer, at QoS 1: while no node holds the role the broker queues it in the role's session
             topic, qos, open_ = self.topics.submit(room), 1, self._sequenced
-            self._unmarked.add(room)
-            if self._mark_timer is None:
-                self._mark_timer = asyncio.get_running_loop().call_later(MARK_DELAY, self._send_marks)
         else:
             topic, qos, open_ = self.topics.messages(room), self._qos, True
         while open_ and self._ready and not self._flushing and self._link is not None:
@@ -264,21 +254,10 @@ class MqttPubSub(PubSubBackend):
             await asyncio.sleep(0.001)
         self._hold(topic, envelope.payload, props, qos)
 
-    def _send_marks(self) -> None:
-        """Announce the last number of every room published to since the last marks (continuity.py)."""
-        self._mark_timer = None
-        rooms, self._unmarked = self._unmarked, set()
-        marks = {room: last for room in rooms if (last := self._numbering.last(room)) is not None}
-        if not self._ready or self._link is None or not marks:
-            return  # disconnected: the reconnect resyncs everyone anyway
-        items = list(marks.items())
-        for start in range(0, len(items), MARK_ROOMS):
-            payload = json.dumps(dict(items[start:start + MARK_ROOMS]), ensure_ascii=False).encode()
-            self._link.publish_nowait(self.topics.marks(self._node), payload, qos=self._qos)
-        self.counters["marks_sent"] += 1
-
     def _on_marks(self, node: str, message: aiomqtt.Message) -> None:
-        if self._listener is None:
+        """The sequencer's last position per room (sequencer.py): one above what this node heard is a hole."""
+        if self._listener is None or self._sequencer is None or node != self._sequencer.holder:
+            self.counters["marks_ignored"] += 1  # only the holder's marks say what was sent; others are stale
             return
         try:
             marks = json.loads(message.payload) if isinstance(message.payload, bytes) else None
@@ -287,13 +266,17 @@ class MqttPubSub(PubSubBackend):
         if not isinstance(marks, dict):
             self.counters["marks_ignored"] += 1
             return
-        for room, count in marks.items():
-            if room in self._rooms and isinstance(count, str):
-                missing = self._continuity.check_mark(room, node, count)
-                if missing == MALFORMED:
-                    self._refuse_number(message.topic.value, "forge-count", count)
-                elif missing:
-                    self._on_hole(room, node, missing)
+        for room, text in marks.items():
+            if room not in self._rooms or not isinstance(text, str):
+                continue
+            mark = wire_number(text)
+            if mark is None:
+                self._refuse_number(message.topic.value, "mark", text)
+                continue
+            last = self._positions.last(room)
+            if last is not None and mark > last:  # the room's latest messages never reached this node
+                self._positions.advance(room, mark)
+                self._on_position_hole(room, mark, stale=False)
 
     def _hold(self, topic: str, payload: bytes, props: UserProperties, qos: int) -> None:
         limit = self.settings.outgoing_buffer

@@ -8,7 +8,10 @@ next position, and publishes it to ``{prefix}/rooms/{room}/messages``,
 where every node listening to the room receives it: the same message under
 the same position everywhere, positions going up in the order nodes
 receive them. Each message also carries the room's position before it
-(``forge-previous``), so a node sees any hole (:class:`Positions`).
+(``forge-previous``), so a node sees any hole (:class:`Positions`), and
+half a second after numbering a room's messages the sequencer announces
+the room's last position (``{prefix}/marks/{node}``), so a node also sees
+the lost end of a burst.
 
 Who sequences. The sequencer connects with one fixed client id,
 ``{prefix}-sequencer``, and a session the broker keeps for
@@ -62,6 +65,10 @@ ANNOUNCEMENT_WAIT = 0.5
 """After connecting, how long a node waits for the retained announcement before it takes the role as free."""
 MAX_ROOMS = 100_000
 """Rooms whose last position the sequencer remembers; a room forgotten past it starts a new run."""
+MARK_DELAY = 0.5
+"""Seconds after numbering messages of a room until the sequencer announces the room's last position."""
+MARK_ROOMS = 500
+"""Rooms per mark message, at most."""
 
 
 def announcement(node: str) -> bytes:
@@ -102,6 +109,10 @@ class Positions:
     def last(self, room: str) -> int | None:
         return self._last.get(room)
 
+    def advance(self, room: str, position: int) -> None:
+        """The sequencer's mark says the room reached ``position``: what is missing is a hole, reported once."""
+        self._last[room] = position
+
     def forget(self, room: str) -> None:
         """This node stopped listening to ``room``: the next subscription starts afresh."""
         self._last.pop(room, None)
@@ -128,6 +139,8 @@ class Sequencer:
         self._stopped = False
         # submits the broker sent with its CONNACK (queued while nobody held the role), before the link is usable
         self._early: list[aiomqtt.Message] = []
+        self._unmarked: set[str] = set()  # rooms numbered since the last marks
+        self._mark_timer: asyncio.TimerHandle | None = None
 
     @property
     def leading(self) -> bool:
@@ -183,6 +196,7 @@ class Sequencer:
         asyncio.get_running_loop().call_soon(self._give_up)
 
     def _give_up(self) -> None:
+        self._stop_marks()
         link, self._link = self._link, None
         if link is not None:
             asyncio.get_running_loop().create_task(link.stop(), name="forge-mqtt-sequencer-stop")
@@ -192,6 +206,7 @@ class Sequencer:
     async def stop(self) -> None:
         """Leave the role with a clean disconnect: the queued submits wait in the session for the next holder."""
         self._stopped = True
+        self._stop_marks()
         if self._attempt is not None:
             self._attempt.cancel()
         link, self._link = self._link, None
@@ -234,11 +249,39 @@ class Sequencer:
         payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
         sent = link.publish_nowait(self.topics.messages(room), payload, qos=self.settings.qos,
                                    properties=UserProperties(pairs))
+        self._unmarked.add(room)
+        if self._mark_timer is None:
+            self._mark_timer = asyncio.get_running_loop().call_later(MARK_DELAY, self._send_marks)
         # Acknowledged only after the numbered message, on the same connection: a sequencer that dies between
         # taking a message and sending it on leaves it unacknowledged, and the broker gives it to the next one.
         link.ack(message)
         # Not sent (the broker is far behind): every node sees the hole through forge-previous and resyncs.
         self._counters["sequenced" if sent is Sent.OK else "sequencer_dropped"] += 1
+
+    def _send_marks(self) -> None:
+        """Announce the last position of every room numbered since the last marks.
+
+        The end of a burst is where a broker drops most (for a node that
+        fell behind), and no later message would reveal the hole; a mark
+        follows the messages on the same connection, so a node that gets it
+        has got them, or lost them.
+        """
+        self._mark_timer = None
+        rooms, self._unmarked = self._unmarked, set()
+        link = self._link
+        items = [(room, str(self._last[room])) for room in rooms if room in self._last]
+        if link is None or not items:
+            return
+        for start in range(0, len(items), MARK_ROOMS):
+            payload = json.dumps(dict(items[start:start + MARK_ROOMS]), ensure_ascii=False).encode()
+            link.publish_nowait(self.topics.marks(self.node), payload, qos=self.settings.qos)
+        self._counters["marks_sent"] += 1
+
+    def _stop_marks(self) -> None:
+        if self._mark_timer is not None:
+            self._mark_timer.cancel()
+            self._mark_timer = None
+        self._unmarked.clear()
 
     def given(self, room: str) -> int | None:
         """The last position this node gave in ``room`` while it holds the role; None otherwise."""
