@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -27,9 +28,10 @@ import uvicorn
 
 from . import __version__
 from .config import ENV_CONFIG_FILE, LimitSettings, ServerSettings, build_config, merge, read_yaml, unwrap_forge
-from .errors import StreamingError
+from .errors import ConfigError, StreamingError
 from .plugins import make_plugin_manager
 from .service import Streaming
+from .workers import Supervisor, resolve_workers, worker_command, worker_slot
 
 log = logging.getLogger("forge_streaming.cli")
 
@@ -436,13 +438,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = streaming.asgi_app()
     level = args.log_level or (streaming.config.logging.level if streaming else "info")
     setup_logging(level, args.log_format or (streaming.config.logging.format if streaming else "text"))
+    count = resolve_workers(args.workers or (settings.workers if settings else 1))
+    slot = worker_slot()
+    if count > 1 and slot is None:
+        return _supervise(args, streaming, count, host, port)
     server = build_server(app, streaming, host=host, port=port, log_level=level)
-    print(f"forge-streaming {__version__} serving on http://{host}:{port}", file=sys.stderr, flush=True)
-    try:
-        server.run()  # uvicorn's own loop choice: uvloop when installed
+    where = f"worker {slot[0]} of {slot[1]} " if slot else ""
+    print(f"forge-streaming {__version__} {where}serving on http://{host}:{port}", file=sys.stderr, flush=True)
+    try:  # uvicorn's own loop choice: uvloop when installed
+        server.run(sockets=[_shared_socket(host, port)] if slot else None)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         pass
     return 0
+
+
+def _supervise(args: argparse.Namespace, streaming: Streaming | None, count: int, host: str, port: int) -> int:
+    """Run ``count`` workers of this very command (workers.py), sharing the port; refuse the memory backend."""
+    if streaming is not None and streaming.config.pubsub.backend == "memory":
+        raise ConfigError(
+            f"server.workers: {count} workers need a shared pub/sub backend, and pubsub.backend is 'memory': "
+            "each worker would have rooms of its own, and two clients of one room could land on different "
+            "workers and never see each other. Set pubsub.backend (mqtt, nats) or run one worker (--workers 1)")
+    if port == 0:
+        raise ConfigError("server.port: 0 (any free port) cannot be shared by workers; give a port number")
+    node_id = streaming.config.server.node_id if streaming is not None else None
+    print(f"forge-streaming {__version__} serving on http://{host}:{port} with {count} workers",
+          file=sys.stderr, flush=True)
+    return Supervisor(worker_command(sys.argv[1:]), count, node_id=node_id,
+                      stop_timeout=(streaming.config.server.drain_timeout if streaming else 5.0) + 10).run()
+
+
+def _shared_socket(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket of a worker: ``SO_REUSEPORT``, so that every worker binds the same port."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def _leaves(data: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -544,6 +579,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of workers (1 or more) or auto, got {value!r}")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="forge-streaming", description="Real-time rooms over WebSocket, SSE and WebTransport.")
@@ -557,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", "-c", help="YAML config file (default: $FORGE_STREAMING_CONFIG)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"])
+    serve.add_argument("--workers", type=_workers_arg, help="processes on this node: a number, or auto (one per core); "
+                                          "default server.workers, 1. More than one needs a shared backend")
     serve.set_defaults(func=cmd_serve)
 
     plugins = sub.add_parser("plugins", help="list installed plugins and the hooks they implement")

@@ -99,6 +99,9 @@ class ServerSettings(ConfigSection):
     """A request body (a POST) must arrive whole within this time of its headers, else 408; 0 turns it off."""
     handshake_timeout: Duration = 10.0
     """A WebSocket upgrade or a WebTransport CONNECT must be accepted or refused within this time."""
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    """Processes ``forge-streaming serve`` runs on this node (``auto``: one per core); rooms span them
+    through the pub/sub backend, so more than one needs a shared backend (MQTT, NATS), not memory."""
 
 
 class PubSubSettings(ConfigSection):

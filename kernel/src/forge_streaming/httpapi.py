@@ -7,12 +7,17 @@
 when no plugin serves ``/``. Registered by the kernel before the installed
 plugins, as pytest registers its own builtins, so it uses the same hook as
 theirs; ``plugins.deny: [http-api]`` turns it off.
+
+Under ``forge-streaming serve --workers N`` a request reaches one worker;
+``/healthz`` and ``/api/stats`` then answer for all of them (workers.py):
+healthy only when every worker is, and ``"workers"`` lists each one.
 """
 
 from __future__ import annotations
 
 import hmac
 import html
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +28,30 @@ from starlette.routing import BaseRoute, Route
 
 from . import __version__, frames
 from .hookspecs import hookimpl
+from .workers import WorkerBoard
 
 if TYPE_CHECKING:
     from .service import Streaming
 
 NAME = "http-api"
+
+_boards: weakref.WeakKeyDictionary[Streaming, WorkerBoard] = weakref.WeakKeyDictionary()
+"""The status board of each service that runs as a worker of ``serve --workers N``."""
+
+
+@hookimpl
+def streaming_startup(streaming: Streaming) -> None:
+    board = WorkerBoard.from_env()
+    if board is not None:
+        _boards[streaming] = board
+        board.start(streaming)
+
+
+@hookimpl
+async def streaming_shutdown(streaming: Streaming) -> None:
+    board = _boards.pop(streaming, None)
+    if board is not None:
+        await board.stop()
 
 
 def _authorized(streaming: Streaming, request: Request) -> bool:
@@ -85,6 +109,7 @@ async def stats(streaming: Streaming) -> dict[str, Any]:
         "history": streaming._history.usage(),  # noqa: SLF001 (the kernel's own accounting)
         "counters": streaming.stats_counters(),
         "transports": {name: t.describe() for name, t in streaming.transports.items()},
+        **({"workers": board.read()} if (board := _boards.get(streaming)) is not None else {}),
     }
 
 
@@ -94,11 +119,17 @@ def streaming_register_routes(streaming: Streaming) -> list[BaseRoute]:
     async def healthz(request: Request) -> Response:
         health = streaming.health()
         ok = health.ok and streaming.state.value == "running"
-        return JSONResponse(
-            {"status": "ok" if ok else "degraded", "state": streaming.state.value,
-             "backend": {"name": streaming.backend.name, "state": health.state.value, "detail": health.detail}},
-            status_code=200 if ok else 503,
-        )
+        body: dict[str, Any] = {
+            "status": "ok" if ok else "degraded", "state": streaming.state.value,
+            "backend": {"name": streaming.backend.name, "state": health.state.value, "detail": health.detail}}
+        board = _boards.get(streaming)
+        if board is not None:  # one of several workers: the node is healthy when every worker is
+            workers = board.read()
+            body["workers"] = [{k: w.get(k) for k in ("worker", "pid", "node", "state", "ok")} for w in workers]
+            if not all(w.get("ok") for w in workers if w.get("worker") != board.index):
+                ok = False
+                body["status"] = "degraded"
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     async def api_publish(request: Request) -> Response:
         if not _authorized(streaming, request):
