@@ -210,6 +210,7 @@ def test_outage_buffer_is_bounded_and_drops_the_oldest(own_broker: Any) -> None:
                 await asyncio.sleep(0.02)
             for n in range(5):
                 await backend.publish(_envelope("r", n))
+            await asyncio.sleep(0.05)  # a loop turn's messages are handed over at its end, together
             health = backend.health()
             assert health.state is BackendState.DOWN and "2 messages dropped" in health.detail
             own_broker.start()
@@ -281,3 +282,43 @@ def test_room_ids_with_topic_characters_stay_one_level(broker: Any) -> None:
             await backend.stop()
 
     run(scenario(), timeout=30)
+
+
+def test_a_burst_travels_as_one_batch_and_comes_back_numbered_one_by_one(broker: Any) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> None:
+        async with started(broker.url, prefix, "a", "b") as [(a, la), (b, lb)]:
+            for backend in (a, b):
+                await backend.subscribe("r")
+            await a.publish(_envelope("r", -1))  # alone, before the burst: travels as the frame itself
+            await lb.wait_for(lambda e: len(e) == 1, timeout=10)
+            burst = [Envelope(room="r", payload=f'{{"n":{n}}}'.encode(), kind=EnvelopeKind.MESSAGE, node="a",
+                              sender=f"ws-{n}", binary=n == 3, id="m-7" if n == 7 else None) for n in range(50)]
+            for envelope in burst:  # one loop turn: one submit, one numbered publish, one batch on every node
+                await a.publish(envelope)
+            await lb.wait_for(lambda e: len(e) == 51, timeout=10)
+            got = lb.envelopes[1:]
+            assert a.counters["batches_sent"] == 1
+            assert [(e.payload, e.sender, e.binary, e.id) for e in got] == [
+                (e.payload, e.sender, e.binary, e.id) for e in burst]
+            positions = [e.sequence for e in lb.envelopes]
+            assert positions == list(range(positions[0] or 0, (positions[0] or 0) + 51)), "consecutive, in order"
+            assert [e.sequence for e in la.envelopes] == positions, "the same positions on both nodes"
+
+    run(scenario(), timeout=30)
+
+
+def test_batch_encoding_round_trips_and_refuses_anything_else() -> None:
+    from forge_streaming_mqtt import batch
+
+    items = [batch.Item(b'{"n":1}', "s:1"), batch.Item(b"\x00\xff" * 3, "s:2", "ws-1", True, "id-2")]
+    encoded = batch.encode(items)
+    assert batch.decode(encoded, 2) == items
+    for payload, expected in [(encoded, 3), (encoded, 1), (encoded[:-1], 2), (encoded + b"\x00", 2),
+                              (b"", 1), (encoded, 0), (encoded, batch.MAX_ITEMS + 1)]:
+        with pytest.raises(ValueError):
+            batch.decode(payload, expected)
+    bad_header = batch.encode([batch.Item(b"x", "s:1")]).replace(b'"c"', b'"x"')
+    with pytest.raises(ValueError):
+        batch.decode(bad_header, 1)

@@ -3,7 +3,9 @@
 A room message goes to the broker once (``.../submit``), is numbered by the
 sequencer (sequencer.py) and comes back once to every node listening to
 the room (``.../messages``), its own node included: every node hears the
-room's messages in one order, under the same positions. Presence notices
+room's messages in one order, under the same positions. The messages a
+node publishes to one room within one turn of its event loop travel as
+one batch (batch.py). Presence notices
 skip the sequencer. While the broker is unreachable (or before any
 sequencer is known), outgoing messages wait in a bounded buffer (oldest
 dropped first, counted); once reconnected the node resubscribes, flushes
@@ -33,6 +35,7 @@ from forge_streaming import (
     StreamingConfig,
 )
 
+from . import batch
 from .continuity import DUPLICATE, MALFORMED, Continuity, Numbering
 from .ingest import parse_device_payload
 from .link import MqttLink, Sent, publish_properties, read_user_properties
@@ -41,6 +44,7 @@ from .settings import SECTION, MqttSettings
 from .topics import (
     MAX_NODE_ID_LENGTH,
     MAX_POSITION,
+    PROP_BATCH,
     PROP_BINARY,
     PROP_COUNT,
     PROP_ID,
@@ -88,6 +92,8 @@ class MqttPubSub(PubSubBackend):
         self._buffer: deque[_Outgoing] = deque()
         self._ready = False  # connected and resubscribed: publish goes straight out (room messages: once sequenced)
         self._flushing = False  # the buffer is being sent: new messages queue behind it
+        self._batches: dict[str, list[tuple[Envelope, str]]] = {}  # room -> (message, its count), this loop turn
+        self._submit_scheduled = False
         self._gap = False  # a connection was lost (or never made): resync on the next connect
         # history requests in flight: correlation -> (room, since, answer); a reply must match its request
         self._pending: dict[bytes, tuple[str, int, asyncio.Future[list[Envelope]]]] = {}
@@ -188,7 +194,8 @@ class MqttPubSub(PubSubBackend):
 
     async def _flush(self) -> None:
         """Send what waited for the broker (or for a sequencer), in order, before anything newer."""
-        assert self._link is not None
+        if self._flushing or self._link is None:
+            return
         self._flushing = True
         flushed = 0
         while self._buffer:
@@ -228,31 +235,67 @@ class MqttPubSub(PubSubBackend):
 
     async def publish(self, envelope: Envelope) -> None:
         room = envelope.room
+        while self._flushing and self._ready:  # the broker is behind: this publisher waits its turn
+            self.counters["publish_waits"] += 1
+            await asyncio.sleep(0.001)
+        if envelope.kind is EnvelopeKind.MESSAGE:  # to the sequencer, with what this loop turn adds to the room
+            count = self._numbering.next(room)  # numbered per origin to see losses and duplicates
+            pending = self._batches.get(room)
+            if pending is not None:
+                pending.append((envelope, count))
+                return
+            self._batches[room] = [(envelope, count)]
+            if not self._submit_scheduled:
+                self._submit_scheduled = True
+                asyncio.get_running_loop().call_soon(self._submit)
+            return
+        self._send(self.topics.messages(room), envelope.payload, self._properties(envelope), self._qos)
+
+    def _properties(self, envelope: Envelope, count: str | None = None) -> UserProperties:
         pairs = [(PROP_KIND, envelope.kind.value), (PROP_NODE, envelope.node or self._node)]
-        if envelope.kind is EnvelopeKind.MESSAGE:  # numbered per origin to see losses; notices take another path
-            pairs.append((PROP_COUNT, self._numbering.next(room)))
+        if count is not None:
+            pairs.append((PROP_COUNT, count))
         if envelope.sender is not None:
             pairs.append((PROP_SENDER, envelope.sender))
         if envelope.binary:
             pairs.append((PROP_BINARY, "1"))
         if envelope.id is not None:
             pairs.append((PROP_ID, envelope.id))
-        props = UserProperties(pairs)
-        if envelope.kind is EnvelopeKind.MESSAGE:
-            # to the sequencer, at QoS 1: while no node holds the role the broker queues it in the role's session
-            topic, qos, open_ = self.topics.submit(room), 1, self._sequenced
-        else:
-            topic, qos, open_ = self.topics.messages(room), self._qos, True
-        while open_ and self._ready and not self._flushing and self._link is not None:
-            sent = self._link.publish_nowait(topic, envelope.payload, qos=qos, properties=props)
+        return UserProperties(pairs)
+
+    def _submit(self) -> None:
+        """Submit this loop turn's room messages, one publish per room (QoS 1: while no node holds the
+        sequencer role, the broker queues them in the role's session)."""
+        self._submit_scheduled = False
+        batches, self._batches = self._batches, {}
+        held = not (self._sequenced and self._ready) or self._flushing or bool(self._buffer)
+        for room, pending in batches.items():
+            if held:  # kept one by one, as outgoing_buffer counts them, and sent so when the broker is back
+                for envelope, count in pending:
+                    self._hold(self.topics.submit(room), envelope.payload, self._properties(envelope, count), 1)
+                continue
+            if len(pending) == 1:  # alone: the frame itself, its fields in user properties
+                envelope, count = pending[0]
+                payload, props = envelope.payload, self._properties(envelope, count)
+            else:
+                first = pending[0][0]
+                payload = batch.encode([batch.Item(e.payload, count, e.sender, e.binary, e.id) for e, count in pending])
+                props = UserProperties([(PROP_KIND, EnvelopeKind.MESSAGE.value), (PROP_NODE, first.node or self._node),
+                                        (PROP_BATCH, str(len(pending)))])
+                self.counters["batches_sent"] += 1
+            self._send(self.topics.submit(room), payload, props, 1, ready=self._sequenced)
+
+    def _send(self, topic: str, payload: bytes, props: UserProperties, qos: int, *, ready: bool = True) -> None:
+        """Publish now if the link takes it; otherwise keep it, in order, for the flush."""
+        if ready and self._ready and not self._flushing and not self._buffer and self._link is not None:
+            sent = self._link.publish_nowait(topic, payload, qos=qos, properties=props)
             if sent is Sent.OK:
                 return
-            if sent is Sent.DOWN:
-                break
-            # Backpressure: the broker acknowledges slower than we publish; this publisher waits its turn.
-            self.counters["publish_waits"] += 1
-            await asyncio.sleep(0.001)
-        self._hold(topic, envelope.payload, props, qos)
+            if sent is Sent.FULL:  # the broker acknowledges slower than we publish: the flush sends it
+                self._hold(topic, payload, props, qos)
+                asyncio.get_running_loop().create_task(self._flush_quietly(), name="forge-mqtt-flush")
+                return
+        self._hold(topic, payload, props, qos)
 
     def _on_marks(self, node: str, message: aiomqtt.Message) -> None:
         """The sequencer's last position per room (sequencer.py): one above what this node heard is a hole."""
@@ -328,55 +371,60 @@ class MqttPubSub(PubSubBackend):
                             "publish to %s", message.topic.value, self.topics.publish(room))
             return
         kind = EnvelopeKind.NOTICE if props.get(PROP_KIND) == EnvelopeKind.NOTICE.value else EnvelopeKind.MESSAGE
-        sequence = None
-        if kind is EnvelopeKind.MESSAGE:
-            text, before = props.get(PROP_SEQUENCE), props.get(PROP_PREVIOUS)
-            if text is None:  # a room message the sequencer never numbered: not from a node of this version
-                self.counters["unnumbered_dropped"] += 1
-                if _milestone(self.counters["unnumbered_dropped"]):
-                    log.warning("MQTT pubsub: dropped a room message on %r without a position: every node of a "
-                                "cluster must run the same forge-streaming-mqtt (room messages go through the "
-                                "sequencer)", message.topic.value)
+        payload = message.payload if isinstance(message.payload, bytes) else bytes(str(message.payload), "utf-8")
+        if kind is EnvelopeKind.NOTICE:
+            self._listener.on_envelope(Envelope(room=room, payload=payload, kind=kind, sender=props.get(PROP_SENDER),
+                                                node=node))
+            return
+        text, before, size = props.get(PROP_SEQUENCE), props.get(PROP_PREVIOUS), props.get(PROP_BATCH)
+        if text is None:  # a room message the sequencer never numbered: not from a node of this version
+            self.counters["unnumbered_dropped"] += 1
+            if _milestone(self.counters["unnumbered_dropped"]):
+                log.warning("MQTT pubsub: dropped a room message on %r without a position: every node of a "
+                            "cluster must run the same forge-streaming-mqtt (room messages go through the "
+                            "sequencer)", message.topic.value)
+            return
+        sequence = wire_number(text)
+        if sequence is None:
+            self._refuse_number(message.topic.value, PROP_SEQUENCE, text)
+            return
+        previous = None if before is None else wire_number(before)
+        if before is not None and previous is None:
+            self._refuse_number(message.topic.value, PROP_PREVIOUS, before)
+            return
+        if size is None:
+            items = [batch.Item(payload, props.get(PROP_COUNT) or "", props.get(PROP_SENDER),
+                                props.get(PROP_BINARY) == "1", props.get(PROP_ID))]
+        else:
+            try:  # before the positions move on: a batch that cannot be read is a hole, seen at the next message
+                items = batch.decode(payload, wire_number(size) or 0)
+            except (ValueError, RecursionError) as exc:
+                self.counters["bad_batches"] += 1
+                log.warning("MQTT pubsub: dropped a batch on %r: %s", message.topic.value, exc)
                 return
-            sequence = wire_number(text)
-            if sequence is None:
-                self._refuse_number(message.topic.value, PROP_SEQUENCE, text)
+        verdict = self._positions.check(room, sequence, previous, len(items))
+        if verdict is not Positions.NEXT:
+            if verdict == Positions.STALE:
+                self.counters["stale_dropped"] += 1
+            self._on_position_hole(room, sequence, stale=verdict == Positions.STALE)
+            if verdict == Positions.STALE:
                 return
-            previous = None if before is None else wire_number(before)
-            if before is not None and previous is None:
-                self._refuse_number(message.topic.value, PROP_PREVIOUS, before)
-                return
-            verdict = self._positions.check(room, sequence, previous)
-            if verdict is not Positions.NEXT:
-                if verdict == Positions.STALE:
-                    self.counters["stale_dropped"] += 1
-                self._on_position_hole(room, sequence, stale=verdict == Positions.STALE)
-                if verdict == Positions.STALE:
-                    return
-        count = props.get(PROP_COUNT)
-        if count is not None:
-            missing = self._continuity.check(room, node, count)
-            if missing == DUPLICATE:
-                self.counters["duplicates_dropped"] += 1
-                return
-            if missing == MALFORMED:
-                self._refuse_number(message.topic.value, PROP_COUNT, count)
-                return
-            if missing:
-                self._on_hole(room, node, missing)
-        envelope = Envelope(
-            room=room,
-            payload=message.payload if isinstance(message.payload, bytes) else bytes(str(message.payload), "utf-8"),
-            kind=kind,
-            sequence=sequence,
-            sender=props.get(PROP_SENDER),
-            node=node,
-            binary=props.get(PROP_BINARY) == "1",
-            id=props.get(PROP_ID),
-        )
-        if envelope.sequence is not None:
+        listener = self._listener
+        for offset, item in enumerate(items):
+            if item.count:
+                missing = self._continuity.check(room, node, item.count)
+                if missing == DUPLICATE:
+                    self.counters["duplicates_dropped"] += 1
+                    continue
+                if missing == MALFORMED:
+                    self._refuse_number(message.topic.value, PROP_COUNT, item.count)
+                    continue
+                if missing:
+                    self._on_hole(room, node, missing)
+            envelope = Envelope(room=room, payload=item.payload, kind=kind, sequence=sequence + offset,
+                                sender=item.sender, node=node, binary=item.binary, id=item.id)
             self._logs.record(envelope)
-        self._listener.on_envelope(envelope)
+            listener.on_envelope(envelope)
 
     def _refuse_number(self, topic: str, what: str, value: str) -> None:
         """A number from the wire out of bounds (only a forger or a bug sends one): the message is dropped."""

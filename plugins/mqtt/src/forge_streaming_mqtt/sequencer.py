@@ -50,9 +50,10 @@ from collections.abc import Callable
 
 import aiomqtt
 
+from . import batch
 from .link import MqttLink, Sent
 from .settings import MqttSettings
-from .topics import MAX_NODE_ID_LENGTH, PROP_PREVIOUS, PROP_SEQUENCE, Topics, valid_id
+from .topics import MAX_NODE_ID_LENGTH, PROP_BATCH, PROP_PREVIOUS, PROP_SEQUENCE, Topics, valid_id
 from .wire import UserProperties
 
 log = logging.getLogger("forge_streaming.mqtt")
@@ -97,11 +98,12 @@ class Positions:
     def __init__(self) -> None:
         self._last: dict[str, int] = {}
 
-    def check(self, room: str, position: int, previous: int | None) -> int:
+    def check(self, room: str, position: int, previous: int | None, count: int = 1) -> int:
+        """``count`` messages from ``position`` on (a batch), the room's position before them ``previous``."""
         last = self._last.get(room)
         if last is not None and position <= last:
             return self.STALE
-        self._last[room] = position
+        self._last[room] = position + count - 1
         if last is None or previous == last:
             return self.NEXT
         return self.HOLE
@@ -216,7 +218,8 @@ class Sequencer:
 
     # -- numbering (hot path on the sequencer's node) ---------------------------------
 
-    def _next(self, room: str) -> tuple[int, int | None]:
+    def _next(self, room: str, count: int) -> tuple[int, int | None]:
+        """The first of ``count`` positions for ``room``, and the room's position before them."""
         last = self._last.get(room)
         if last is None:
             last = self._heard(room)
@@ -225,7 +228,7 @@ class Sequencer:
         else:
             self._last.move_to_end(room)
         position = last + 1 if last is not None else time.time_ns() // 1000
-        self._last[room] = position
+        self._last[room] = position + count - 1
         return position, last
 
     def _on_submit(self, message: aiomqtt.Message) -> None:
@@ -241,7 +244,13 @@ class Sequencer:
             return
         room = parsed[0]
         props = getattr(message.properties, "UserProperty", None) or []
-        position, previous = self._next(room)
+        size = next((v for k, v in props if k == PROP_BATCH), "1")
+        count = int(size) if size.isascii() and size.isdigit() and len(size) <= 5 else 0
+        if not 0 < count <= batch.MAX_ITEMS:
+            self._counters["bad_batches"] += 1
+            link.ack(message)
+            return
+        position, previous = self._next(room, count)
         pairs = [(k, v) for k, v in props if k not in (PROP_SEQUENCE, PROP_PREVIOUS)]
         pairs.append((PROP_SEQUENCE, str(position)))
         if previous is not None:

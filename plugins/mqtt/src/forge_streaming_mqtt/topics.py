@@ -38,6 +38,7 @@ PROP_NODE = "forge-node"
 PROP_BINARY = "forge-binary"  # "1" on a binary room message (Envelope.binary); absent on text
 PROP_COUNT = "forge-count"  # "{stream}:{number}", numbered per room by the publishing node (continuity.py)
 PROP_PREVIOUS = "forge-previous"  # the room's position before this message, as the sequencer gave it (sequencer.py)
+PROP_BATCH = "forge-batch"  # on a batch of room messages: how many (batch.py)
 PROP_ID = "forge-id"  # the message id, when its publisher waits for the position (Envelope.id)
 
 
