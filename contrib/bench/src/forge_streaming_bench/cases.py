@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
+import json
 import math
+import os
 import shutil
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,45 +215,103 @@ def memory(opts: Options) -> Case:
     return case
 
 
+CAPACITY_ROOM = 100
+"""Members per room in the capacity case (presence costs a notice to every member per join: rooms of 50,000
+would cost 2.5 billion of them)."""
+
+
 def capacity(opts: Options) -> Case:
-    """(3b) The most concurrent connections one node holds, up to ``capacity_target``.
+    """(3b) The most concurrent connections one node holds, up to ``capacity_target``, each in a room.
 
     Spread over several load processes (each under its own fd limit) and
     several 127.0.0.x source addresses (the ephemeral ports per address pair).
+    One process alone on the memory backend, then ``serve --workers W`` over
+    Mosquitto, with as many workers as the fd limit needs for the target.
+    Once all are held, one message is published into every room.
     """
     case = Case("capacity", f"Concurrent connections on one node (target {opts.capacity_target:,})")
     started = time.monotonic()
-    kinds = _kinds(opts, ["ours"], case)
+    _kinds(opts, ["ours"], case)
     per_process = max(1000, (opts.fd_limit or 20_000) - 500)
-    processes = math.ceil(opts.capacity_target / per_process)
-    for kind in kinds:
-        with servers.start(kind, opts.workdir) as running:
-            share = math.ceil(opts.capacity_target / processes)
-            budget = 30 + opts.capacity_target * 0.004  # seconds to open them all: 230 s for 50,000
-            hold_until = time.time() + budget
-            specs = [{"scenario": "idle", "connections": share, "dialect": kind.dialect,
-                      "targets": [{"port": running.port}], "pids": [running.pid], "hold": 3.0,
-                      "hold_until": hold_until, "hard_timeout": budget + 60, "concurrency": 200,
-                      "connect_timeout": 5, "stop_after_failures": 200, "source_offset": i}
-                     for i in range(processes)]
-            with concurrent.futures.ThreadPoolExecutor(processes) as pool:
-                results = list(pool.map(run_loadgen, specs))
-            held = sum(r.get("held", 0) for r in results)
-            server_fds = max((r.get("server_fds", 0) for r in results), default=0)
-            errors = sorted({r.get("last_error") or r.get("error", "") for r in results} - {""})
-            alive = running.proc.poll() is None
-            case.rows.append({"server": kind.name, "label": kind.label, "target": opts.capacity_target,
-                              "held": held, "server_fds": server_fds, "processes": processes,
-                              "failures": sum(r.get("failures", 0) for r in results),
-                              "errors": errors[:3], "server_alive": alive})
+    workers = max(2, math.ceil(opts.capacity_target / max(1000, (opts.fd_limit or 20_000) - 2000)))
+    try:
+        with _ours_node(opts.workdir, None, 0) as running:
+            case.rows.append(_hold(opts, running.port, [running.pid], per_process, "forge-streaming, one process",
+                                   lambda: running.proc.poll() is None))
+    except Exception as exc:
+        case.rows.append({"server": "ours", "label": "forge-streaming, one process", "error": str(exc)[:300]})
+    if shutil.which("mosquitto") is None:
+        case.not_measured["workers"] = "mosquitto not installed (apt install mosquitto)"
+    else:
+        label = f"forge-streaming, {workers} workers over Mosquitto"
+        try:
+            with _mosquitto(opts.workdir) as broker, \
+                    _ours_node(opts.workdir, broker.port, 0, {"server": {"workers": workers}}) as node:
+                pids = _worker_pids(node.port, workers)
+                case.rows.append(_hold(opts, node.port, pids, per_process, label,
+                                       lambda: all(_alive(pid) for pid in pids), workers=workers))
+        except Exception as exc:
+            case.rows.append({"server": "workers", "label": label, "error": str(exc)[:300]})
     case.notes.append(
-        f"Idle WebSocket connections (handshake done, no room) opened by {processes} load-generator process(es) "
-        f"at most 200 handshakes at a time, each process stopping after 200 failed attempts; 'held' is counted "
-        f"by all processes at one instant, 3 s after the opening budget. RLIMIT_NOFILE in force for every "
-        f"process, the server's included: {opts.fd_limit:,}, so one node cannot hold more than about that many "
-        "here; a failed attempt past it is a handshake the server never answered (accept() fails with EMFILE).")
+        f"Idle WebSocket connections opened by several load-generator processes at most 200 handshakes at a "
+        f"time (each stopping after 200 failed attempts), each joining a room of {CAPACITY_ROOM}; 'held' is "
+        f"counted by all processes at one instant, 3 s after the opening budget; then the first member of every "
+        f"room publishes one message and the others' deliveries are counted. RLIMIT_NOFILE in force for every "
+        f"process, the servers' included: {opts.fd_limit:,}, so one process cannot hold more than about that "
+        "many here (a failed attempt past it is a handshake never answered: accept() fails with EMFILE); "
+        "workers each hold their share. Memory: the servers' RSS growth (all workers) per connection held.")
     case.seconds = time.monotonic() - started
     return case
+
+
+def _hold(opts: Options, port: int, pids: list[int], per_process: int, label: str, alive: Callable[[], bool], *,
+          workers: int = 1) -> dict[str, Any]:
+    processes = math.ceil(opts.capacity_target / per_process)
+    share = math.ceil(opts.capacity_target / processes)
+    budget = 30 + opts.capacity_target * 0.004  # seconds to open them all: 230 s for 50,000
+    hold_until = time.time() + budget
+    specs = [{"scenario": "idle", "connections": share, "dialect": "room", "room_size": CAPACITY_ROOM,
+              "targets": [{"port": port}], "pids": pids, "hold": 3.0,
+              "hold_until": hold_until, "hard_timeout": budget + 150, "concurrency": 200,
+              "connect_timeout": 5, "stop_after_failures": 200, "source_offset": i}
+             for i in range(processes)]
+    with concurrent.futures.ThreadPoolExecutor(processes) as pool:
+        results = list(pool.map(run_loadgen, specs))
+    held = sum(r.get("held", 0) for r in results)
+    errors = sorted({r.get("last_error") or r.get("error", "") for r in results} - {""})
+    grown = sum(r.get("rss_after", 0) - r.get("rss_before", 0) for r in results) / max(1, processes)
+    return {"server": "ours" if workers == 1 else "workers", "label": label, "target": opts.capacity_target,
+            "workers": workers, "held": held, "server_fds": max((r.get("server_fds", 0) for r in results), default=0),
+            "processes": processes, "failures": sum(r.get("failures", 0) for r in results),
+            "open_seconds": max((r.get("open_seconds", 0) for r in results), default=0),
+            "kb_per_connection": grown / max(1, held) / 1024 * processes if held else None,
+            "deliveries": sum(r.get("deliveries", 0) for r in results),
+            "deliveries_expected": sum(r.get("deliveries_expected", 0) for r in results),
+            "deliver_seconds": max((r.get("deliver_seconds", 0) for r in results), default=0),
+            "errors": errors[:3], "server_alive": alive()}
+
+
+def _worker_pids(port: int, workers: int, timeout: float = 60) -> list[int]:
+    """The PIDs of a node's workers, from its /healthz once every worker is up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                listed = json.loads(response.read()).get("workers", [])
+            if len(listed) == workers and all(w.get("ok") for w in listed):
+                return [int(w["pid"]) for w in listed]
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{workers} workers not healthy on port {port} within {timeout:.0f}s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 SSE_ROUNDS = 3  # alternating SSE and WebSocket runs on one server: the SSE/WS ratio is paired per round
@@ -330,7 +392,7 @@ def _ours_node(workdir: Path, broker_port: int | None, index: int,
     plugins = None
     if broker_port is not None:
         extra |= {"pubsub": {"backend": "mqtt", "mqtt": {"url": f"mqtt://127.0.0.1:{broker_port}"}},
-                 "server": {"node_id": f"bench-{index}"}}
+                  "server": {**extra.get("server", {}), "node_id": f"bench-{index}"}}
         plugins = [*servers.FIRST_PARTY, "mqtt"]
     config = servers.ours_config(workdir / f"node-{index}-{port}.yaml", plugins=plugins, extra=extra)
     command = [str(Path(sys.executable).parent / "forge-streaming"), "serve", "--host", "127.0.0.1",

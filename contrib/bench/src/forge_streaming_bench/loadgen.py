@@ -323,11 +323,16 @@ async def echo(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 async def idle(spec: dict[str, Any]) -> dict[str, Any]:
-    """Open C idle connections; report the server's RSS growth per connection, or how many it held."""
-    count, targets, pid = spec["connections"], spec["targets"], spec["pids"][0]
+    """Open C idle connections; report the server's RSS growth per connection, or how many it held.
+
+    With ``room_size``, they join rooms of that many (named per load process), and once all are held
+    the first member of each room publishes one message into it: how many members got it, how fast.
+    RSS and open fds are summed over every PID of ``pids`` (a node's workers).
+    """
+    count, targets, pids = spec["connections"], spec["targets"], spec["pids"]
     stats = Stats()
     await asyncio.sleep(0.5)
-    rss0 = procstat.rss_bytes(pid)
+    rss0 = sum(procstat.rss_bytes(pid) for pid in pids)
     t0 = time.monotonic()
     # Several load processes meet at one wall-clock instant, so "held" is a simultaneous snapshot.
     hold_until = spec.get("hold_until")
@@ -337,19 +342,49 @@ async def idle(spec: dict[str, Any]) -> dict[str, Any]:
         concurrency=spec.get("concurrency", 200), timeout=spec.get("connect_timeout", 10),
         stop_after_failures=spec.get("stop_after_failures", 500), source_offset=spec.get("source_offset"))
     open_seconds = time.monotonic() - t0
+    rooms: dict[str, list[WsConn]] = {}
+    size = spec.get("room_size")
+    if size:
+        for i, conn in enumerate(conns):
+            rooms.setdefault(f"cap-{spec.get('source_offset') or 0}-{i // size}", []).append(conn)
+        joins = await asyncio.gather(*(_join_all(members, room, t0 + budget + 60) for room, members in rooms.items()))
+        joined = sum(joins)
+        open_seconds = time.monotonic() - t0
     wait = (hold_until - time.time()) if hold_until else 0
     await asyncio.sleep(max(0.0, wait) + spec.get("hold", 2.0))
-    rss1 = procstat.rss_bytes(pid)
+    rss1 = sum(procstat.rss_bytes(pid) for pid in pids)
     held = sum(1 for c in conns if not c.closed)
-    server_fds = len(os.listdir(f"/proc/{pid}/fd"))
-    for conn in conns:
-        conn.close()
-    return {
+    server_fds = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
+    result = {
         "attempted": count, "opened": len(conns), "held": held, "server_fds": server_fds,
         "failures": failures, "last_error": error,
         "rss_before": rss0, "rss_after": rss1,
         "kb_per_connection": (rss1 - rss0) / max(1, held) / 1024, "open_seconds": open_seconds,
     }
+    if size:
+        result |= await _one_message_per_room(rooms, stats, spec.get("deliver_timeout", 60))
+        result["joined"] = joined
+    for conn in conns:
+        conn.close()
+    return result
+
+
+async def _one_message_per_room(rooms: dict[str, list[WsConn]], stats: Stats, timeout: float) -> dict[str, Any]:
+    """The first member of every room publishes one message; count the others' deliveries until all came."""
+    expected = 0
+    for members in rooms.values():
+        for conn in members[1:]:
+            conn.counting = True
+            expected += 0 if conn.closed else 1
+    stats.received = 0
+    t0 = time.monotonic()
+    for room, members in rooms.items():
+        if not members[0].closed:
+            members[0].send(members[0].dialect.message(room, _payload(0)))
+    while stats.received < expected and time.monotonic() - t0 < timeout:
+        await asyncio.sleep(0.01)
+    return {"deliveries_expected": expected, "deliveries": stats.received,
+            "deliver_seconds": (stats.last_receive or time.monotonic()) - t0}
 
 
 SCENARIOS = {"fanout": fanout, "echo": echo, "idle": idle}

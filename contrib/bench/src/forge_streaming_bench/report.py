@@ -166,10 +166,19 @@ def memory_section(case: Case) -> list[str]:
 
 
 def capacity_section(case: Case) -> list[str]:
-    table = [[r["label"], f"{r['target']:,}", f"{r['held']:,}", f"{r.get('server_fds', 0):,}", f"{r['failures']:,}",
-              str(r["server_alive"]), "; ".join(r["errors"])[:200] or "-"] for r in case.rows]
-    return _table(["server", "target", "held (clients' count)", "server's open fds", "failed attempts",
-                   "server alive after", "first errors"], table) + [""]
+    table = []
+    for r in case.rows:
+        if "error" in r:
+            table.append([r["label"], f"error: {r['error'][:160]}"] + [""] * 8)
+            continue
+        delivered = f"{r.get('deliveries', 0):,} of {r.get('deliveries_expected', 0):,}"
+        table.append([r["label"], f"{r['target']:,}", f"{r['held']:,}", _f(r.get("kb_per_connection"), 1),
+                      _f(r.get("open_seconds"), 0), delivered, _f(r.get("deliver_seconds"), 2),
+                      f"{r.get('server_fds', 0):,}", f"{r['failures']:,}",
+                      f"{r['server_alive']}" + (f"; {'; '.join(r['errors'])[:160]}" if r.get("errors") else "")])
+    return _table(["server", "target", "held (clients' count)", "KB per connection", "seconds to open and join",
+                   "deliveries of one message per room", "seconds to deliver", "server's open fds (largest process)",
+                   "failed attempts", "alive after; first errors"], table) + [""]
 
 
 def mqtt_section(case: Case) -> list[str]:
@@ -251,9 +260,13 @@ def targets(cases: dict[str, Case]) -> list[list[str]]:
         f"{kb:.1f} KB at {at:,}" if kb is not None else "", kb is not None and kb <= 16 and at >= 10_000,
         "needs >= 10,000 held to count as met")
     cap = cases.get("capacity")
-    held = cap.rows[0]["held"] if cap and cap.rows else None
-    add("50,000 concurrent connections held on one node", held, f"{held:,} held" if held is not None else "",
-        held is not None and held >= 50_000, "see capacity notes")
+    held_rows = [r for r in cap.rows if "error" not in r] if cap else []
+    best = max(held_rows, key=lambda r: int(r["held"])) if held_rows else None
+    held = best["held"] if best else None
+    delivered = best is not None and best.get("deliveries", 0) >= best.get("deliveries_expected", 1) > 0
+    add("50,000 connections held on one node (with workers), each delivered a room publish", held,
+        f"{held:,} held by {best['label']}; {best.get('deliveries', 0):,} of {best.get('deliveries_expected', 0):,} "
+        "delivered" if best else "", held is not None and held >= 50_000 and delivered, "see capacity notes")
 
     mq = cases.get("mqtt")
     one = _ours(mq.rows, server="one-node") if mq else None
