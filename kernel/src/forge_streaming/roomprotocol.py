@@ -21,6 +21,8 @@ from .membership import Membership
 if TYPE_CHECKING:
     from .service import Streaming
 
+_MESSAGES_IN: dict[str, str] = {}  # transport -> its counter's name, formatted once
+
 
 class RoomProtocol:
     """Reads and acts on room-protocol frames for one service.
@@ -76,9 +78,11 @@ class RoomProtocol:
             await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     async def _act(self, conn: Connection, frame: ClientFrame) -> None:
-        for result in await self._s.plugins.acall("streaming_message_received", connection=conn, frame=frame):
-            if result is False:
-                return
+        plugins = self._s.plugins
+        if plugins.implemented("streaming_message_received"):  # else no coroutine is made per frame
+            for result in await plugins.acall("streaming_message_received", connection=conn, frame=frame):
+                if result is False:
+                    return
         room = frame.room_id
         if frame.type == "join":
             await self._membership.join(conn, room, since=frame.since)
@@ -89,7 +93,10 @@ class RoomProtocol:
         elif room not in conn.rooms:
             raise ProtocolError("not_member", f"join room {room!r} before sending to it")
         elif frame.type == "message":
-            self._counters[f"messages_in.{conn.transport}"] += 1
+            counter = _MESSAGES_IN.get(conn.transport)
+            if counter is None:
+                counter = _MESSAGES_IN[conn.transport] = f"messages_in.{conn.transport}"
+            self._counters[counter] += 1
             await self._fanout.publish(room, frame.data, sender=conn, wait=False)
         elif frame.type == "typing":
             await self._fanout.notify(room, frames.presence_frame("typing", room_id=room, user_id=conn.user_id,

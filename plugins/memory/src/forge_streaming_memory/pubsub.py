@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import ClassVar
 
 from forge_streaming import BackendListener, Envelope, EnvelopeKind, PubSubBackend, StreamingConfig, hookimpl
@@ -73,8 +72,9 @@ class MemoryPubSub(PubSubBackend):
         self._rooms.clear()
 
     async def publish(self, envelope: Envelope) -> None:
-        if envelope.kind is EnvelopeKind.MESSAGE:
-            envelope = replace(envelope, sequence=self._positions.next(envelope.room))
+        if envelope.kind is EnvelopeKind.MESSAGE:  # built directly: dataclasses.replace costs twice as much
+            envelope = Envelope(envelope.room, envelope.payload, envelope.kind, self._positions.next(envelope.room),
+                                envelope.sender, envelope.node, envelope.binary, envelope.id)
         if self._listener is not None and envelope.room in self._rooms:
             self._listener.on_envelope(envelope)
 
