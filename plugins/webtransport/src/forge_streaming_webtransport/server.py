@@ -6,10 +6,15 @@ own checks (a path served, the origin, ``webtransport.max_sessions``)
 becomes a :class:`WebTransportSession` that the kernel runs from there:
 ``streaming.serve_connection(session, handler)``.
 
-Transmits are batched: anything that writes to a QUIC connection marks its
+Writes and transmits are batched: anything that writes to a QUIC
+connection, and every datagram it receives, marks its
 :class:`WebTransportProtocol` on the kernel's flush scheduler, which calls
-its ``flush()`` (one ``transmit()``) once at the end of the loop iteration,
-so a burst of deliveries costs one transmit per client.
+its ``flush()`` once at the end of the loop iteration. Room frames written
+to a message stream during the iteration wait in the protocol and go to
+aioquic there as one stream write per stream, then one ``transmit()``
+builds the packets: a burst of deliveries costs one write and one transmit
+per client, and the ACKs that came in meanwhile cost no transmit of their
+own.
 """
 
 from __future__ import annotations
@@ -55,8 +60,13 @@ class WebTransportProtocol(aioquic_adapter.QuicProtocolBase):
         self.h3: H3Connection | None = None
         self.sessions: dict[int, WebTransportSession] = {}
         self._connection = self.quic  # looked up once: the hot path uses it per delivery
+        if not server.settings.pacing:
+            aioquic_adapter.disable_pacing(self._connection)
         self._terminated = False
         self._dirty = False
+        self._pending: dict[int, list[bytes]] = {}
+        """Bytes written with ``write_counted`` this loop iteration, per stream, not handed to aioquic yet."""
+        self._pending_size: dict[int, int] = {}
         self._scheduler = server.scheduler
         self._refused_streams: set[int] = set()
         self._requested = False
@@ -77,27 +87,64 @@ class WebTransportProtocol(aioquic_adapter.QuicProtocolBase):
             self._scheduler.mark(self)
 
     def flush(self) -> None:
-        """Send what was written during this loop iteration (the flush scheduler calls this)."""
+        """Write what was queued during this loop iteration, then send it (the flush scheduler calls this)."""
         self._dirty = False
+        if self._pending:
+            self._write_pending()
         if not self._terminated:
             self.transmit()
 
+    def _write_pending(self) -> None:
+        """Hand every stream's queued frames to aioquic, one write per stream."""
+        pending, self._pending = self._pending, {}
+        self._pending_size = {}
+        if self._terminated:
+            return
+        connection = self._connection
+        for stream_id, chunks in pending.items():
+            try:
+                connection.send_stream_data(stream_id, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            except Exception as exc:  # the client stopped the stream this iteration: aioquic reset it
+                log.debug("stream %d: %d queued bytes dropped: %r", stream_id, sum(map(len, chunks)), exc)
+
+    def _write_stream(self, stream_id: int) -> None:
+        """Hand ``stream_id``'s queued frames to aioquic now (before anything else on it)."""
+        chunks = self._pending.pop(stream_id, None)
+        if chunks is not None:
+            del self._pending_size[stream_id]
+            self._connection.send_stream_data(stream_id, b"".join(chunks))
+
+    def send_datagrams(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        sender = self.server.sender
+        if sender is not None:
+            sender.send(datagrams)
+        else:
+            super().send_datagrams(datagrams)
+
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        if stream_id in self._pending:
+            self._write_stream(stream_id)
         self._connection.send_stream_data(stream_id, data, end_stream)
         self.schedule_transmit()
 
     def write_counted(self, stream_id: int, data: bytes) -> int:
-        """Send ``data`` on ``stream_id``; return the bytes on it the client has not acknowledged (hot path)."""
-        connection = self._connection
-        connection.send_stream_data(stream_id, data)
-        if not self._dirty:
-            self._dirty = True
-            self._scheduler.mark(self)
-        return aioquic_adapter.unacked_bytes(connection, stream_id)
+        """Queue ``data`` on ``stream_id`` until the end of the loop iteration; return the bytes on it
+        the client has not acknowledged, queued ones included (hot path)."""
+        chunks = self._pending.get(stream_id)
+        if chunks is None:
+            self._pending[stream_id] = [data]
+            queued = self._pending_size[stream_id] = len(data)
+            if not self._dirty:
+                self._dirty = True
+                self._scheduler.mark(self)
+        else:
+            chunks.append(data)
+            queued = self._pending_size[stream_id] = self._pending_size[stream_id] + len(data)
+        return aioquic_adapter.unacked_bytes(self._connection, stream_id) + queued
 
     def unacked(self, stream_id: int) -> int:
-        """Bytes written to ``stream_id`` that the client has not acknowledged yet."""
-        return aioquic_adapter.unacked_bytes(self._connection, stream_id)
+        """Bytes written to ``stream_id`` that the client has not acknowledged yet (queued ones included)."""
+        return aioquic_adapter.unacked_bytes(self._connection, stream_id) + self._pending_size.get(stream_id, 0)
 
     def open_stream(self, session_id: int, *, unidirectional: bool) -> int:
         """Open a WebTransport stream of ``session_id`` to the client; return its id."""
@@ -123,6 +170,9 @@ class WebTransportProtocol(aioquic_adapter.QuicProtocolBase):
         """Reset our side and/or ask the client to stop sending, with ``STREAM_REJECTED``."""
         if self._terminated:
             return
+        if reset_sending and stream_id in self._pending:  # a reset discards them anyway
+            del self._pending[stream_id]
+            del self._pending_size[stream_id]
         try:
             if reset_sending:
                 self._connection.reset_stream(stream_id, STREAM_REJECTED)
@@ -186,6 +236,9 @@ class WebTransportProtocol(aioquic_adapter.QuicProtocolBase):
         elif isinstance(event, QuicStreamReset):
             self._stream_event(event.stream_id, StreamReset(event.stream_id, event.error_code))
         elif isinstance(event, StopSendingReceived):
+            if event.stream_id in self._pending:  # aioquic has reset our side: nothing more may be written
+                del self._pending[event.stream_id]
+                del self._pending_size[event.stream_id]
             self._stream_event(event.stream_id, StopSending(event.stream_id))
         elif isinstance(event, ConnectionTerminated):
             self._terminated = True
@@ -284,6 +337,8 @@ class WebTransportServer:
         self.address: tuple[str, int] | None = None
         self.scheduler: FlushScheduler = streaming.flush_scheduler
         self._quic_server: QuicServer | None = None
+        self.sender: aioquic_adapter.DatagramSender | None = None
+        """Sends the datagrams of a transmit (several per system call where the OS segments them)."""
         self._tasks: set[asyncio.Task[None]] = set()
         limits = streaming.config.limits
         self._send_limit = settings.send_buffer if settings.send_buffer is not None else limits.send_buffer
@@ -297,6 +352,7 @@ class WebTransportServer:
             is_client=False,
             alpn_protocols=H3_ALPN,
             max_datagram_frame_size=65536,
+            max_datagram_size=self.settings.max_packet_size,
             idle_timeout=idle + 5.0 if idle > 0 else 600.0,  # the session check fires first, cleanly
         )
         configuration.load_cert_chain(self.certificate.cert_file, self.certificate.key_file)
@@ -304,8 +360,8 @@ class WebTransportServer:
         def create(*args: Any, **kwargs: Any) -> WebTransportProtocol:
             return WebTransportProtocol(*args, server=self, **kwargs)
 
-        self._quic_server, self.address = await aioquic_adapter.listen(host, port, configuration=configuration,
-                                                                       create_protocol=create)
+        self._quic_server, self.address, self.sender = await aioquic_adapter.listen(
+            host, port, configuration=configuration, create_protocol=create)
 
     async def stop(self) -> None:
         """Close what the kernel's drain left open, wait for our tasks a while, then close the socket."""
@@ -323,6 +379,9 @@ class WebTransportServer:
         if self._quic_server is not None:
             self._quic_server.close()
             self._quic_server = None
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` in a task this server keeps and cancels at stop."""

@@ -25,6 +25,14 @@ class WebTransportSettings(ConfigSection):
     """A session with no data from its client for this long is closed; 0 disables the check."""
     max_datagram_size: Size = Field(1200, ge=1)
     """Largest datagram payload a handler may send or will be handed."""
+    max_packet_size: Size = Field(1350, ge=1200, le=65527)
+    """Largest UDP payload of a QUIC packet the server sends (the path MTU less the IP and UDP headers).
+    Fewer, fuller packets cost less CPU per message; a path that cannot carry them drops them, and
+    the server does no path MTU discovery. 1350 is what Google's QUIC servers send; 1452 fits any
+    Ethernet path (1500 less 48 bytes of IPv6 and UDP headers); 1200 is QUIC's minimum."""
+    pacing: bool = False
+    """Spread each congestion window over a round trip (aioquic's pacer) instead of sending what the
+    window allows at once. It costs a timer and a transmit per few packets per client."""
     send_buffer: Size | None = None
     """Unacknowledged bytes allowed on a session's message stream; None = ``limits.send_buffer``."""
     read_buffer: Size = Field(1024 * 1024, ge=1024)
