@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
-from forge_streaming import Connection, ConnectionRequest, Identity, PublishMessage, Refused, Streaming, hookimpl
+from forge_streaming import (
+    Connection,
+    ConnectionRequest,
+    Envelope,
+    EnvelopeKind,
+    Identity,
+    PublishMessage,
+    PubSubBackend,
+    Refused,
+    Streaming,
+    StreamingConfig,
+    hookimpl,
+)
 from forge_streaming.testing import open_connection
+from forge_streaming_memory.pubsub import MemoryPubSub
 
 
 @pytest.fixture
@@ -232,3 +245,51 @@ async def test_a_resync_for_one_room_reaches_that_room_only(streaming: Streaming
     streaming.on_resync("broker reconnected")
     resynced = sorted(f["data"]["room_id"] for f in alice.frames("system") if f["event"] == "resync")
     assert resynced == ["fine", "hole", "hole"]
+
+
+class HeldBackend(MemoryPubSub):
+    """A backend that numbers room messages only when told to (a broker outage, a sequencer failing over)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[Envelope] = []
+
+    async def publish(self, envelope: Envelope) -> None:
+        if envelope.kind is EnvelopeKind.MESSAGE:
+            self.held.append(envelope)
+        else:
+            await super().publish(envelope)
+
+    async def release(self) -> None:
+        held, self.held = self.held, []
+        for envelope in held:
+            await super().publish(envelope)
+
+
+class HeldBackendPlugin:
+    @hookimpl
+    def streaming_register_pubsub_backends(self) -> dict[str, Callable[[StreamingConfig], PubSubBackend]]:
+        return {"held": lambda config: HeldBackend()}
+
+
+async def test_a_publish_the_backend_does_not_number_in_time_times_out_and_is_delivered_later() -> None:
+    """publish() raises TimeoutError, POST /api/publish answers 202 without a position; both arrive once numbered."""
+    import httpx
+    from forge_streaming.testing import serve
+
+    service = Streaming({"pubsub": {"backend": "held"}, "api": {"key": "k"}}, plugins=[HeldBackendPlugin()])
+    async with serve(service) as server:
+        backend = service.backend
+        assert isinstance(backend, HeldBackend)
+        member = await open_connection(service)
+        await member.join_room("r")
+        with pytest.raises(TimeoutError, match="it may still be delivered"):
+            await service.publish("r", "from python", timeout=0.05)
+        async with httpx.AsyncClient() as http:
+            response = await http.post(f"{server.url}/api/publish", json={"room_id": "r", "data": "api"},
+                                       headers={"Authorization": "Bearer k"}, timeout=10)
+        assert response.status_code == 202
+        assert response.json()["published"] is True and response.json()["sequence"] is None
+        assert [m["data"] for m in member.frames("message")] == []
+        await backend.release()
+        assert [m["data"] for m in member.frames("message")] == ["from python", "api"]

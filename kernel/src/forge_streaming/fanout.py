@@ -69,14 +69,16 @@ class FanOut:
         self._has_published_hook = bool(self._published_hook.get_hookimpls())
 
     async def publish(self, room: str, data: Any, *, sender: Connection | None = None,
-                      user_id: str | None = None, wait: bool = True) -> int | None:
+                      user_id: str | None = None, wait: bool = True,
+                      timeout: float = POSITION_TIMEOUT) -> int | None:
         """Publish a message to ``room`` on every node; return its position, None if a hook dropped it.
 
         ``data`` is any JSON value, or ``bytes`` (also ``bytearray``, ``memoryview``) for a binary
         room message; a :class:`~forge_streaming.frames.Message` is published as its ``data``.
         Raises :class:`~forge_streaming.frames.InvalidInput` (a ``ValueError``) for an invalid room
         id, or data a browser could not parse (``NaN``, infinities, lone surrogates), and
-        ``TimeoutError`` when the engine gave no position within :data:`POSITION_TIMEOUT`.
+        ``TimeoutError`` when the engine gave no position within ``timeout`` seconds (the message
+        is published all the same: it may still be delivered, e.g. once a broker is back).
         With ``wait=False`` it returns None once the message is handed to the backend.
         """
         room = frames.validate_room_id(room)
@@ -118,11 +120,11 @@ class FanOut:
             await self.publish_envelope(envelope)
             self._counters["published"] += 1
             if not receipt.done():  # the memory backend has numbered and delivered it already
-                await asyncio.wait_for(asyncio.shield(receipt), POSITION_TIMEOUT)
+                await asyncio.wait_for(asyncio.shield(receipt), timeout)
             return receipt.result()
         except TimeoutError:
             raise TimeoutError(f"room {room!r}: the pub/sub backend {s.backend.name!r} gave the message no position "
-                               f"within {POSITION_TIMEOUT:.0f} s; it may still be delivered") from None
+                               f"within {timeout:g} s; it may still be delivered") from None
         finally:
             self._receipts.pop(message_id, None)
 

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from .service import Streaming
 
 NAME = "http-api"
+POSITION_WAIT = 3.0
+"""Seconds ``POST /api/publish`` waits for the message's position before it answers 202 without one."""
 
 _boards: weakref.WeakKeyDictionary[Streaming, WorkerBoard] = weakref.WeakKeyDictionary()
 """The status board of each service that runs as a worker of ``serve --workers N``."""
@@ -152,9 +154,14 @@ def streaming_register_routes(streaming: Streaming) -> list[BaseRoute]:
         try:
             room = frames.validate_room_id(body.get("room_id"))
             data = body["data"] if "data" in body else frames.decode_base64(body["data_base64"])
-            sequence = await streaming.publish(room, data, user_id=user_id)
+            sequence = await streaming.publish(room, data, user_id=user_id, timeout=POSITION_WAIT)
         except frames.InvalidInput as exc:
             return _error(400, exc.code, f"'room_id': {exc.message}" if "room" in exc.code else exc.message)
+        except TimeoutError:  # published, but not numbered yet: a broker outage or a sequencer moving
+            return JSONResponse({"published": True, "room_id": room, "sequence": None,
+                                 "detail": f"accepted; the pub/sub backend gave it no position within "
+                                           f"{POSITION_WAIT:g} s (it is delivered once the backend can)"},
+                                status_code=202)
         if sequence is None:
             return JSONResponse({"published": False, "reason": "dropped by a hook"}, status_code=202)
         return JSONResponse({"published": True, "room_id": room, "sequence": sequence})

@@ -44,7 +44,7 @@ from .config import StreamingConfig, build_config, read_yaml, unwrap_forge
 from .connection import CloseCode, Connection
 from .delivery import FlushScheduler
 from .errors import ConfigError, HookFailed, PluginLoadError, UnknownTransport
-from .fanout import FanOut
+from .fanout import POSITION_TIMEOUT, FanOut
 from .frames import OutboundFrame
 from .history import RoomHistory
 from .lifecycle import Lifecycle
@@ -471,14 +471,17 @@ class Streaming:
     # -- publishing ----------------------------------------------------------------------------
 
     async def publish(self, room: str, data: Any, *, sender: Connection | None = None,
-                      user_id: str | None = None) -> int | None:
+                      user_id: str | None = None, timeout: float = POSITION_TIMEOUT) -> int | None:
         """Publish a message to ``room`` on every node; return its position, None if a hook dropped it.
 
         The position is the engine's (the pub/sub backend's): with a backend that
         numbers messages remotely (MQTT's sequencer) this waits for the message to
-        come back numbered, a broker round trip or two.
+        come back numbered, a broker round trip or two. Raises ``TimeoutError``
+        when no position came within ``timeout`` seconds (a broker outage, a
+        sequencer failing over): the message is published all the same, and
+        is delivered once the backend can.
         """
-        return await self._fanout.publish(room, data, sender=sender, user_id=user_id)
+        return await self._fanout.publish(room, data, sender=sender, user_id=user_id, timeout=timeout)
 
     async def broadcast(self, room: str, message: Any) -> int | None:
         """Publish ``message`` to everyone in ``room`` (Forge's ``Broadcast``).
