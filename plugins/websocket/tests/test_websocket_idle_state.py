@@ -96,7 +96,7 @@ async def test_receive_queue_is_fifo_and_passes_on_a_cancelled_wakeup() -> None:
     assert [await queue.get() for _ in range(3)] == [0, 1, 2]
     queue.put_nowait(5)
     assert [queue.get_nowait() for _ in range(3)] == [3, 4, 5]
-    assert queue.empty() and queue._items == [] and queue._head == 0
+    assert queue.empty() and queue._items is None and queue._head == 0
     with pytest.raises(asyncio.QueueEmpty):
         queue.get_nowait()
 
@@ -170,3 +170,95 @@ async def test_reading_stops_only_when_the_handler_falls_behind() -> None:
                 await asyncio.sleep(0.01)
             assert seen["read"] == ["first"] + [f"m{n}" for n in range(READ_AHEAD * 4)]
             assert not protocol.read_paused
+
+
+async def test_idle_room_connection_keeps_no_asgi_chain_no_timer_and_packed_headers(
+        kit: Any, make_streaming: Any, frames: Any) -> None:
+    """A room-protocol connection's life runs in one task of its own; its request headers are one bytes object."""
+    from forge_streaming_websocket.headers import PackedHeaderList, PackedHeaders
+
+    streaming: Streaming = make_streaming({"websocket": {"ping_interval": "30s", "ping_timeout": "10s"}})
+    async with serve(streaming) as server:
+        headers = {"Cookie": "a=1; b=two", "X-Token": "t1"}
+        async with connect(server.ws_url + "/ws?room=k", additional_headers=headers) as ws:
+            await frames.send(ws, type="join", room_id="k")
+            await frames.next(ws, "system", event="room.joined")
+            (conn,) = streaming.connections.values()
+            protocol: Any = conn._protocol  # type: ignore[attr-defined]
+            assert protocol.detached and protocol.direct
+            # the ASGI call returned: no uvicorn run_asgi task, only the connection's own lifecycle task
+            names = [task.get_coro().__qualname__ for task in protocol.tasks]
+            assert "WebSocketsSansIOProtocol.run_asgi" not in names and "ForgeWebSocketProtocol.run_asgi" not in names
+            assert len(names) == 1, names
+            # keepalive: no TimerHandle of its own, an entry in the shared wheel
+            assert protocol.ping_timer is None and protocol.pong_timer is None
+            assert protocol.keepalive is not None and protocol.keepalive_key > 0
+            # websockets' handshake leftovers: the server parser with its Request, the uuid
+            assert protocol.conn.parser.gi_code.co_qualname == "Protocol.parse"
+            assert protocol.conn.id is None
+            assert vars(protocol) == {}
+            # the headers: packed in the scope, read through the request as before
+            assert isinstance(conn.request.headers, PackedHeaders)
+            assert isinstance(conn.request.scope["headers"], PackedHeaderList)  # type: ignore[index]
+            assert conn.request.headers["x-token"] == "t1"
+            assert conn.request.headers["host"] == f"127.0.0.1:{server.port}"
+            assert conn.request.cookies == {"a": "1", "b": "two"}
+            assert conn.query("room") == "k"
+            assert "log" not in vars(conn)
+            conn.log.info("a line with the connection id")  # built on use
+            # it still works both ways
+            await streaming.broadcast("k", "hello")
+            assert (await frames.next(ws, "message"))["data"] == "hello"
+        await kit.until(lambda: not streaming.connections)
+        await kit.until(lambda: not protocol.tasks)
+        assert protocol.keepalive_key == 0
+
+
+def test_packed_headers_read_like_the_scope_list_and_the_kernel_view() -> None:
+    from forge_streaming_websocket.headers import PackedHeaderList, PackedHeaders
+
+    raw = [(b"Host", b"example.org"), (b"x-dup", b"first"), (b"cookie", b"a=1"), (b"X-Dup", b"caf\xe9")]
+    packed = PackedHeaderList.pack(raw)
+    assert packed is not None
+    assert list(packed) == raw and len(packed) == 4 and packed[1] == raw[1] and packed == raw
+    assert list(reversed(packed)) == raw[::-1]
+    mine, kernel = PackedHeaders(packed), ScopeHeaders(raw)
+    assert dict(mine) == dict(kernel) and list(mine) == list(kernel) and len(mine) == len(kernel) == 3
+    assert mine["x-dup"] == "café" and mine.get("Host") is None and mine.get(None) is None  # type: ignore[call-overload]
+    empty = PackedHeaderList.pack([])
+    assert empty is not None and list(empty) == [] and len(empty) == 0 and dict(PackedHeaders(empty)) == {}
+    assert PackedHeaderList.pack([(b"x", b"a\x00b")]) is None  # cannot be packed: the kernel's view is used
+
+
+async def test_keepalive_wheel_pings_and_times_out_never_early() -> None:
+    from forge_streaming_websocket.protocol import _Keepalive
+
+    loop = asyncio.get_running_loop()
+    fired: list[tuple[str, float]] = []
+
+    class Fake:
+        keepalive_key = 0
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.client = name
+
+        def keepalive_due(self) -> None:
+            fired.append((self.name, loop.time()))
+
+    wheel = _Keepalive(loop, _Keepalive.tick_for(0.1, 0.2))
+    assert wheel.tick == 0.005
+    a, b, c = Fake("a"), Fake("b"), Fake("c")
+    start = loop.time()
+    wheel.add(a, 0.05)  # type: ignore[arg-type]
+    wheel.add(b, 0.02)  # type: ignore[arg-type]
+    wheel.add(c, 0.03)  # type: ignore[arg-type]
+    wheel.remove(c)  # type: ignore[arg-type]
+    wheel.add(c, 0.0)  # type: ignore[arg-type]  # moved: now due first
+    await asyncio.sleep(0.1)
+    assert [name for name, _ in fired] == ["c", "b", "a"]
+    at = dict(fired)
+    assert at["b"] - start >= 0.02 - 0.002 and at["a"] - start >= 0.05 - 0.002  # uvloop timers are per millisecond
+    assert at["a"] - start < 0.05 + 0.05
+    assert len(wheel) == 0 and a.keepalive_key == 0
+    assert _Keepalive.tick_for(20, 20) == 1.0 and _Keepalive.tick_for(None, None) == 1.0

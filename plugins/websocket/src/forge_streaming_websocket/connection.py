@@ -9,8 +9,9 @@ all frames a member got in one loop iteration leave in one write.
 bytes-bounded queue per connection drained by one writer task through the
 ASGI ``send``. Same bound, same ``slow consumer`` rule, more overhead.
 
-Both read through the ASGI ``receive`` and enforce the message size limit
-themselves, since the server's own limit may be far larger. Both bound what
+:class:`DirectConnection` reads from the protocol's queue (the raw messages,
+no ASGI events), :class:`QueuedConnection` through the ASGI ``receive``; both
+enforce the message size limit themselves, since the server's own limit may be far larger. Both bound what
 waits for the client at ``send_buffer`` on top of one message, so a single
 message up to the size limit never drops its receiver, and both implement
 ``drained`` so that the kernel's replays go as fast as the client reads. A
@@ -21,9 +22,10 @@ the unread data it held in the kernel is freed at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +51,8 @@ if TYPE_CHECKING:
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+_log = logging.getLogger("forge_streaming.websocket")
+
 SLOW_CONSUMER = "slow consumer"
 WRITE_HIGH_WATER = 64 * 1024
 """``write_message`` waits for the socket to drain once this much is unsent (handler backpressure)."""
@@ -65,7 +69,7 @@ class Limits:
     write_buffer_size: int | None = None
 
 
-async def reject(scope: dict[str, Any], send: Any, status: int, message: str) -> None:
+async def reject(scope: Mapping[str, Any], send: Any, status: int, message: str) -> None:
     """Answer the upgrade request with an HTTP error (before any WebSocket exists)."""
     if "websocket.http.response" in scope.get("extensions", {}):
         await send({"type": "websocket.http.response.start", "status": status,
@@ -77,45 +81,46 @@ async def reject(scope: dict[str, Any], send: Any, status: int, message: str) ->
 
 
 class WebSocketConnection(Connection):
-    """What both flavours share: the handshake, reading, the size limit, how the connection ended."""
+    """What both flavours share: the size limit, how a disconnect event ends the connection."""
 
+    __slots__ = ("limits",)
     transport = "websocket"
     subprotocol: str | None = None
     """The negotiated subprotocol (kept in the instance only when there is one)."""
     _ended: tuple[int, str] | None = None
 
-    def __init__(self, request: ConnectionRequest, streaming: Streaming, receive: Receive, send: Send,
-                 scope: dict[str, Any], limits: Limits, subprotocol: str | None) -> None:
+    def __init__(self, request: ConnectionRequest, streaming: Streaming, limits: Limits,
+                 subprotocol: str | None) -> None:
         super().__init__(request, streaming)
-        self._receive = receive
-        self._send = send
-        self._scope = scope
         self.limits = limits
         if subprotocol is not None:
             self.subprotocol = subprotocol
 
-    async def accept(self) -> None:
-        await self._send({"type": "websocket.accept", "subprotocol": self.subprotocol})
-        self.attach()
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """The connection's logger, built when something is logged (rarely) rather than kept (~150 bytes each)."""
+        return logging.LoggerAdapter(_log, {"connection_id": self.id})
 
-    async def refuse(self, status: int, code: str, reason: str) -> None:
-        await reject(self._scope, self._send, status, reason)
+    @log.setter
+    def log(self, value: logging.LoggerAdapter[logging.Logger]) -> None:
+        """The kernel's ``__init__`` sets one; the property above stands for it."""
 
-    async def read_message(self) -> Message:
-        if self._ended is not None:
-            raise ConnectionClosed(*self._ended)
-        event = await self._receive()
+    async def _message(self, data: str | bytes) -> Message:
+        """``data`` as a Message, or the connection closed 1009 when it is over the size limit."""
+        limit = self.limits.max_message_size
+        if len(data) > limit // 4 and _size(data) > limit:
+            reason = f"message of {_size(data)} bytes is over the limit of {limit} bytes"
+            await self.close(CloseCode.MESSAGE_TOO_BIG, reason)
+            raise ConnectionClosed(CloseCode.MESSAGE_TOO_BIG, reason)
+        self.touch()
+        return Message(data)
+
+    def _event(self, event: dict[str, Any]) -> str | bytes:
+        """The data of an ASGI receive event; ConnectionClosed for a disconnect (or anything else)."""
         kind = event["type"]
         if kind == "websocket.receive":
             text = event.get("text")
-            data: str | bytes = text if text is not None else (event.get("bytes") or b"")
-            limit = self.limits.max_message_size
-            if len(data) > limit // 4 and _size(data) > limit:
-                reason = f"message of {_size(data)} bytes is over the limit of {limit} bytes"
-                await self.close(CloseCode.MESSAGE_TOO_BIG, reason)
-                raise ConnectionClosed(CloseCode.MESSAGE_TOO_BIG, reason)
-            self.touch()
-            return Message(data)
+            return text if text is not None else (event.get("bytes") or b"")
         if kind == "websocket.disconnect":
             self._ended = self.final_close(int(event.get("code", 1005)), str(event.get("reason") or ""))
             self.ended(*self._ended)
@@ -143,16 +148,44 @@ def _as_payload(message: str | bytes) -> tuple[bytes, bool]:
 
 
 class DirectConnection(WebSocketConnection):
-    """Writes straight to the socket through the protocol; see the module docstring."""
+    """Writes straight to the socket through the protocol, reads from its queue; see the module docstring."""
 
-    def __init__(self, request: ConnectionRequest, streaming: Streaming, receive: Receive, send: Send,
-                 scope: dict[str, Any], limits: Limits, subprotocol: str | None,
-                 protocol: ForgeWebSocketProtocol, *, scheduler: FlushScheduler | None = None) -> None:
-        super().__init__(request, streaming, receive, send, scope, limits, subprotocol)
+    __slots__ = ("_send", "_protocol", "_scheduler", "_writer", "_compressed")
+
+    def __init__(self, request: ConnectionRequest, streaming: Streaming, send: Send, limits: Limits,
+                 subprotocol: str | None, protocol: ForgeWebSocketProtocol, *,
+                 scheduler: FlushScheduler | None = None) -> None:
+        super().__init__(request, streaming, limits, subprotocol)
+        self._send: Send | None = send
+        """The ASGI ``send`` (through any middleware) for the handshake answer; let go once it is sent."""
         self._protocol = protocol
         self._scheduler = scheduler  # the transport's windowed one (websocket.flush_window), else the kernel's
         self._writer: BufferedWriter | None = None
         self._compressed = False
+        protocol.direct = True
+
+    async def accept(self) -> None:
+        send, self._send = self._send, None
+        await (send or self._protocol.send)({"type": "websocket.accept", "subprotocol": self.subprotocol})
+        self.attach()
+
+    async def refuse(self, status: int, code: str, reason: str) -> None:
+        send, self._send = self._send, None
+        scope = self.request.scope if self.request.scope is not None else self._protocol.scope
+        await reject(scope, send or self._protocol.send, status, reason)
+
+    async def read_message(self) -> Message:
+        """The next message from the protocol's queue: an idle reader awaits a bare future, nothing more."""
+        if self._ended is not None:
+            raise ConnectionClosed(*self._ended)
+        protocol = self._protocol
+        queue = protocol.queue
+        while queue.empty():
+            await queue.waiter()
+        item = protocol.take_received()
+        if type(item) is dict:  # a disconnect (or a message queued before the connection went direct)
+            item = self._event(item)
+        return await self._message(item)
 
     def attach(self) -> None:
         protocol = self._protocol
@@ -164,6 +197,7 @@ class DirectConnection(WebSocketConnection):
         self._writer = BufferedWriter(transport, limit=self.limits.send_buffer,
                                       scheduler=self._scheduler or self.streaming.flush_scheduler,
                                       on_overflow=self._overflow)
+        self._scheduler = None  # the writer has it
         protocol.writer = self._writer
         protocol.connection = self
 
@@ -261,7 +295,10 @@ class QueuedConnection(WebSocketConnection):
 
     def __init__(self, request: ConnectionRequest, streaming: Streaming, receive: Receive, send: Send,
                  scope: dict[str, Any], limits: Limits, subprotocol: str | None) -> None:
-        super().__init__(request, streaming, receive, send, scope, limits, subprotocol)
+        super().__init__(request, streaming, limits, subprotocol)
+        self._receive = receive
+        self._send = send
+        self._scope = scope
         self._queue: deque[tuple[str | bytes, int]] = deque()
         self._queued = 0
         self._allowance = 0  # the largest message queued since the queue was last empty
@@ -272,6 +309,18 @@ class QueuedConnection(WebSocketConnection):
         self._accepting = False
         self._close_record: tuple[int, str] | None = None
         self._closing: asyncio.Future[None] | None = None
+
+    async def accept(self) -> None:
+        await self._send({"type": "websocket.accept", "subprotocol": self.subprotocol})
+        self.attach()
+
+    async def refuse(self, status: int, code: str, reason: str) -> None:
+        await reject(self._scope, self._send, status, reason)
+
+    async def read_message(self) -> Message:
+        if self._ended is not None:
+            raise ConnectionClosed(*self._ended)
+        return await self._message(self._event(await self._receive()))
 
     def attach(self) -> None:
         self._accepting = True

@@ -16,6 +16,13 @@ the ASGI scope's header list), uvicorn's ``asyncio.Queue`` and
 :class:`_ReceiveQueue` and :class:`_WritableEvent`, which allocate only
 while something is queued or waiting, and uvicorn's attributes live in
 slots (a protocol has more attributes than CPython shares dict keys for).
+A room-protocol connection goes further (:meth:`ForgeWebSocketProtocol.run_detached`):
+its life runs in one task of its own while the ASGI call returns, so no
+chain of suspended coroutines through the middleware stays; its reader
+awaits a bare future on the queue; keepalive deadlines live in one shared
+wheel per loop (:class:`_Keepalive`) instead of a ``TimerHandle`` each; and
+websockets' handshake parser (holding the Request) gives way to its frame
+parser. The bench's idle memory case went from 15.7 to 7.7 KB a connection.
 
 This module is the plugin's one adapter to uvicorn's internals: it
 subclasses ``WebSocketsSansIOProtocol`` and uses its attributes. Every name
@@ -29,16 +36,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
+import random
 import socket
 import struct
 import time
+import weakref
+from collections.abc import Coroutine
 from typing import Any, Generic, Protocol, TypeVar
 
 from forge_streaming import BufferedWriter, CloseCode, ConnectionClosed
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
 from websockets.http11 import Request
+from websockets.protocol import Protocol as WebSocketsProtocol
 
 EXTENSION = "forge_streaming.websocket"
 """ASGI scope extension key under which the app finds the protocol."""
@@ -104,27 +118,41 @@ class _ReceiveQueue(Generic[_T]):
     """What uvicorn uses of ``asyncio.Queue`` (unbounded, FIFO), allocating only while in use.
 
     Items live in a list read from ``_head`` (no deque per connection); the
-    list is emptied whenever the reader catches up, so it stays short.
+    list exists only while something is queued. Besides uvicorn's ``get()``
+    (a coroutine), :meth:`waiter` gives the connection's one reader a bare
+    future to await: no coroutine frame stays suspended while it is idle.
     """
 
-    __slots__ = ("_items", "_head", "_getters")
+    __slots__ = ("_items", "_head", "_getters", "_waiter")
 
     def __init__(self) -> None:
-        self._items: list[Any] = []
+        self._items: list[Any] | None = None
         self._head = 0
         self._getters: list[asyncio.Future[None]] | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
     def qsize(self) -> int:
-        return len(self._items) - self._head
+        items = self._items
+        return 0 if items is None else len(items) - self._head
 
     def empty(self) -> bool:
-        return self._head >= len(self._items)
+        items = self._items
+        return items is None or self._head >= len(items)
 
     def full(self) -> bool:
         return False
 
     def put_nowait(self, item: _T) -> None:
-        self._items.append(item)
+        items = self._items
+        if items is None:
+            self._items = [item]
+        else:
+            items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
         if self._getters:
             self._wake_next()
 
@@ -134,17 +162,24 @@ class _ReceiveQueue(Generic[_T]):
     def get_nowait(self) -> _T:
         items = self._items
         head = self._head
-        if head >= len(items):
+        if items is None or head >= len(items):
             raise asyncio.QueueEmpty
         item: _T = items[head]
         head += 1
         if head >= len(items):
-            items.clear()
+            self._items = None
             head = 0
         else:
             items[head - 1] = None  # drop the reference now
         self._head = head
         return item
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future done once an item is queued (the caller awaits it, then takes the item)."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+        return waiter
 
     async def get(self) -> _T:
         while self.empty():
@@ -172,12 +207,14 @@ class _ReceiveQueue(Generic[_T]):
                 return
 
 
-class _WritableEvent(asyncio.Event):
-    """``asyncio.Event`` whose waiter list exists only while someone waits (it is set almost always)."""
+class _WritableEvent:
+    """What uvicorn uses of ``asyncio.Event``, in two slots; the waiter list exists only while someone waits."""
 
-    def __init__(self) -> None:  # not super().__init__(): that allocates the deque this class avoids
+    __slots__ = ("_value", "_waiters")
+
+    def __init__(self) -> None:
         self._value = False
-        self._waiters: list[asyncio.Future[bool]] | None = None  # type: ignore[assignment]
+        self._waiters: list[asyncio.Future[bool]] | None = None
 
     def is_set(self) -> bool:
         return self._value
@@ -194,7 +231,7 @@ class _WritableEvent(asyncio.Event):
     def clear(self) -> None:
         self._value = False
 
-    async def wait(self) -> bool:  # type: ignore[override]
+    async def wait(self) -> bool:
         if self._value:
             return True
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -210,6 +247,99 @@ class _WritableEvent(asyncio.Event):
                 self._waiters = None
 
 
+class _Keepalive:
+    """Every connection's keepalive deadlines on one loop, behind one timer (not two ``call_later`` each).
+
+    A deadline goes into the bucket of the first tick at or after it, so a
+    ping or a pong timeout fires at most one ``tick`` late and never early.
+    A connection is in at most one bucket; it remembers which (its
+    ``keepalive_key``), so moving or removing it costs one dict operation.
+    An idle connection costs one entry in one bucket (~50 bytes) where a
+    ``TimerHandle`` with its libuv timer cost ~600.
+    """
+
+    __slots__ = ("loop", "tick", "_buckets", "_keys", "_timer", "_timer_key", "_fired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
+        self.loop = loop
+        self.tick = tick
+        self._buckets: dict[int, dict[ForgeWebSocketProtocol, None]] = {}
+        self._keys: list[int] = []  # heap of the buckets' keys
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_key = 0
+        self._fired = 0  # the last tick fired
+
+    @staticmethod
+    def tick_for(*periods: float | None) -> float:
+        """A twentieth of the shortest period, between 5 ms and 1 s."""
+        shortest = min((p for p in periods if p), default=20.0)
+        return min(1.0, max(0.005, shortest / 20))
+
+    def __len__(self) -> int:
+        return sum(map(len, self._buckets.values()))
+
+    def add(self, protocol: ForgeWebSocketProtocol, delay: float) -> None:
+        self.remove(protocol)
+        now = self.loop.time()
+        # the first tick at or after the deadline, and never the tick being fired (no loop within _fire)
+        key = max(math.ceil((now + max(0.0, delay)) / self.tick), math.floor(now / self.tick) + 1,
+                  self._fired + 1)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = {}
+            heapq.heappush(self._keys, key)
+            if self._timer is None or key < self._timer_key:
+                self._arm(key)
+        bucket[protocol] = None
+        protocol.keepalive_key = key
+
+    def remove(self, protocol: ForgeWebSocketProtocol) -> None:
+        key = protocol.keepalive_key
+        if key:
+            protocol.keepalive_key = 0
+            bucket = self._buckets.get(key)
+            if bucket is not None:
+                bucket.pop(protocol, None)  # an emptied bucket goes when its tick comes
+
+    def _arm(self, key: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_key = key
+        self._timer = self.loop.call_at(key * self.tick, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        # the timer was armed for _timer_key; uvloop's millisecond timers may wake a little before it
+        now = self._fired = max(math.floor(self.loop.time() / self.tick), self._timer_key)
+        keys, buckets = self._keys, self._buckets
+        while keys and keys[0] <= now:
+            bucket = buckets.pop(heapq.heappop(keys))
+            for protocol in bucket:
+                protocol.keepalive_key = 0
+            for protocol in bucket:
+                try:
+                    protocol.keepalive_due()
+                except Exception:  # one connection's failure never stops the others' keepalive
+                    log.exception("keepalive of WebSocket connection %s failed", protocol.client)
+        if keys:
+            self._arm(keys[0])
+
+
+_keepalives: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, _Keepalive]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _keepalive(loop: asyncio.AbstractEventLoop, tick: float) -> _Keepalive:
+    """The wheel of ``loop`` for ``tick`` (one per loop and tick, i.e. per server config; gone with the loop)."""
+    wheels = _keepalives.get(loop)
+    if wheels is None:
+        wheels = _keepalives[loop] = {}
+    wheel = wheels.get(tick)
+    if wheel is None:
+        wheel = wheels[tick] = _Keepalive(loop, tick)
+    return wheel
+
+
 # Every instance attribute of uvicorn's protocol and ours: over 30 names, CPython stops sharing
 # the instance dict's keys and each protocol would carry a full dict of its own (~1.6 KB).
 # A name missing here (a newer uvicorn) simply lands in the instance dict.
@@ -221,7 +351,27 @@ _PROTOCOL_SLOTS = (
     "pending_ping_payload", "ping_sent_at", "last_ping_rtt", "frames", "curr_msg_data_type", "request",
     "response", "scope",
     "raw_transport", "writer", "close_record", "connection", "handshake_timer",
+    "direct", "detached", "keepalive", "keepalive_key",
 )
+
+_addresses: dict[tuple[str, int | None], tuple[str, int | None]] = {}
+
+
+def _shared_address(address: tuple[str, int | None] | None) -> tuple[str, int | None] | None:
+    """One tuple for the server's own address (the same for every connection of a listening socket)."""
+    if address is None:
+        return None
+    shared = _addresses.get(address)
+    if shared is None:
+        if len(_addresses) >= 64:  # a few listening addresses in practice; never grows without bound
+            _addresses.clear()
+        shared = _addresses[address] = address
+    return shared
+
+
+_EMPTY: Any = ()
+"""Stands for an empty list nobody appends to: ``frames`` between messages (uvicorn starts a new list per
+message), websockets' extension lists when there are none."""
 
 
 def reset(transport: asyncio.Transport) -> None:
@@ -241,10 +391,12 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
     """Pass as uvicorn's ``ws=`` (``Transport.server_options`` does)."""
 
     __slots__ = _PROTOCOL_SLOTS
+    queue: _ReceiveQueue[Any]  # type: ignore[assignment]  # uvicorn's asyncio.Queue, made lean
+    writable: _WritableEvent  # type: ignore[assignment]  # uvicorn's asyncio.Event, made lean
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.queue = _ReceiveQueue()  # type: ignore[assignment]
+        self.queue = _ReceiveQueue()
         writable = _WritableEvent()
         writable.set()
         self.writable = writable
@@ -254,12 +406,16 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
         self.connection: _Connection | None = None
         """The app's connection on this socket, told once when the socket is gone."""
         self.handshake_timer: asyncio.TimerHandle | None = None
+        self.frames = _EMPTY
+        self.direct = False
+        """Received messages go into ``queue`` as they are (str or bytes) for a :class:`DirectConnection`,
+        not as ASGI events; set before the app reads anything but the connect event."""
+        self.detached = False
+        """The connection's life runs in its own task (:meth:`run_detached`), not under the ASGI app."""
+        self.keepalive: _Keepalive | None = None
+        self.keepalive_key = 0
 
     # -- wiring ---------------------------------------------------------------
-
-    def connection_made(self, transport: Any) -> None:
-        self.raw_transport = transport
-        super().connection_made(_OrderedTransport(transport, self))  # type: ignore[arg-type]
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
@@ -268,10 +424,40 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
         # keeps the Request object alive for the connection's life: drop its headers too.
         del self.request
         event.headers.clear()
+        self.lighten_parser()
         scope = getattr(self, "scope", None)
         if scope is not None and not self.close_sent:
             # The app task was created but has not run yet: it will see this.
             scope["extensions"][EXTENSION] = self
+
+    def lighten_parser(self) -> None:
+        """Let go of what websockets keeps of the handshake for the connection's life.
+
+        Its server parser is a generator that parsed the request and then
+        delegates to the frame parser, keeping the Request (method, path,
+        headers object) in its frame. At a frame boundary (nothing buffered)
+        the frame parser alone takes over, as it would have. Also dropped: the
+        connection's uuid4 (for websockets' own logs, which uvicorn never
+        reads), and the empty extension lists (a shared empty tuple reads the same).
+        """
+        conn = self.conn
+        conn.id = None  # type: ignore[assignment]
+        if not conn.available_extensions:
+            conn.available_extensions = _EMPTY
+        parser = conn.parser
+        inner = getattr(parser, "gi_yieldfrom", None)  # the frame parser, Protocol.parse
+        waiting = getattr(inner, "gi_yieldfrom", None)
+        if (getattr(inner, "__name__", None) == "parse" and getattr(waiting, "__name__", None) == "at_eof"
+                and not conn.reader.buffer and conn.parser_exc is None):
+            fresh = WebSocketsProtocol.parse(conn)
+            next(fresh)  # to its first wait for data, as the old one was
+            conn.parser = fresh
+            parser.close()
+
+    def connection_made(self, transport: Any) -> None:
+        self.raw_transport = transport
+        super().connection_made(_OrderedTransport(transport, self))  # type: ignore[arg-type]
+        self.server = _shared_address(self.server)
 
     async def send(self, message: Any) -> None:
         handshake_pending = not self.handshake_complete
@@ -284,6 +470,8 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
             self.handshake_complete = True
         if handshake_pending and self.handshake_complete:
             self.release_handshake()
+            if not self.conn.extensions:
+                self.conn.extensions = _EMPTY
 
     def send_receive_event_to_app(self) -> None:
         """Queue a received message; stop reading only when the app is READ_AHEAD messages behind.
@@ -291,30 +479,149 @@ class ForgeWebSocketProtocol(WebSocketsSansIOProtocol):
         uvicorn pauses reading after every message and resumes when the app
         takes it: two epoll syscalls per message. Reading ahead a little keeps
         memory bounded and saves them (telling uvicorn it is already paused
-        skips its pause).
+        skips its pause). For a :class:`DirectConnection` (``direct``) the
+        message is queued as it is, a str or bytes, without an ASGI event.
 
         A text message that is not UTF-8 closes the connection 1007 with a
         WARNING (:data:`client_errors`), where uvicorn logs an ERROR with a
         traceback: a client's bad input is not the server's error.
         """
-        if self.curr_msg_data_type == "text" and not self.close_sent:
-            frames = self.frames
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            if not data.isascii():
+        frames = self.frames
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        text = self.curr_msg_data_type == "text"
+        if text and not self.close_sent and not data.isascii():
+            try:
+                data.decode()
+            except UnicodeDecodeError as exc:
+                self.frames = _EMPTY
+                self.invalid_utf8(exc)
+                return
+        queue = self.queue
+        if not self.direct:
+            if self.read_paused or queue.qsize() >= READ_AHEAD:
+                super().send_receive_event_to_app()
+            else:
+                self.read_paused = True
                 try:
-                    data.decode()
-                except UnicodeDecodeError as exc:
-                    self.frames = []
-                    self.invalid_utf8(exc)
-                    return
-        if self.read_paused or self.queue.qsize() >= READ_AHEAD:
-            super().send_receive_event_to_app()
+                    super().send_receive_event_to_app()
+                finally:
+                    self.read_paused = False
+            self.frames = _EMPTY
             return
-        self.read_paused = True
-        try:
-            super().send_receive_event_to_app()
-        finally:
+        self.frames = _EMPTY
+        if self.close_sent:  # past our close: drop it (as uvicorn does), keep reading until the peer's close
+            return
+        queue.put_nowait(data.decode() if text else data)
+        if not self.read_paused and queue.qsize() > READ_AHEAD:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def take_received(self) -> Any:
+        """The oldest queued item (a message, or an ASGI disconnect event); resumes reading once all are taken."""
+        queue = self.queue
+        item = queue.get_nowait()
+        if self.read_paused and queue.empty():
             self.read_paused = False
+            self.transport.resume_reading()
+        return item
+
+    # -- the connection's own task ----------------------------------------------------
+
+    def run_detached(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run the rest of this connection's life as ``coro`` in a task of its own; the ASGI app returns now.
+
+        Nothing of the ASGI call chain (uvicorn's ``run_asgi``, the middleware,
+        the router, the endpoint: a dozen suspended coroutines, ~4 KB) stays
+        alive for the connection's life. The task is one of uvicorn's
+        ``server_state.tasks``, so a shutdown waits for it as it waited for
+        ``run_asgi``, and its end is handled as ``run_asgi``'s was.
+        """
+        self.detached = True
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._detached_done)
+
+    def _detached_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is not None and not isinstance(exc, ClientDisconnected):
+                self.logger.error("Exception in ASGI application\n", exc_info=exc)
+                self.send_500_response()
+            elif not self.handshake_complete:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+        if self.close_timer is None:
+            self.transport.close()
+
+    async def run_asgi(self) -> None:
+        """uvicorn's, except that an app that handed the connection to :meth:`run_detached` returns at once."""
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            if not self.detached:
+                self.send_500_response()
+        else:
+            if self.detached:
+                return
+            if not self.handshake_complete:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+        if not self.detached and self.close_timer is None:
+            self.transport.close()
+
+    # -- keepalive: one shared timer ---------------------------------------------------
+
+    def _wheel(self) -> _Keepalive:
+        wheel = self.keepalive
+        if wheel is None:
+            wheel = self.keepalive = _keepalive(self.loop, _Keepalive.tick_for(self.ping_interval, self.ping_timeout))
+        return wheel
+
+    def schedule_ping(self) -> None:
+        assert self.ping_interval is not None
+        self._wheel().add(self, self.ping_interval - self.last_ping_rtt)
+
+    def stop_keepalive(self) -> None:
+        wheel = self.keepalive
+        if wheel is not None:
+            wheel.remove(self)
+        super().stop_keepalive()
+
+    def keepalive_due(self) -> None:
+        """The wheel's call: a ping is due, or (a ping is out and a timeout set) its pong is late."""
+        if self.ping_timeout is not None and self.pending_ping_payload is not None:
+            self.keepalive_timeout()
+        else:
+            self.send_keepalive_ping()
+
+    def send_keepalive_ping(self) -> None:
+        """uvicorn's, with the pong deadline (or the next ping) in the shared wheel."""
+        self.ping_timer = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        payload = self.pending_ping_payload = struct.pack("!I", random.getrandbits(32))
+        self.ping_sent_at = self.loop.time()
+        self.conn.send_ping(payload)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        if self.ping_timeout is not None:
+            self._wheel().add(self, self.ping_timeout)
+        else:
+            self.schedule_ping()
+
+    def handle_pong(self, event: Frame) -> None:
+        """uvicorn's: an answer to the ping in flight ends its deadline and schedules the next ping."""
+        if self.pending_ping_payload is None or bytes(event.data) != self.pending_ping_payload:
+            return
+        self.last_ping_rtt = self.loop.time() - self.ping_sent_at
+        self.pending_ping_payload = None
+        if self.ping_timeout is not None and self.keepalive_key:  # the pong deadline was pending
+            self.schedule_ping()
 
     def release_handshake(self) -> None:
         """Let go of the handshake response: uvicorn reads it only to send the accept."""

@@ -11,6 +11,7 @@ from forge_streaming import ConnectionRequest, FlushScheduler, Handler, Transpor
 from starlette.routing import BaseRoute, WebSocketRoute
 
 from .connection import DirectConnection, Limits, QueuedConnection, WebSocketConnection, reject
+from .headers import PackedHeaderList, PackedHeaders
 from .protocol import EXTENSION, ForgeWebSocketProtocol
 from .settings import WebSocketSettings
 
@@ -122,10 +123,12 @@ class Endpoint:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         transport = self.transport
         streaming = transport.streaming
-        request = ConnectionRequest.from_scope("websocket", scope)
+        protocol = scope.get("extensions", {}).get(EXTENSION)
+        direct = isinstance(protocol, ForgeWebSocketProtocol)
+        request = _lean_request(scope) if direct and self.handler is None else ConnectionRequest.from_scope(
+            "websocket", scope)
         if (await receive())["type"] != "websocket.connect":
             return
-        protocol = scope.get("extensions", {}).get(EXTENSION)
         if isinstance(protocol, ForgeWebSocketProtocol):
             protocol.limit_handshake(streaming.config.server.handshake_timeout)
         scheme = scope.get("scheme", "ws")
@@ -139,8 +142,40 @@ class Endpoint:
         subprotocol = transport.choose_subprotocol(list(scope.get("subprotocols") or ()))
         conn: WebSocketConnection
         if isinstance(protocol, ForgeWebSocketProtocol):
-            conn = DirectConnection(request, streaming, receive, send, scope, transport.limits, subprotocol, protocol,
+            conn = DirectConnection(request, streaming, send, transport.limits, subprotocol, protocol,
                                     scheduler=transport.flush_scheduler)
+            if self.handler is None:
+                # The room protocol: its life goes on in a task of its own and this ASGI call returns, so
+                # an idle connection keeps no chain of suspended coroutines through the middleware stack.
+                protocol.run_detached(streaming.serve_connection(conn, None))
+                return
         else:
             conn = QueuedConnection(request, streaming, receive, send, scope, transport.limits, subprotocol)
         await streaming.serve_connection(conn, self.handler)
+
+
+def _lean_request(scope: Scope) -> ConnectionRequest:
+    """The request of a connection that may stay open for hours: its headers packed in one bytes object.
+
+    The scope's header list becomes a :class:`PackedHeaderList` (an ASGI
+    header sequence) and the request reads it through :class:`PackedHeaders`;
+    an empty subprotocol list becomes a shared empty tuple.
+    """
+    raw = scope.get("headers", ())
+    packed = raw if isinstance(raw, PackedHeaderList) else PackedHeaderList.pack(raw)
+    if packed is None:  # a header that cannot be packed: the kernel's own view of the list
+        return ConnectionRequest.from_scope("websocket", scope)
+    scope["headers"] = packed
+    if scope.get("subprotocols") == []:
+        scope["subprotocols"] = ()
+    client = scope.get("client")
+    if client and not (type(client) is tuple and type(client[0]) is str and type(client[1]) is int):
+        client = (str(client[0]), int(client[1]))
+    return ConnectionRequest(
+        transport="websocket",
+        path=scope.get("path", "/"),
+        query_string=scope.get("query_string", b"").decode("latin-1"),
+        headers=PackedHeaders(packed),
+        client=client or None,
+        scope=scope,
+    )
