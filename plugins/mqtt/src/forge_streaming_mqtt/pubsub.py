@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import uuid
@@ -198,18 +199,20 @@ class MqttPubSub(PubSubBackend):
             return
         self._flushing = True
         flushed = 0
-        while self._buffer:
-            item = self._buffer.popleft()
-            sent = self._link.publish_nowait(item[0], item[1], qos=item[3], properties=item[2])
-            if sent is Sent.DOWN:
-                self._buffer.appendleft(item)
-                raise aiomqtt.MqttError("connection lost while flushing the outgoing buffer")
-            if sent is Sent.FULL:
-                self._buffer.appendleft(item)
-                await asyncio.sleep(0.001)  # new publishes keep buffering behind it: _ready is False until the end
-                continue
-            flushed += 1
-        self._flushing = False
+        try:
+            while self._buffer and self._link is not None:
+                item = self._buffer.popleft()
+                sent = self._link.publish_nowait(item[0], item[1], qos=item[3], properties=item[2])
+                if sent is Sent.DOWN:
+                    self._buffer.appendleft(item)
+                    raise aiomqtt.MqttError("connection lost while flushing the outgoing buffer")
+                if sent is Sent.FULL:
+                    self._buffer.appendleft(item)
+                    await asyncio.sleep(0.001)  # new publishes keep buffering behind it until the end
+                    continue
+                flushed += 1
+        finally:  # however it ends (a lost connection included), the next flush must be able to run
+            self._flushing = False
         if flushed:
             log.info("MQTT pubsub: flushed %d buffered messages", flushed)
 
@@ -222,10 +225,8 @@ class MqttPubSub(PubSubBackend):
                 asyncio.get_running_loop().create_task(self._flush_quietly(), name="forge-mqtt-flush")
 
     async def _flush_quietly(self) -> None:
-        try:
+        with contextlib.suppress(aiomqtt.MqttError):  # the reconnect flushes again
             await self._flush()
-        except aiomqtt.MqttError:
-            self._flushing = False  # the reconnect flushes again
     def _on_lost(self) -> None:
         self._ready = False
         self._sequenced = False
