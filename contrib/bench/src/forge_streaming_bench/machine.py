@@ -11,7 +11,8 @@ import subprocess
 from .servers import node_dir
 
 DISTRIBUTIONS = ["forge-streaming", "forge-streaming-websocket", "forge-streaming-sse",
-                 "forge-streaming-webtransport", "forge-streaming-mqtt", "uvicorn", "uvloop", "httptools",
+                 "forge-streaming-webtransport", "forge-streaming-mqtt", "forge-streaming-nats", "uvicorn", "uvloop",
+                 "httptools",
                  "starlette", "websockets", "python-socketio", "python-engineio", "sse-starlette", "aioquic"]
 
 

@@ -202,7 +202,7 @@ def mqtt_section(case: Case) -> list[str]:
 
 SECTIONS = {"fanout": fanout_section, "paced": paced_section, "echo": echo_section, "memory": memory_section,
             "capacity": capacity_section, "sse": fanout_section,
-            "webtransport": fanout_section, "mqtt": mqtt_section}
+            "webtransport": fanout_section, "mqtt": mqtt_section, "nats": mqtt_section}
 
 
 def targets(cases: dict[str, Case]) -> list[list[str]]:
@@ -288,15 +288,17 @@ def targets(cases: dict[str, Case]) -> list[list[str]]:
         f"{held:,} held by {best['label']}; {best.get('deliveries', 0):,} of {best.get('deliveries_expected', 0):,} "
         "delivered" if best else "", held is not None and held >= 50_000 and delivered, "see capacity notes")
 
-    mq = cases.get("mqtt")
-    one = _ours(mq.rows, server="one-node") if mq else None
-    two = _ours(mq.rows, server="two-nodes") if mq else None
-    r5 = two.get("paired_ratio") if two else None
-    add("Two nodes: per-node throughput >= 0.8x single node", r5, f"{r5:.2f}x" if r5 else "",
-        r5 is not None and r5 >= 0.8, f"deliveries per node CPU-second, median of {MQTT_ROUNDS} alternating rounds")
-    hop = (two["probe_p50_ms"] - one["probe_p50_ms"]) if one and two and two.get("probe_p50_ms") else None
-    add("Broker hop adds <= 2 ms at p50", hop, f"+{hop:.2f} ms" if hop is not None else "",
-        hop is not None and hop <= 2.0, "paced probe, two nodes minus one node")
+    for name, engine in (("mqtt", "Mosquitto"), ("nats", "NATS JetStream")):
+        mq = cases.get(name)
+        one = _ours(mq.rows, server="one-node") if mq else None
+        two = _ours(mq.rows, server="two-nodes") if mq else None
+        r5 = two.get("paired_ratio") if two else None
+        add(f"Two nodes over {engine}: per-node throughput >= 0.8x single node", r5, f"{r5:.2f}x" if r5 else "",
+            r5 is not None and r5 >= 0.8,
+            f"deliveries per node CPU-second, median of {MQTT_ROUNDS} alternating rounds")
+        hop = (two["probe_p50_ms"] - one["probe_p50_ms"]) if one and two and two.get("probe_p50_ms") else None
+        add(f"{engine} hop adds <= 2 ms at p50", hop, f"+{hop:.2f} ms" if hop is not None else "",
+            hop is not None and hop <= 2.0, "paced probe, two nodes minus one node")
     return rows
 
 
@@ -304,7 +306,7 @@ def _transport_bars(cases: dict[str, Case]) -> list[tuple[str, float, bool]]:
     """(label, server CPU µs/delivery, ours?) for every transport and setup at its headline N."""
     bars: list[tuple[str, float, bool]] = []
     for name, servers in (("sse", ("ours", "sse-starlette")), ("webtransport", ("ours-wt",)),
-                          ("mqtt", ("one-node", "two-nodes"))):
+                          ("mqtt", ("one-node", "two-nodes")), ("nats", ("two-nodes",))):
         case = cases.get(name)
         n = headline_n(case)
         for server in servers:
