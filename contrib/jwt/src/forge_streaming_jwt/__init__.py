@@ -7,18 +7,23 @@ With a secret or public key it reads a bearer token from the
 or invalid one, names the user from a claim, restricts joins and sends to
 the rooms its claims list, and closes a live connection when its token
 expires.
+
+PyJWT (and cryptography, which it loads for its RSA and EC algorithms) is
+imported when a service whose config enables the plugin is built, not when the
+plugin loads: every ``Streaming()`` loads every installed plugin, and the
+import costs about 25 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
+import importlib
 import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
-import jwt
 from forge_streaming import (
     ClientFrame,
     CloseCode,
@@ -87,6 +92,7 @@ class JwtPlugin:
         settings = _active(config)
         if settings is not None:
             self.key(settings)  # a missing key file stops the server at start
+            importlib.import_module("jwt")  # and PyJWT is loaded now, not by the first connection
 
     def key(self, settings: JwtSettings) -> str:
         if settings.public_key_file is None:
@@ -110,6 +116,8 @@ class JwtPlugin:
         return request.query.get(settings.query_param) or request.cookies.get(settings.cookie) or None
 
     def decode(self, settings: JwtSettings, token: str) -> dict[str, Any]:
+        import jwt
+
         return jwt.decode(
             token, self.key(settings), algorithms=settings.algorithms, audience=settings.audience,
             issuer=settings.issuer, leeway=settings.leeway,
@@ -124,6 +132,8 @@ class JwtPlugin:
         if not token:
             raise Refused("a bearer token is required (Authorization header, ?token= or cookie)",
                           status=401, code="unauthenticated")
+        import jwt
+
         try:
             claims = self.decode(settings, token)
         except jwt.ExpiredSignatureError:

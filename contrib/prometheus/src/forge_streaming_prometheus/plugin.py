@@ -5,6 +5,9 @@ installing the package adds no ``/metrics`` to anyone's app and counts
 nothing. Enabled, every hook hands its event to the :class:`StreamingMetrics`
 of the service it came from (``connection.streaming`` or the ``streaming``
 argument), so a process with several services keeps one registry per service.
+
+:mod:`.metrics` (and prometheus-client with it, about 9 ms) is imported by
+the first service that enables the plugin, not when the plugin loads.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import hmac
 import logging
 import weakref
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from forge_streaming import ClientFrame, ConfigSection, Connection, Envelope, Streaming, hookimpl
 from pydantic import Field
@@ -20,7 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .metrics import StreamingMetrics, metrics_for
+if TYPE_CHECKING:
+    from .metrics import StreamingMetrics
 
 log = logging.getLogger("forge_streaming.prometheus")
 
@@ -53,8 +58,12 @@ def _metrics(streaming: Streaming) -> StreamingMetrics | None:
     try:
         return _active[streaming]
     except KeyError:
-        enabled = streaming.config.section("prometheus", PrometheusSettings).enabled
-        metrics = _active[streaming] = metrics_for(streaming) if enabled else None
+        metrics: StreamingMetrics | None = None
+        if streaming.config.section("prometheus", PrometheusSettings).enabled:
+            from .metrics import metrics_for
+
+            metrics = metrics_for(streaming)
+        _active[streaming] = metrics
         return metrics
 
 
