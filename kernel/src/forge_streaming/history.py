@@ -26,12 +26,13 @@ from .pubsub import Envelope
 
 
 class _RoomLog:
-    __slots__ = ("entries", "floor", "bytes")
+    __slots__ = ("entries", "floor", "bytes", "stands")
 
     def __init__(self) -> None:
         self.entries: deque[Envelope] = deque()
         self.floor: int | None = None  # None: vouch from just below the next message heard
         self.bytes = 0  # payload bytes of ``entries``
+        self.stands: int | None = None  # where the engine said the room stands, while nothing was heard
 
 
 class RoomHistory:
@@ -124,6 +125,19 @@ class RoomHistory:
         if log is None or log.floor is None or sequence < log.floor:
             return None
         return [e for e in log.entries if e.sequence is not None and e.sequence > sequence]
+
+    def note(self, room: str, position: int) -> None:
+        """The engine says ``room`` stands at ``position`` (asked while this node had heard nothing in it)."""
+        log = self._logs.get(room)
+        if log is not None:
+            log.stands = position
+
+    def position(self, room: str) -> int | None:
+        """Where ``room`` stands for this node: its newest message, else what the engine said; None if unknown."""
+        log = self._logs.get(room)
+        if log is None:
+            return None
+        return log.entries[-1].sequence if log.entries else log.stands
 
     def latest(self, room: str) -> int | None:
         log = self._logs.get(room)

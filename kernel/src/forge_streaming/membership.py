@@ -203,7 +203,9 @@ class Membership:
         latest = self.history.latest(room)
         if latest is not None:
             return latest
-        return await self._s.backend.position(room) or 0
+        position = await self._s.backend.position(room) or 0
+        self.history.note(room, position)  # what Streaming.room_position says now (the SSE cursor reads it)
+        return position
 
     def _gate(self, conn: Connection) -> _ReplayGate:
         return _ReplayGate(conn, self._s.config.limits.send_buffer)

@@ -412,8 +412,12 @@ class Streaming:
         return Counter(dict(sorted(self._counters.items())))
 
     def room_position(self, room: str) -> int | None:
-        """The sequence of the newest message this node holds for ``room`` (None: none)."""
-        return self._history.latest(room)
+        """Where ``room`` stands for this node: the position a member joining now is given (None: unknown).
+
+        The newest message this node holds, else where the engine said the room
+        stands; never a clock value (positions are the engine's).
+        """
+        return self._history.position(room)
 
     def _dropped(self, conn: Connection, reason: str) -> None:
         """Count a connection dropped for cause, tell the plugins, and take it out of its rooms now."""

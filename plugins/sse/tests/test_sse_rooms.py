@@ -352,3 +352,35 @@ async def test_live_traffic_during_a_resuming_join_is_sent_in_order_once(kit: ty
             assert messages(resumed) == [1, 2, 3]
         finally:
             await alice.close()
+
+
+async def test_the_cursor_is_the_engines_position_not_the_clock(kit: type[Kit]) -> None:
+    """A member joining a room whose positions began long ago: its cursor is where the room stands.
+
+    Positions are the engine's (the memory backend counts up from the clock at the room's first message);
+    a cursor taken from the clock at the join stood above every later message, so a resume from it missed
+    them all.
+    """
+    import asyncio
+
+    streaming = kit.make_streaming()
+    async with serve(streaming) as server:
+        keeper, _ = await open_member(kit, server, "?rooms=r")
+        await streaming.broadcast("r", "before")
+        await asyncio.sleep(0.1)  # 100,000 us on the clock, one position in the room
+        alice, _ = await open_member(kit, server, "?rooms=r")
+        try:
+            await streaming.broadcast("r", 0)
+            seen = await alice.until(lambda e: kit.is_message(e, 0))
+            last_id = seen[-1].id
+            assert last_id == f"r:{seen[-1].json()['sequence']}"
+            await alice.close()
+            await kit.eventually(lambda: len(streaming.connections) == 1)
+            for n in (1, 2):
+                await streaming.broadcast("r", n)
+            alice, _ = await open_member(kit, server, "?rooms=r", {"Last-Event-ID": last_id})
+            resumed = await alice.until(lambda e: kit.is_message(e, 2))
+            assert messages(resumed) == [1, 2]
+        finally:
+            await keeper.close()
+            await alice.close()

@@ -353,8 +353,9 @@ class SSEConnection(Connection):
         for room in sorted(want):
             seq = self._pos.get(room)
             if seq is None:
-                # joined just now: resuming from here must replay only what comes next
-                seq = max(latest(room) or 0, time.time_ns() // 1000 - 1)
+                # joined just now: where the kernel says the room stands (what room.joined carries), so that
+                # resuming from here replays only what comes next; 0 (unknown) resumes as a resync, never a hole
+                seq = latest(room) or 0
             positions[room] = seq
         self._pos = positions
         self._refresh()
