@@ -293,3 +293,40 @@ async def test_a_publish_the_backend_does_not_number_in_time_times_out_and_is_de
         assert [m["data"] for m in member.frames("message")] == []
         await backend.release()
         assert [m["data"] for m in member.frames("message")] == ["from python", "api"]
+
+
+async def test_local_members_publish_each_changed_room_once_after_the_delay() -> None:
+    import asyncio
+
+    from forge_streaming import LocalMembers, Member
+
+    published: list[str] = []
+    local = LocalMembers(published.append, delay=0.02)
+    local.add("b", Member("c1", "alice"))
+    local.add("b", Member("c1", "alice"))  # already there: no change
+    local.add("a", Member("c2", "bob"))
+    local.remove("a", "c2")
+    local.remove("a", "nobody")
+    assert local.pending == {"a", "b"} and published == []
+    await asyncio.sleep(0.06)
+    assert published == ["a", "b"] and not local.pending  # once each, in one go
+    assert [m.user_id for m in local.members("b")] == ["alice"] and "a" not in local.rooms
+    local.add("c", Member("c3", "carol"))
+    local.cancel()
+    await asyncio.sleep(0.06)
+    assert published == ["a", "b"] and not local.pending
+
+
+def test_room_positions_count_up_and_start_new_runs_above_earlier_ones() -> None:
+    from forge_streaming import RoomPositions
+
+    positions = RoomPositions(max_rooms=2)
+    first, previous = positions.next("r")
+    assert previous is None and first > positions.start
+    assert positions.next("r", 3) == (first + 1, first) and positions.last("r") == first + 3
+    assert positions.next("s", after=41) == (42, 41), "a room heard elsewhere continues after it"
+    assert not positions.forgot
+    positions.next("t")  # past max_rooms: the least recently used ("r") is forgotten
+    assert positions.forgot and positions.last("r") is None
+    again, previous = positions.next("r")
+    assert previous is None and again > first + 3, "a forgotten room starts a run above its old one"

@@ -33,8 +33,16 @@ from .frames import ClientFrame, InvalidInput, Message, OutboundFrame, ProtocolE
 from .history import RoomHistory
 from .hookspecs import AWAITABLE_HOOKS, hookimpl, hookspec
 from .origins import origin_allowed
-from .pubsub import BackendHealth, BackendListener, BackendState, Envelope, EnvelopeKind, PubSubBackend
-from .rooms import Member, RoomStore, RoomStoreListener
+from .pubsub import (
+    BackendHealth,
+    BackendListener,
+    BackendState,
+    Envelope,
+    EnvelopeKind,
+    PubSubBackend,
+    RoomPositions,
+)
+from .rooms import LocalMembers, Member, RoomStore, RoomStoreListener
 from .service import PLUGIN_API, ServiceState, Streaming
 from .transports import Handler, Transport
 
@@ -60,10 +68,10 @@ __all__ = [
     "BackendHealth", "BackendListener", "BackendState", "BufferedWriter", "ClientFrame", "CloseCode",
     "ConfigError", "ConfigSection", "Connection", "ConnectionClosed", "ConnectionRequest", "ConnectionState",
     "Duration", "Envelope", "EnvelopeKind", "Event", "Flushable", "FlushScheduler", "Handler", "HookFailed", "Identity",
-    "InvalidInput",
-    "Member", "Message",
+    "InvalidInput", "LocalMembers", "Member", "Message",
     "OutboundFrame", "PluginLoadError", "ProtocolError", "PubSubBackend", "PublishMessage", "Refused",
-    "RoomHistory", "RoomStore", "RoomStoreListener", "ServiceState", "Size", "Streaming", "StreamingConfig",
+    "RoomHistory", "RoomPositions", "RoomStore", "RoomStoreListener", "ServiceState", "Size", "Streaming",
+    "StreamingConfig",
     "StreamingError", "Transport",
     "UnknownTransport", "__version__", "get_streaming", "hookimpl", "load_config", "new_extension",
     "origin_allowed",

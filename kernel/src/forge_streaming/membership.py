@@ -21,12 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 from . import frames
 from .connection import CloseCode, Connection, ConnectionState
 from .errors import Refused
+from .fanout import numbered
 from .frames import OutboundFrame
 from .history import RoomHistory
 from .pubsub import Envelope, EnvelopeKind
@@ -225,9 +225,7 @@ class Membership:
         if missed is None:
             fetched = await self._s.backend.fetch_history(room, since)
             if fetched is not None:  # as published: the position goes into each frame here, as for live ones
-                history.merge(room, since, [
-                    replace(e, payload=frames.with_sequence(e.payload, e.sequence, binary=e.binary))
-                    for e in fetched if e.sequence is not None])
+                history.merge(room, since, [numbered(e, e.sequence) for e in fetched if e.sequence is not None])
                 missed = history.since(room, since)
         if missed is None:
             conn.send_frame(frames.system_frame("resync", {

@@ -30,7 +30,9 @@ some messages (an outage, a hole it detected), it says so through
 from __future__ import annotations
 
 import enum
+import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -159,3 +161,41 @@ class PubSubBackend(ABC):
         no needless ``resync``.
         """
         return None
+
+
+class RoomPositions:
+    """The positions an engine gives, per room: one more than the last, or a new run.
+
+    A room it has not numbered (or has forgotten) starts a new run: one
+    above ``after`` when the caller knows a position already given in the
+    room, else the clock's microseconds (above any earlier run, since no run
+    gives a million positions a second for long), never below ``start``, the
+    clock when this counter was made. At most ``max_rooms`` rooms are kept,
+    the least recently used forgotten first. The memory backend and the
+    MQTT sequencer number rooms with it.
+    """
+
+    def __init__(self, max_rooms: int = 100_000) -> None:
+        self.max_rooms = max_rooms
+        self.start = time.time_ns() // 1000
+        self.forgot = False  # once a room was forgotten, a room without a position may have had some
+        self._last: OrderedDict[str, int] = OrderedDict()
+
+    def next(self, room: str, count: int = 1, *, after: int | None = None) -> tuple[int, int | None]:
+        """The first of ``count`` positions for ``room``, and the room's position before them (None: a new run)."""
+        last = self._last.get(room)
+        if last is None:
+            previous = after
+            first = after + 1 if after is not None else max(time.time_ns() // 1000, self.start + 1)
+            if len(self._last) >= self.max_rooms:
+                self._last.popitem(last=False)
+                self.forgot = True
+        else:
+            previous, first = last, last + 1
+            self._last.move_to_end(room)
+        self._last[room] = first + count - 1
+        return first, previous
+
+    def last(self, room: str) -> int | None:
+        """The last position given in ``room``; None if none (or forgotten)."""
+        return self._last.get(room)

@@ -8,9 +8,10 @@ a cluster.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -82,3 +83,56 @@ class RoomStore(ABC):
         for member in await self.members(room):
             seen.setdefault(member.user_id, None)
         return list(seen)
+
+
+class LocalMembers:
+    """This node's members per room, for a room store that shares them with other nodes (MQTT, NATS).
+
+    A change marks its room; ``publish(room)`` is called once for every
+    marked room, ``delay`` seconds after the first change, so a burst of
+    joins is one write per room rather than one per join. ``rooms`` is the
+    registry itself (room -> connection id -> member); ``pending`` the rooms
+    changed and not published yet.
+    """
+
+    def __init__(self, publish: Callable[[str], None], delay: float = 0.02) -> None:
+        self.rooms: dict[str, dict[str, Member]] = {}
+        self.pending: set[str] = set()
+        self._publish = publish
+        self._delay = delay
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, room: str, member: Member) -> None:
+        members = self.rooms.setdefault(room, {})
+        if member.connection_id not in members:
+            members[member.connection_id] = member
+            self._mark(room)
+
+    def remove(self, room: str, connection_id: str) -> None:
+        members = self.rooms.get(room)
+        if members is None or members.pop(connection_id, None) is None:
+            return
+        if not members:
+            del self.rooms[room]
+        self._mark(room)
+
+    def members(self, room: str) -> list[Member]:
+        return list(self.rooms.get(room, {}).values())
+
+    def _mark(self, room: str) -> None:
+        self.pending.add(room)
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self._delay, self._flush)
+
+    def _flush(self) -> None:
+        self._handle = None
+        pending, self.pending = self.pending, set()
+        for room in sorted(pending):
+            self._publish(room)
+
+    def cancel(self) -> None:
+        """Publish nothing more (the store stops; it says what it must itself)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.pending.clear()

@@ -17,6 +17,7 @@ the kit needs no pytest plugin. A backend that spans nodes also defines
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -64,6 +65,58 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 5.0, what: s
         if loop.time() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
         await asyncio.sleep(interval)
+
+
+class RoomClient:
+    """A room-protocol client for tests: keeps every frame it receives, joins and sends.
+
+    ``ws`` is any connection with ``async send(text)``, ``async close()`` and
+    ``async for`` over the text frames it receives (a websockets client).
+    """
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            async for raw in self.ws:
+                self.frames.append(json.loads(raw))
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f.get("type") == kind]
+
+    def data(self) -> list[Any]:
+        """The ``data`` of every room message received, in order."""
+        return [f["data"] for f in self.of("message")]
+
+    def messages(self) -> list[tuple[int, Any]]:
+        """``(position, data)`` of every room message received, in order."""
+        return [(f["sequence"], f["data"]) for f in self.of("message")]
+
+    def events(self) -> list[str]:
+        return [f.get("event", "") for f in self.of("system")]
+
+    def joined(self, room: str) -> dict[str, Any]:
+        """The ``room.joined`` frame's data for ``room``."""
+        return next(f["data"] for f in self.of("system") if f.get("event") == "room.joined"
+                    and f["data"]["room_id"] == room)
+
+    async def join(self, room: str, since: int | None = None, timeout: float = 15.0) -> None:
+        frame: dict[str, Any] = {"type": "join", "room_id": room}
+        if since is not None:
+            frame["since"] = since
+        await self.ws.send(json.dumps(frame))
+        await eventually(lambda: any(f.get("event") == "room.joined" and f["data"]["room_id"] == room
+                                     for f in self.of("system")), timeout, what=f"joining {room}")
+
+    async def send(self, room: str, data: Any) -> None:
+        await self.ws.send(json.dumps({"type": "message", "room_id": room, "data": data}))
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await self.ws.close()
 
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = DEFAULT_TIMEOUT) -> Any:

@@ -16,53 +16,19 @@ import pytest
 
 pytest.importorskip("forge_streaming_websocket")
 
-from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
-
-
-class WsMember:
-    """A WebSocket client of the room endpoint that keeps every frame it receives."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.frames: list[dict[str, Any]] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        with contextlib.suppress(Exception):
-            async for raw in self.ws:
-                self.frames.append(json.loads(raw))
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [f for f in self.frames if f.get("type") == kind]
-
-    def data(self) -> list[Any]:
-        return [f["data"] for f in self.of("message")]
-
-    def events(self) -> list[str]:
-        return [f.get("event", "") for f in self.of("system")]
-
-    async def join(self, room: str) -> None:
-        await self.ws.send(json.dumps({"type": "join", "room_id": room}))
-        await until(lambda: any(f.get("event") == "room.joined" and f["data"]["room_id"] == room
-                                for f in self.of("system")), what=f"joining {room}")
-
-    async def send(self, room: str, data: Any) -> None:
-        await self.ws.send(json.dumps({"type": "message", "room_id": room, "data": data}))
-
-    async def close(self) -> None:
-        await self.ws.close()
-        self._reader.cancel()
+from forge_streaming.testing import RoomClient  # noqa: E402
+from websockets.asyncio.client import connect  # noqa: E402
 
 
 @contextlib.asynccontextmanager
-async def ws_member(node: Any, room: str) -> AsyncIterator[WsMember]:
+async def ws_member(node: Any, room: str) -> AsyncIterator[RoomClient]:
     async with connect(f"{node.ws_url}/ws") as ws:
-        member = WsMember(ws)
+        member = RoomClient(ws)
         await member.join(room)
         try:
             yield member
         finally:
-            member._reader.cancel()
+            await member.close()
 
 
 async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:

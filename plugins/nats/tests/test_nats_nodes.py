@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,62 +16,24 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from forge_streaming.testing import free_port
+from forge_streaming.testing import RoomClient, free_port
 
 pytest.importorskip("forge_streaming_websocket")
 
-from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
+from websockets.asyncio.client import connect  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
-class WsMember:
-    """A WebSocket client of the room endpoint that keeps every frame it receives."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        self.frames: list[dict[str, Any]] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        with contextlib.suppress(Exception):
-            async for raw in self.ws:
-                self.frames.append(json.loads(raw))
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [f for f in self.frames if f.get("type") == kind]
-
-    def messages(self) -> list[tuple[int, Any]]:
-        return [(f["sequence"], f["data"]) for f in self.of("message")]
-
-    def events(self) -> list[str]:
-        return [f.get("event", "") for f in self.of("system")]
-
-    def joined(self, room: str) -> dict[str, Any]:
-        return next(f["data"] for f in self.of("system") if f.get("event") == "room.joined"
-                    and f["data"]["room_id"] == room)
-
-    async def join(self, room: str, since: int | None = None) -> None:
-        frame: dict[str, Any] = {"type": "join", "room_id": room}
-        if since is not None:
-            frame["since"] = since
-        await self.ws.send(json.dumps(frame))
-        await until(lambda: any(f.get("event") == "room.joined" and f["data"]["room_id"] == room
-                                for f in self.of("system")), what=f"joining {room}")
-
-    async def send(self, room: str, data: Any) -> None:
-        await self.ws.send(json.dumps({"type": "message", "room_id": room, "data": data}))
-
-
 @contextlib.asynccontextmanager
-async def ws_member(node: Any, room: str, since: int | None = None) -> AsyncIterator[WsMember]:
+async def ws_member(node: Any, room: str, since: int | None = None) -> AsyncIterator[RoomClient]:
     async with connect(f"{node.ws_url}/ws") as ws:
-        member = WsMember(ws)
+        member = RoomClient(ws)
         try:
             await member.join(room, since)
             yield member
         finally:
-            member._reader.cancel()
+            await member.close()
 
 
 async def until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> None:
@@ -86,7 +47,7 @@ async def until(predicate: Callable[[], Any], timeout: float = 15.0, what: str =
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
-def _has_messages(member: WsMember, count: int) -> Callable[[], bool]:
+def _has_messages(member: RoomClient, count: int) -> Callable[[], bool]:
     return lambda: len(member.messages()) == count
 
 
@@ -117,7 +78,7 @@ async def test_two_publishers_on_two_nodes_give_every_member_one_order(nats_serv
     async with ws_member(a, room) as alice, ws_member(b, room) as bob, ws_member(a, room) as watch_a, \
             ws_member(b, room) as watch_b:
 
-        async def talk(member: WsMember, who: str) -> None:
+        async def talk(member: RoomClient, who: str) -> None:
             for n in range(40):
                 await member.send(room, f"{who}{n}")
                 if n % 5 == 0:

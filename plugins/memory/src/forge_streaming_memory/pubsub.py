@@ -15,45 +15,18 @@ of this run: resuming from it gets ``resync``.
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
-from forge_streaming import BackendListener, Envelope, EnvelopeKind, PubSubBackend, StreamingConfig, hookimpl
-
-MAX_ROOMS = 100_000
-"""Rooms whose last position is remembered; a room forgotten past it starts a new run from the clock."""
-
-
-class RoomPositions:
-    """The last position given in each room (least recently used forgotten past ``max_rooms``)."""
-
-    def __init__(self, max_rooms: int = MAX_ROOMS) -> None:
-        self.max_rooms = max_rooms
-        self._last: OrderedDict[str, int] = OrderedDict()
-        self._forgot = False  # once a room was forgotten, a room without a position may have had some
-        self.start = time.time_ns() // 1000  # where every room of this run stands before its first message
-
-    def next(self, room: str) -> int:
-        last = self._last.get(room)
-        if last is None:
-            position = max(time.time_ns() // 1000, self.start + 1)
-            if len(self._last) >= self.max_rooms:
-                self._last.popitem(last=False)
-                self._forgot = True
-        else:
-            position = last + 1
-            self._last.move_to_end(room)
-        self._last[room] = position
-        return position
-
-    def last(self, room: str) -> int | None:
-        """The room's last position; the run's start if it had none, None if it may have been forgotten."""
-        last = self._last.get(room)
-        if last is None:
-            return None if self._forgot else self.start
-        return last
+from forge_streaming import (
+    BackendListener,
+    Envelope,
+    EnvelopeKind,
+    PubSubBackend,
+    RoomPositions,
+    StreamingConfig,
+    hookimpl,
+)
 
 
 class MemoryPubSub(PubSubBackend):
@@ -73,13 +46,18 @@ class MemoryPubSub(PubSubBackend):
 
     async def publish(self, envelope: Envelope) -> None:
         if envelope.kind is EnvelopeKind.MESSAGE:  # built directly: dataclasses.replace costs twice as much
-            envelope = Envelope(envelope.room, envelope.payload, envelope.kind, self._positions.next(envelope.room),
+            envelope = Envelope(envelope.room, envelope.payload, envelope.kind, self._positions.next(envelope.room)[0],
                                 envelope.sender, envelope.node, envelope.binary, envelope.id)
         if self._listener is not None and envelope.room in self._rooms:
             self._listener.on_envelope(envelope)
 
     async def position(self, room: str) -> int | None:
-        return self._positions.last(room)
+        """The room's last position; the run's start if it had none; None if it may have been forgotten."""
+        positions = self._positions
+        last = positions.last(room)
+        if last is None:
+            return None if positions.forgot else positions.start
+        return last
 
     async def subscribe(self, room: str) -> None:
         self._rooms.add(room)

@@ -31,7 +31,15 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import aiomqtt
-from forge_streaming import BackendHealth, BackendState, Member, RoomStore, RoomStoreListener, StreamingConfig
+from forge_streaming import (
+    BackendHealth,
+    BackendState,
+    LocalMembers,
+    Member,
+    RoomStore,
+    RoomStoreListener,
+    StreamingConfig,
+)
 
 from .link import LinkState, MqttLink
 from .settings import SECTION, MqttSettings
@@ -83,11 +91,11 @@ class MqttRoomStore(RoomStore):
         self.topics = Topics(self.settings.topic_prefix)
         self._node = ""
         self._link: MqttLink | None = None
-        self._local: dict[str, dict[str, Member]] = {}
+        # this node's members, each changed room published PUBLISH_DELAY after its first change
+        self._members = LocalMembers(self._publish_room, PUBLISH_DELAY)
+        self._local = self._members.rooms
         self._remote: dict[str, dict[str, list[Member]]] = {}  # node -> room -> members
         self._offline: set[str] = set()
-        self._dirty: set[str] = set()
-        self._flush_handle: asyncio.TimerHandle | None = None
         self._proof = ""  # this connection's secret; its hash is in our online status, itself in our will
         self._lives: dict[str, str] = {}  # node -> the hash its online status announced
         self._restored_at = -math.inf
@@ -128,9 +136,7 @@ class MqttRoomStore(RoomStore):
         if self._restore_handle is not None:
             self._restore_handle.cancel()
             self._restore_handle = None
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
+        self._members.cancel()
         link = self._link
         if link is not None and link.client is not None:
             for room in self._local:
@@ -164,21 +170,13 @@ class MqttRoomStore(RoomStore):
     # -- membership --------------------------------------------------------------------
 
     async def add_member(self, room: str, member: Member) -> None:
-        members = self._local.setdefault(room, {})
-        if member.connection_id not in members:
-            members[member.connection_id] = member
-            self._mark(room)
+        self._members.add(room, member)
 
     async def remove_member(self, room: str, connection_id: str) -> None:
-        members = self._local.get(room)
-        if members is None or members.pop(connection_id, None) is None:
-            return
-        if not members:
-            del self._local[room]
-        self._mark(room)
+        self._members.remove(room, connection_id)
 
     async def members(self, room: str) -> list[Member]:
-        found = list(self._local.get(room, {}).values())
+        found = self._members.members(room)
         for node, rooms in self._remote.items():
             if node != self._node and node not in self._offline:
                 found.extend(rooms.get(room, ()))
@@ -193,17 +191,6 @@ class MqttRoomStore(RoomStore):
         return sorted(names)
 
     # -- publishing this node's part ---------------------------------------------------------
-
-    def _mark(self, room: str) -> None:
-        self._dirty.add(room)
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(PUBLISH_DELAY, self._flush)
-
-    def _flush(self) -> None:
-        self._flush_handle = None
-        dirty, self._dirty = self._dirty, set()
-        for room in dirty:
-            self._publish_room(room)
 
     def _publish_room(self, room: str) -> None:
         """Publish ``room``'s retained member list of this node; if disconnected, on_connect will."""
@@ -323,7 +310,7 @@ class MqttRoomStore(RoomStore):
 
     def _on_presence(self, node: str, room: str, payload: bytes, *, retained: bool) -> None:
         if node == self._node:
-            if room in self._dirty:
+            if room in self._members.pending:
                 return  # our next publish for it is on its way
             if payload and room not in self._local:
                 # Left over from an earlier life of a node with this id.

@@ -44,11 +44,11 @@ import asyncio
 import json
 import logging
 import random
-import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 
 import aiomqtt
+from forge_streaming import RoomPositions
 
 from . import batch
 from .link import MqttLink, Sent
@@ -136,7 +136,7 @@ class Sequencer:
         self._heard = heard  # the last position this node heard in a room
         self._counters = counters
         self._link: MqttLink | None = None
-        self._last: OrderedDict[str, int] = OrderedDict()  # positions given in this term
+        self._positions = RoomPositions(MAX_ROOMS)  # the positions given in this term
         self._attempt: asyncio.Task[None] | None = None
         self._stopped = False
         # submits the broker sent with its CONNACK (queued while nobody held the role), before the link is usable
@@ -173,7 +173,7 @@ class Sequencer:
         await asyncio.sleep(wait + random.uniform(0, TAKEOVER_JITTER))
         if self._stopped or self.holder is not None or self._link is not None:
             return
-        self._last.clear()
+        self._positions = RoomPositions(MAX_ROOMS)
         self._early.clear()
         self._counters["sequencer_terms"] += 1
         log.info("MQTT sequencer: no node holds the role; node %r takes it", self.node)
@@ -218,19 +218,6 @@ class Sequencer:
 
     # -- numbering (hot path on the sequencer's node) ---------------------------------
 
-    def _next(self, room: str, count: int) -> tuple[int, int | None]:
-        """The first of ``count`` positions for ``room``, and the room's position before them."""
-        last = self._last.get(room)
-        if last is None:
-            last = self._heard(room)
-            if len(self._last) >= MAX_ROOMS:
-                self._last.popitem(last=False)
-        else:
-            self._last.move_to_end(room)
-        position = last + 1 if last is not None else time.time_ns() // 1000
-        self._last[room] = position + count - 1
-        return position, last
-
     def _on_submit(self, message: aiomqtt.Message) -> None:
         link = self._link
         if link is not None and link.client is None:  # arrived with the CONNACK: numbered once the link is up
@@ -250,7 +237,8 @@ class Sequencer:
             self._counters["bad_batches"] += 1
             link.ack(message)
             return
-        position, previous = self._next(room, count)
+        # a room this term has not numbered continues from what this node heard in it, else a new run
+        position, previous = self._positions.next(room, count, after=self._heard(room))
         pairs = [(k, v) for k, v in props if k not in (PROP_SEQUENCE, PROP_PREVIOUS)]
         pairs.append((PROP_SEQUENCE, str(position)))
         if previous is not None:
@@ -278,7 +266,7 @@ class Sequencer:
         self._mark_timer = None
         rooms, self._unmarked = self._unmarked, set()
         link = self._link
-        items = [(room, str(self._last[room])) for room in rooms if room in self._last]
+        items = [(room, str(last)) for room in rooms if (last := self._positions.last(room)) is not None]
         if link is None or not items:
             return
         for start in range(0, len(items), MARK_ROOMS):
@@ -294,4 +282,4 @@ class Sequencer:
 
     def given(self, room: str) -> int | None:
         """The last position this node gave in ``room`` while it holds the role; None otherwise."""
-        return self._last.get(room) if self._link is not None else None
+        return self._positions.last(room) if self._link is not None else None

@@ -36,7 +36,15 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import nats.js.errors
-from forge_streaming import BackendHealth, BackendState, Member, RoomStore, RoomStoreListener, StreamingConfig
+from forge_streaming import (
+    BackendHealth,
+    BackendState,
+    LocalMembers,
+    Member,
+    RoomStore,
+    RoomStoreListener,
+    StreamingConfig,
+)
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -116,13 +124,13 @@ class NatsRoomStore(RoomStore):
         self._link: NatsLink | None = None
         self._feed: Feed | None = None
         self._listener: RoomStoreListener | None = None
-        self._local: dict[str, dict[str, Member]] = {}
+        # this node's members, each changed room written PUBLISH_DELAY after its first change
+        self._members = LocalMembers(self._publish_room, PUBLISH_DELAY)
+        self._local = self._members.rooms
         self._view = _View()
         self._building: _View | None = None  # a fresh view being read after a (re)connect
         self._returning: dict[str, float] = {}
         self._cleanups: dict[str, asyncio.TimerHandle] = {}
-        self._dirty: set[str] = set()
-        self._flush_handle: asyncio.TimerHandle | None = None
         self._writes: asyncio.Queue[tuple[str, bytes, dict[str, str] | None]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._beat: asyncio.Task[None] | None = None
@@ -154,9 +162,9 @@ class NatsRoomStore(RoomStore):
 
     async def stop(self) -> None:
         self._stopping = True
-        for handle in [self._flush_handle, *self._cleanups.values()]:
-            if handle is not None:
-                handle.cancel()
+        self._members.cancel()
+        for handle in self._cleanups.values():
+            handle.cancel()
         self._cleanups.clear()
         if self._beat is not None:
             self._beat.cancel()
@@ -253,17 +261,6 @@ class NatsRoomStore(RoomStore):
             self._put(self._room_key(room, self._node), _encode_members(self._life, list(members.values())))
         else:
             self._remove(self._room_key(room, self._node))
-
-    def _mark(self, room: str) -> None:
-        self._dirty.add(room)
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(PUBLISH_DELAY, self._flush)
-
-    def _flush(self) -> None:
-        self._flush_handle = None
-        dirty, self._dirty = self._dirty, set()
-        for room in sorted(dirty):
-            self._publish_room(room)
 
     def _restore(self) -> None:
         """Write our liveness and every room again (someone removed them, or the server lost them)."""
@@ -448,7 +445,7 @@ class NatsRoomStore(RoomStore):
             if life != self._life:
                 self._restore()
             return
-        if room in self._dirty:
+        if room in self._members.pending:
             return  # our next write of it is on its way
         if removed:
             if room in self._local:
@@ -469,21 +466,13 @@ class NatsRoomStore(RoomStore):
     # -- membership --------------------------------------------------------------------
 
     async def add_member(self, room: str, member: Member) -> None:
-        members = self._local.setdefault(room, {})
-        if member.connection_id not in members:
-            members[member.connection_id] = member
-            self._mark(room)
+        self._members.add(room, member)
 
     async def remove_member(self, room: str, connection_id: str) -> None:
-        members = self._local.get(room)
-        if members is None or members.pop(connection_id, None) is None:
-            return
-        if not members:
-            del self._local[room]
-        self._mark(room)
+        self._members.remove(room, connection_id)
 
     async def members(self, room: str) -> list[Member]:
-        found = list(self._local.get(room, {}).values())
+        found = self._members.members(room)
         found.extend(self._view.visible(room).values())
         found.sort(key=lambda m: m.joined_at)
         return found
