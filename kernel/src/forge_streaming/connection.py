@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from typing import TYPE_CHECKING, Any
@@ -170,6 +170,10 @@ class Connection(ABC):
     close_code: int | None = None
     close_reason: str = ""
     _end_waiter: asyncio.Future[None] | None = None
+    _receive_now: Callable[[Connection, str | bytes], bool] | None = None
+    """Set by the room protocol while its reader waits: where :meth:`received` offers a frame."""
+    _busy: asyncio.Future[None] | None = None
+    """A frame taken by :meth:`received` that is still being acted on: later frames wait for it."""
 
     def __init__(self, request: ConnectionRequest, streaming: Streaming) -> None:
         self.id = f"{self.transport[:2]}-{next(_ids):x}-{int(time.time() * 1000) % 100000:05d}"
@@ -274,6 +278,20 @@ class Connection(ABC):
         """
         self.ended(code, reason)
         self.streaming._dropped(self, reason)  # noqa: SLF001 (the kernel's own class)
+
+    def received(self, data: str | bytes) -> bool:
+        """Offer a client message the moment the transport reads it; True: the kernel took it, do not queue it.
+
+        Optional, for a transport that reads in a callback (the WebSocket
+        plugin): when nothing is queued for :meth:`read_message`, it offers
+        each message here first and queues it only on False. The room
+        protocol acts on a room message there and then, sparing the task
+        switch per message; it takes nothing while its reader is busy or a
+        plugin's hook must see the frame first, so frames keep their order.
+        The transport checks its size limit before offering.
+        """
+        receive = self._receive_now
+        return receive is not None and receive(self, data)
 
     @abstractmethod
     async def read_message(self) -> Message:

@@ -28,7 +28,7 @@ from . import frames
 from .connection import CloseCode, Connection
 from .frames import BINARY_TYPES, Message, OutboundFrame
 from .history import RoomHistory
-from .pubsub import Envelope, EnvelopeKind
+from .pubsub import Envelope, EnvelopeKind, PubSubBackend
 
 if TYPE_CHECKING:
     from .service import Streaming
@@ -59,6 +59,20 @@ def numbered(envelope: Envelope, sequence: int) -> Envelope:
                     envelope.kind, sequence, envelope.sender, envelope.node, envelope.binary, envelope.id)
 
 
+def _publishes_nowait(backend: type[PubSubBackend]) -> bool:
+    """True when ``backend``'s ``publish_nowait`` stands for its ``publish``.
+
+    Not when it is the base class's (which takes nothing), nor when a
+    subclass overrode ``publish`` alone: a test's or a user's backend built
+    on the memory one must not be bypassed by the ``publish_nowait`` it inherited.
+    """
+    def owner(name: str) -> type:
+        return next(cls for cls in backend.__mro__ if name in cls.__dict__)
+
+    nowait = owner("publish_nowait")
+    return nowait is not PubSubBackend and issubclass(nowait, owner("publish"))
+
+
 class FanOut:
     """Publish to the backend; deliver what the backend hands back to local members."""
 
@@ -76,6 +90,8 @@ class FanOut:
         self._has_deliver_hook = bool(self._deliver_hook.get_hookimpls())
         self._published_hook = hook.streaming_published
         self._has_published_hook = bool(self._published_hook.get_hookimpls())
+        self._backend_seen: PubSubBackend | None = None
+        self._backend_nowait = False
 
     async def publish(self, room: str, data: Any, *, sender: Connection | None = None,
                       user_id: str | None = None, wait: bool = True,
@@ -101,20 +117,7 @@ class FanOut:
                 if result is False:
                     return None
             data, user_id = message.data, message.user_id
-        binary = isinstance(data, BINARY_TYPES)
-        message_id = frames.new_message_id()
-        try:
-            if binary:  # the header, a newline, the bytes: encoded once here, like text
-                header = frames.message_frame(room_id=room, user_id=user_id, data=None, message_id=message_id)
-                del header["data"]
-                header["binary"] = True
-                payload = frames.binary_frame(header, data)
-            else:
-                payload = frames.message_payload(room_id=room, user_id=user_id, data=data, message_id=message_id)
-        except (ValueError, RecursionError) as exc:  # from an application or a hook: client data was checked
-            raise frames.InvalidInput("invalid_json", f"message data is not JSON a browser can parse: {exc}") from None
-        envelope = Envelope(room, payload, EnvelopeKind.MESSAGE, None, sender.id if sender else None, s.node_id, binary,
-                            message_id if wait else None)  # positional: a frozen dataclass's keywords cost more
+        envelope = self.message_envelope(room, data, user_id, sender, keep_id=wait)
         if not wait:
             if self._has_published_hook:
                 await self.publish_envelope(envelope)
@@ -122,6 +125,8 @@ class FanOut:
                 await s.backend.publish(envelope)
             self._counters["published"] += 1
             return None
+        message_id = envelope.id
+        assert message_id is not None
         await self._listen(room)  # its position comes with the message, which this node must hear
         receipt: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._receipts[message_id] = receipt
@@ -136,6 +141,47 @@ class FanOut:
                                f"within {timeout:g} s; it may still be delivered") from None
         finally:
             self._receipts.pop(message_id, None)
+
+    def message_envelope(self, room: str, data: Any, user_id: str, sender: Connection | None, *,
+                         keep_id: bool = False) -> Envelope:
+        """A room message's envelope: its frame encoded once, without the position the engine will give it.
+
+        ``keep_id``: the envelope carries the message's id, for a publisher that waits for its position.
+        """
+        binary = isinstance(data, BINARY_TYPES)
+        message_id = frames.new_message_id()
+        try:
+            if binary:  # the header, a newline, the bytes: encoded once here, like text
+                header = frames.message_frame(room_id=room, user_id=user_id, data=None, message_id=message_id)
+                del header["data"]
+                header["binary"] = True
+                payload = frames.binary_frame(header, data)
+            else:
+                payload = frames.message_payload(room_id=room, user_id=user_id, data=data, message_id=message_id)
+        except (ValueError, RecursionError) as exc:  # from an application or a hook: client data was checked
+            raise frames.InvalidInput("invalid_json", f"message data is not JSON a browser can parse: {exc}") from None
+        return Envelope(room, payload, EnvelopeKind.MESSAGE, None, sender.id if sender else None, self._s.node_id,
+                        binary, message_id if keep_id else None)  # positional: cheaper than keywords
+
+    def can_publish_now(self) -> bool:
+        """True when a room message can be published without awaiting anything (:meth:`publish_now`).
+
+        That is: no plugin implements ``streaming_before_publish`` or
+        ``streaming_published``, and the backend implements ``publish_nowait``.
+        """
+        backend = self._s.backend
+        if backend is not self._backend_seen:
+            self._backend_seen = backend
+            self._backend_nowait = _publishes_nowait(type(backend))
+        return self._backend_nowait and not self._has_published_hook \
+            and not self._s.plugins.implemented("streaming_before_publish")
+
+    def publish_now(self, envelope: Envelope) -> bool:
+        """Hand a room message to the backend without waiting; False: it must be awaited (:meth:`publish_envelope`)."""
+        if self._s.backend.publish_nowait(envelope):
+            self._counters["published"] += 1
+            return True
+        return False
 
     async def publish_envelope(self, envelope: Envelope) -> None:
         """Hand ``envelope`` to the backend, timing it for ``streaming_published`` when a plugin listens."""

@@ -43,9 +43,9 @@ class EnvelopeKind(str, enum.Enum):
     NOTICE = "notice"  # presence and typing notices: live only
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Envelope:
-    """One room frame on its way to every node.
+    """One room frame on its way to every node; read-only by convention.
 
     ``payload`` is the UTF-8 JSON frame members receive, encoded once by the
     publishing node, without its position; ``sequence`` is the position the
@@ -60,6 +60,12 @@ class Envelope:
     sent as a binary frame. A backend that crosses nodes must carry this
     flag with the payload (the MQTT backend: a user property); one that
     hands the envelope itself back (the memory backend) has nothing to do.
+
+    Treat an envelope as read-only: a node shares one with its history and
+    every member, so a changed field changes it for all of them; build a
+    new one instead (positionally, as the kernel does). It is not a frozen
+    dataclass because that costs 0.65 us per envelope against 0.13, and a
+    room message makes three.
     """
 
     room: str
@@ -129,6 +135,19 @@ class PubSubBackend(ABC):
         A ``MESSAGE`` envelope comes in without a position; the backend gives
         it one (see the module's docstring) before any node receives it.
         """
+
+    def publish_nowait(self, envelope: Envelope) -> bool:
+        """Publish ``envelope`` at once if that needs no waiting: True if taken, False to have it awaited.
+
+        Optional. The kernel calls it for a room message it acts on the
+        moment the transport reads it (no task switch per message); on False
+        it awaits :meth:`publish` instead (a backend whose broker is behind
+        makes its publisher wait there). A backend that overrides it takes
+        ``publish``'s job for what it accepts: ``publish`` is not called for
+        that envelope. The default takes nothing, and the kernel then never
+        calls it; nor when a subclass overrides ``publish`` but not this.
+        """
+        return False
 
     @abstractmethod
     async def subscribe(self, room: str) -> None:

@@ -8,6 +8,7 @@ room endpoint, the same on every transport.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ from .errors import ConnectionClosed, HookFailed, Refused
 from .fanout import FanOut
 from .frames import ClientFrame, ProtocolError
 from .membership import Membership
+from .pubsub import Envelope
 
 if TYPE_CHECKING:
     from .service import Streaming
@@ -37,15 +39,92 @@ class RoomProtocol:
         self._membership = membership
         self._fanout = fanout
         self._counters = counters
+        self._receive_now = self.receive_now  # one bound method for every connection (kept while it waits)
 
     async def serve(self, conn: Connection) -> None:
-        """Read room-protocol frames from ``conn`` until it ends."""
+        """Read room-protocol frames from ``conn`` until it ends.
+
+        While this reader waits, the transport may offer each frame the
+        moment it reads it (:meth:`Connection.received`), and the hot one, a
+        room message, is acted on there and then (:meth:`receive_now`): no
+        task wakes up per message. Whatever must wait is queued for this
+        reader as before, so frames are acted on in the order they came.
+        """
+        receive_now = self._receive_now
         try:
             while True:
-                message = await conn.read_message()
+                conn._receive_now = receive_now  # noqa: SLF001 (the kernel's own class)
+                try:
+                    message = await conn.read_message()
+                finally:
+                    conn._receive_now = None  # noqa: SLF001
+                busy = conn._busy  # noqa: SLF001
+                if busy is not None:  # a message taken at once whose publish had to wait goes first
+                    await busy
                 await self.handle(conn, message.data)
         except ConnectionClosed:
             return
+
+    def receive_now(self, conn: Connection, raw: str | bytes) -> bool:
+        """Act on a frame the transport just read, if it is a room message that needs no waiting.
+
+        True: done (published, or answered with an error); False: the
+        transport queues it for :meth:`serve`, which handles it as ever
+        (joins, leaves, typing, anything a plugin's hook must see first,
+        anything that is not a valid room message). Nothing is done before
+        that choice, so a frame is never acted on twice.
+        """
+        s = self._s
+        if conn._busy is not None:  # noqa: SLF001 (the kernel's own class)
+            return False
+        if s.plugins.implemented("streaming_message_received") or not self._fanout.can_publish_now():
+            return False
+        try:
+            frame = frames.parse_client_frame(raw, max_size=s.config.limits.max_message_size,
+                                              max_depth=s.config.limits.max_json_depth)
+        except ProtocolError:
+            return False  # the reader answers it, in order
+        room = frame.room_id
+        if frame.type != "message" or room not in conn.rooms:
+            return False
+        try:
+            conn.touch()
+            if conn.rate_limit is not None and self._limited(conn):
+                return True
+            self._count_in(conn)
+            envelope = self._fanout.message_envelope(room, frame.data, conn.user_id, conn)
+            if not self._fanout.publish_now(envelope):  # the backend makes publishers wait: in order, in a task
+                conn._busy = busy = asyncio.ensure_future(self._publish_later(conn, envelope))  # noqa: SLF001
+                busy.add_done_callback(lambda _: setattr(conn, "_busy", None))
+        except Exception as exc:  # as the reader would: this connection only, 1011
+            conn.log.error("acting on a frame of connection %s failed: %r; closing it", conn.id, exc, exc_info=exc)
+            s._background(conn.close(CloseCode.INTERNAL_ERROR, "internal error"))  # noqa: SLF001
+        return True
+
+    async def _publish_later(self, conn: Connection, envelope: Envelope) -> None:
+        try:
+            await self._fanout.publish_envelope(envelope)
+            self._counters["published"] += 1
+        except Exception as exc:
+            conn.log.error("publishing for connection %s failed: %r; closing it", conn.id, exc, exc_info=exc)
+            await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _limited(self, conn: Connection) -> bool:
+        """Over its rate limit: answered with ``rate_limited`` (the frame is not acted on)."""
+        assert conn.rate_limit is not None
+        wait = conn.rate_limit.take()
+        if not wait:
+            return False
+        text = f"more than {conn.rate_limit.rate:g} messages a second"
+        self._s._rejected(conn, "rate_limited", text)  # noqa: SLF001
+        conn.send_frame(frames.error_frame("rate_limited", text, retry_after_ms=max(1, int(wait * 1000))))
+        return True
+
+    def _count_in(self, conn: Connection) -> None:
+        counter = _MESSAGES_IN.get(conn.transport)
+        if counter is None:
+            counter = _MESSAGES_IN[conn.transport] = f"messages_in.{conn.transport}"
+        self._counters[counter] += 1
 
     async def handle(self, conn: Connection, raw: str | bytes) -> None:
         """Act on one client frame; answer anything refused with an error frame.
@@ -56,13 +135,8 @@ class RoomProtocol:
         """
         conn.touch()
         s = self._s
-        if conn.rate_limit is not None:
-            wait = conn.rate_limit.take()
-            if wait:
-                text = f"more than {conn.rate_limit.rate:g} messages a second"
-                s._rejected(conn, "rate_limited", text)  # noqa: SLF001
-                conn.send_frame(frames.error_frame("rate_limited", text, retry_after_ms=max(1, int(wait * 1000))))
-                return
+        if conn.rate_limit is not None and self._limited(conn):
+            return
         try:
             frame = frames.parse_client_frame(raw, max_size=s.config.limits.max_message_size,
                                               max_depth=s.config.limits.max_json_depth)
@@ -93,10 +167,7 @@ class RoomProtocol:
         elif room not in conn.rooms:
             raise ProtocolError("not_member", f"join room {room!r} before sending to it")
         elif frame.type == "message":
-            counter = _MESSAGES_IN.get(conn.transport)
-            if counter is None:
-                counter = _MESSAGES_IN[conn.transport] = f"messages_in.{conn.transport}"
-            self._counters[counter] += 1
+            self._count_in(conn)
             await self._fanout.publish(room, frame.data, sender=conn, wait=False)
         elif frame.type == "typing":
             await self._fanout.notify(room, frames.presence_frame("typing", room_id=room, user_id=conn.user_id,

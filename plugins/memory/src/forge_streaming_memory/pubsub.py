@@ -45,11 +45,16 @@ class MemoryPubSub(PubSubBackend):
         self._rooms.clear()
 
     async def publish(self, envelope: Envelope) -> None:
+        self.publish_nowait(envelope)
+
+    def publish_nowait(self, envelope: Envelope) -> bool:
+        """Number and deliver ``envelope`` in this call: nothing here ever waits."""
         if envelope.kind is EnvelopeKind.MESSAGE:  # built directly: dataclasses.replace costs twice as much
             envelope = Envelope(envelope.room, envelope.payload, envelope.kind, self._positions.next(envelope.room)[0],
                                 envelope.sender, envelope.node, envelope.binary, envelope.id)
         if self._listener is not None and envelope.room in self._rooms:
             self._listener.on_envelope(envelope)
+        return True
 
     async def position(self, room: str) -> int | None:
         """The room's last position; the run's start if it had none; None if it may have been forgotten."""

@@ -187,6 +187,13 @@ class DirectConnection(WebSocketConnection):
             item = self._event(item)
         return await self._message(item)
 
+    def offer(self, data: str | bytes) -> bool:
+        """A message the protocol just read, offered to the kernel before it is queued (within the size limit)."""
+        limit = self.limits.max_message_size
+        if self._ended is not None or (len(data) > limit // 4 and _size(data) > limit):
+            return False  # the reader closes it 1009, in order
+        return self.received(data)
+
     def attach(self) -> None:
         protocol = self._protocol
         transport = protocol.raw_transport
