@@ -235,22 +235,28 @@ class MqttPubSub(PubSubBackend):
     # -- the hot path ------------------------------------------------------------------
 
     async def publish(self, envelope: Envelope) -> None:
-        room = envelope.room
-        while self._flushing and self._ready:  # the broker is behind: this publisher waits its turn
+        while not self.publish_nowait(envelope):  # the broker is behind: this publisher waits its turn
             self.counters["publish_waits"] += 1
             await asyncio.sleep(0.001)
+
+    def publish_nowait(self, envelope: Envelope) -> bool:
+        """Hand ``envelope`` on (into this loop turn's batch), unless the broker is behind: False then."""
+        if self._flushing and self._ready:
+            return False
+        room = envelope.room
         if envelope.kind is EnvelopeKind.MESSAGE:  # to the sequencer, with what this loop turn adds to the room
             count = self._numbering.next(room)  # numbered per origin to see losses and duplicates
             pending = self._batches.get(room)
             if pending is not None:
                 pending.append((envelope, count))
-                return
+                return True
             self._batches[room] = [(envelope, count)]
             if not self._submit_scheduled:
                 self._submit_scheduled = True
                 asyncio.get_running_loop().call_soon(self._submit)
-            return
+            return True
         self._send(self.topics.messages(room), envelope.payload, self._properties(envelope), self._qos)
+        return True
 
     def _properties(self, envelope: Envelope, count: str | None = None) -> UserProperties:
         pairs = [(PROP_KIND, envelope.kind.value), (PROP_NODE, envelope.node or self._node)]
