@@ -80,6 +80,26 @@ async def test_bad_certificate_config_names_the_key(make_streaming: Callable[...
     await streaming.stop()
 
 
+@pytest.mark.parametrize("key_file", ["not-a-key", "another-pair"])
+async def test_a_key_that_is_not_the_certificates_is_refused_at_start(
+        make_streaming: Callable[..., Streaming], tmp_path: Path, key_file: str) -> None:
+    """Checked at start, although the QUIC server loads the pair later, in a thread (startup, issue 19)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    pair = make_development_certificate("127.0.0.1", str(tmp_path / "a"))
+    other = make_development_certificate("127.0.0.1", str(tmp_path / "b"))
+    if key_file == "not-a-key":
+        key = tmp_path / "key.pem"
+        key.write_text("not a key\n")
+    else:
+        key = Path(other.key_file)
+    streaming = make_streaming({"webtransport": {"cert_file": pair.cert_file, "key_file": str(key)}})
+    with pytest.raises(ConfigError, match=f"webtransport.key_file: '{key}'"):
+        async with streaming.running():
+            pass
+    await streaming.stop()
+
+
 def test_bad_setting_is_refused_with_its_key(make_streaming: Callable[..., Streaming]) -> None:
     with pytest.raises(ConfigError, match="webtransport.idle_timeout"):
         make_streaming({"webtransport": {"idle_timeout": "soon"}})

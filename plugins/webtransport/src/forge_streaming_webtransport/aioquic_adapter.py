@@ -20,10 +20,11 @@ done here and nowhere else:
   (``H3Connection._get_or_create_stream``);
 - free ``H3Connection``'s state of a finished WebTransport stream, which
   aioquic never frees itself (``H3Connection._stream``);
-- know the UDP address the server is bound to (``serve()`` keeps the
-  transport in ``QuicServer._transport``; :func:`listen` opens the endpoint
-  itself instead, with aioquic's public ``QuicServer``, and with
-  ``SO_REUSEPORT`` so that several worker processes share the port).
+- serve a UDP socket bound beforehand (``serve()`` binds its own and keeps
+  the transport in ``QuicServer._transport``; :func:`listen` opens the
+  endpoint on the transport's socket instead, with aioquic's public
+  ``QuicServer``: the socket is bound, with ``SO_REUSEPORT``, before aioquic
+  is even imported, see ``udp.py``).
 
 Checked against aioquic 1.7.0, 1.7.1 and 1.7.2 (their sources read and this
 plugin's tests run on each); hence ``aioquic>=1.7,<1.8`` in the plugin's
@@ -243,24 +244,14 @@ def forget_stream(h3: H3Connection, stream_id: int) -> None:
     h3._stream.pop(stream_id, None)
 
 
-REUSE_PORT = hasattr(socket, "SO_REUSEPORT")
+async def listen(sock: socket.socket, *, configuration: QuicConfiguration,
+                 create_protocol: Callable[..., QuicConnectionProtocol]) -> tuple[QuicServer, DatagramSender]:
+    """Serve QUIC on the bound UDP socket ``sock`` (as aioquic's ``serve`` does on one it binds itself);
+    return the server and the :class:`DatagramSender` of its socket (close it with the server).
 
-
-async def listen(host: str, port: int, *, configuration: QuicConfiguration,
-                 create_protocol: Callable[..., QuicConnectionProtocol],
-                 reuse_port: bool = REUSE_PORT) -> tuple[QuicServer, tuple[str, int], DatagramSender]:
-    """Serve QUIC on UDP ``host:port`` (as aioquic's ``serve``); return the server, the bound address, and
-    the :class:`DatagramSender` of its socket (close it with the server).
-
-    With ``reuse_port`` (``SO_REUSEPORT``, where the OS has it) several processes of one user bind the
-    same port, as ``uvicorn --workers N`` does with its TCP port: the kernel hands each client's
-    datagrams to one of them, always the same one for a given client address.
+    Datagrams that reached ``sock`` before this call are in its receive buffer: the server reads them first.
     """
     loop = asyncio.get_running_loop()
     transport, server = await loop.create_datagram_endpoint(
-        lambda: QuicServer(configuration=configuration, create_protocol=create_protocol),
-        local_addr=(host, port),
-        reuse_port=reuse_port or None,
-    )
-    sockname: Any = transport.get_extra_info("sockname")
-    return server, (host, int(sockname[1])), DatagramSender(transport)
+        lambda: QuicServer(configuration=configuration, create_protocol=create_protocol), sock=sock)
+    return server, DatagramSender(transport)

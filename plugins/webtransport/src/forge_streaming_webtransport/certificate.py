@@ -99,5 +99,17 @@ def load_certificate(cert_file: str | None, key_file: str | None) -> Certificate
         cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
     except ValueError as exc:
         raise ConfigError(f"webtransport.cert_file: {cert_file!r} is not a PEM certificate ({exc})") from None
+    # checked here, at start: the QUIC server loads the pair later, off the event loop, where a bad key
+    # would only turn WebTransport off instead of stopping the server with the key's name
+    try:
+        private_key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"webtransport.key_file: {key_file!r} is not an unencrypted PEM private key "
+                          f"({exc})") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (private_key.public_key().public_bytes(serialization.Encoding.DER, public)
+            != cert.public_key().public_bytes(serialization.Encoding.DER, public)):
+        raise ConfigError(f"webtransport.key_file: {key_file!r} is not the key of webtransport.cert_file "
+                          f"{cert_file!r}")
     der = cert.public_bytes(serialization.Encoding.DER)
     return CertificatePair(cert_file, key_file, hashlib.sha256(der).digest(), development=False)

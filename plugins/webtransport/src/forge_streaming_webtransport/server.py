@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -334,7 +335,6 @@ class WebTransportServer:
         """Accepted sessions, until they end."""
         self.pending: set[WebTransportSession] = set()
         """Sessions the kernel is deciding about (authenticate, limits)."""
-        self.address: tuple[str, int] | None = None
         self.scheduler: FlushScheduler = streaming.flush_scheduler
         self._quic_server: QuicServer | None = None
         self.sender: aioquic_adapter.DatagramSender | None = None
@@ -345,7 +345,8 @@ class WebTransportServer:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, sock: socket.socket) -> None:
+        """Serve the bound UDP socket ``sock`` (the transport bound it at start; this server closes it)."""
         self.scheduler = self.streaming.flush_scheduler  # the one of the running loop
         idle = self.settings.idle_timeout
         configuration = QuicConfiguration(
@@ -360,8 +361,8 @@ class WebTransportServer:
         def create(*args: Any, **kwargs: Any) -> WebTransportProtocol:
             return WebTransportProtocol(*args, server=self, **kwargs)
 
-        self._quic_server, self.address, self.sender = await aioquic_adapter.listen(
-            host, port, configuration=configuration, create_protocol=create)
+        self._quic_server, self.sender = await aioquic_adapter.listen(
+            sock, configuration=configuration, create_protocol=create)
 
     async def stop(self) -> None:
         """Close what the kernel's drain left open, wait for our tasks a while, then close the socket."""

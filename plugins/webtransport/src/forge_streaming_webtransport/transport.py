@@ -4,6 +4,14 @@ Over HTTP (ASGI) it serves only ``GET /webtransport/certificate-hash`` and
 the ``Alt-Svc`` header; sessions arrive over UDP at the aioquic server that
 ``start`` runs and ``stop`` closes.
 
+Startup (issue 19): ``start`` binds the UDP socket and returns; aioquic and
+cryptography (about 0.1 s of imports) and the development certificate are
+loaded in a worker thread while the HTTP server starts, and the QUIC server
+then serves the socket. So once the service is up (``/healthz`` 200) the
+port is WebTransport's and no client is refused: packets that arrive in that
+first tenth of a second wait in the socket's buffer (QUIC resends any that
+overflow it), and ``/webtransport/certificate-hash`` waits for the certificate.
+
 Which UDP port: ``webtransport.port`` when set, else the port the HTTP
 server listens on, once a server that knows it has said so by assigning
 ``streaming.http_address`` (``forge-streaming serve`` and the test kit do,
@@ -15,6 +23,7 @@ port uvicorn was given).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import fcntl
@@ -22,6 +31,7 @@ import hashlib
 import logging
 import os
 import re
+import socket
 import stat
 import sys
 import tempfile
@@ -34,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from . import udp
 from .certificate import CertificatePair, load_certificate, make_development_certificate
 from .settings import WebTransportSettings
 
@@ -59,6 +70,10 @@ class WebTransportTransport(Transport):
         self.server: WebTransportServer | None = None
         self.off: str | None = None
         """Why WebTransport is not served (None while it is, or before start)."""
+        self.address: tuple[str, int] | None = None
+        """The UDP address bound at start (the socket is bound before aioquic is loaded)."""
+        self._loading: asyncio.Task[None] | None = None
+        """Loads aioquic and the certificate, then serves the socket (see :meth:`start`)."""
         self._configured_address = streaming.http_address  # the config's; a server that knows replaces it
 
     @property
@@ -73,8 +88,8 @@ class WebTransportTransport(Transport):
     @property
     def port(self) -> int | None:
         """The UDP port: the bound one once started, else the configured or HTTP one; None when unknown."""
-        if self.server is not None and self.server.address is not None:
-            return self.server.address[1]
+        if self.address is not None:
+            return self.address[1]
         if self.settings.port is not None:
             return self.settings.port
         return self.streaming.http_address[1] if self.http_port_known else None
@@ -101,23 +116,59 @@ class WebTransportTransport(Transport):
             log.warning(OFF_UNKNOWN_PORT)
             return
         self.off = None
-        if self.certificate is None and settings.port is not None and port != 0:
-            self.certificate = shared_development_certificate(self.host, port)  # workers share the port
-        elif self.certificate is None:
-            self.certificate = make_development_certificate(self.host)
+        try:  # taken now, or refused at start: before the service says it is up
+            sock = udp.bind(self.host, port)
+        except OSError as exc:
+            where = "webtransport.port" if settings.port is not None else "the HTTP port (webtransport.port unset)"
+            raise OSError(exc.errno, f"WebTransport cannot bind udp {self.host}:{port} ({where}): "
+                                     f"{exc.strerror}") from exc
+        self.address = (self.host, int(sock.getsockname()[1]))
+        self._loading = asyncio.ensure_future(self._serve(sock))
+
+    def _prepare(self) -> tuple[CertificatePair, type[WebTransportServer]]:
+        """In a worker thread: import aioquic and make the development certificate (if none was configured).
+
+        About 0.1 s of CPU the event loop does not wait for: the HTTP server starts meanwhile.
+        """
         from .server import WebTransportServer
 
-        server = WebTransportServer(self.streaming, settings, self.certificate)
-        await server.start(self.host, port)
-        self.server = server
-        kind = "development certificate" if self.certificate.development else "certificate"
+        certificate = self.certificate
+        if certificate is None and self.settings.port:
+            certificate = shared_development_certificate(self.host, self.settings.port)  # workers share the port
+        elif certificate is None:
+            certificate = make_development_certificate(self.host)
+        return certificate, WebTransportServer
+
+    async def _serve(self, sock: socket.socket) -> None:
+        """Serve ``sock`` once aioquic and the certificate are loaded; on failure, say why and turn off."""
+        try:
+            certificate, server_class = await asyncio.to_thread(self._prepare)
+            server = server_class(self.streaming, self.settings, certificate)
+            await server.start(sock)
+        except BaseException as exc:
+            sock.close()
+            if not isinstance(exc, Exception):
+                raise
+            self.off = f"WebTransport failed to start: {type(exc).__name__}: {exc}"
+            log.error("%s", self.off, exc_info=exc)
+            return
+        self.certificate, self.server = certificate, server
+        kind = "development certificate" if certificate.development else "certificate"
         log.info("WebTransport (HTTP/3) listening on udp %s:%d", self.host, self.port)
-        log.info("WebTransport certificate SHA-256: %s", self.certificate.sha256_hex)
-        if self.certificate.development:
-            print(f"WebTransport on udp {self.host}:{self.port}, {kind} SHA-256: {self.certificate.sha256_hex}",
+        log.info("WebTransport certificate SHA-256: %s", certificate.sha256_hex)
+        if certificate.development:
+            print(f"WebTransport on udp {self.host}:{self.port}, {kind} SHA-256: {certificate.sha256_hex}",
                   file=sys.stderr, flush=True)
 
+    async def ready(self, timeout: float | None = None) -> bool:
+        """Wait (at most ``timeout`` seconds) until the QUIC server serves the socket; False if it does not."""
+        if self._loading is not None and not self._loading.done():
+            await asyncio.wait([self._loading], timeout=timeout)  # never cancels the loading
+        return self.server is not None
+
     async def stop(self) -> None:
+        if self._loading is not None:
+            await asyncio.wait([self._loading])  # its thread cannot be interrupted: let it end, then close
         if self.server is not None:
             await self.server.stop()
 
@@ -127,13 +178,16 @@ class WebTransportTransport(Transport):
             info["off"] = self.off
         if self.server is not None:
             info["sessions"] = len(self.server.sessions)
+        elif self._loading is not None and not self._loading.done():
+            info["starting"] = True
         if self.certificate is not None:
             info["certificate_sha256"] = self.certificate.sha256_hex
             info["development_certificate"] = self.certificate.development
         return info
 
     async def _certificate_hash(self, request: Request) -> Response:
-        if self.certificate is None or self.server is None:
+        timeout = self.streaming.config.server.handshake_timeout
+        if not await self.ready(timeout if timeout > 0 else None) or self.certificate is None:
             message = self.off or "the WebTransport server is not running"
             return JSONResponse({"error": "unavailable", "message": message}, status_code=503)
         host = request.url.hostname or self.host
