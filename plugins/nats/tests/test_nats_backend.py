@@ -1,5 +1,6 @@
 """The NATS backend's own promises beyond the contract kit: exact history, holes, outages, positions that
-only go up (even across a lost stream), settings that say what is wrong."""
+only go up (even across a lost stream), settings that say what is wrong; and batches (batch.py): a loop
+turn's room messages to one room are one stored message, yet each keeps a position of its own."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import nats
 import pytest
 from forge_streaming import BackendState, ConfigError, Envelope, EnvelopeKind, Streaming
 from forge_streaming.testing import RecordingListener, eventually, run
-from forge_streaming_nats import NatsPubSub, NatsSettings
+from forge_streaming_nats import NatsPubSub, NatsSettings, batch
 from forge_streaming_nats.names import Subjects
-from forge_streaming_nats.pubsub import SETTLE_DELAY
+from forge_streaming_nats.pubsub import H_BATCH_COMMIT, H_BATCH_ID, H_BATCH_SEQ, H_MSG_ID, H_NODE, SETTLE_DELAY
 
 
 def _envelope(room: str, n: int, node: str = "b") -> Envelope:
@@ -44,6 +45,13 @@ async def started(settings: NatsSettings, *nodes: str, history_size: int = 100,
             await backend.stop()
 
 
+async def _one_by_one(backend: NatsPubSub, room: str, numbers: range) -> None:
+    """Each message in a loop turn of its own and sent before the next: one stored message each (no batch)."""
+    for n in numbers:
+        await backend.publish(_envelope(room, n))
+        await backend.flush()
+
+
 def _numbers(listener: RecordingListener, room: str) -> list[int]:
     return [int(e.payload.split(b":")[1].rstrip(b"}")) for e in listener.envelopes
             if e.room == room and e.kind is EnvelopeKind.MESSAGE]
@@ -57,8 +65,7 @@ def test_fetch_history_is_exact_and_refuses_what_the_stream_dropped(nats_server:
     async def scenario() -> None:
         async with started(_settings(nats_server.url, _name(), max_msgs_per_subject=5), "a") as [(a, la)]:
             await a.subscribe("r")
-            for n in range(1, 11):
-                await a.publish(_envelope("r", n))
+            await _one_by_one(a, "r", range(1, 11))
             await la.wait_for(lambda e: len(e) == 10)
             positions = [e.sequence or 0 for e in la.envelopes]
             assert positions == sorted(set(positions))
@@ -111,8 +118,8 @@ async def _miss(backend: NatsPubSub, *rooms: str) -> None:
 
 
 async def _hear_again(backend: NatsPubSub, *rooms: str, publisher: NatsPubSub) -> None:
-    assert backend._link is not None and publisher._link is not None
-    await publisher._link.js.publish_async_completed()  # every message sent so far is stored
+    assert backend._link is not None
+    await publisher.flush()  # every message published so far is stored
     await asyncio.sleep(0.3)  # and republished (the acknowledgement may come just before)
     for room in rooms:
         backend._rooms[room].sub = await backend._subscribe(backend.subjects.live(room))
@@ -133,10 +140,8 @@ def test_a_node_that_fell_behind_resyncs_only_the_rooms_that_lost_messages(nats_
                 await a.publish(_envelope(room, 0))
             await lb.wait_for(lambda e: len(e) == 3)
             await _miss(b, "lost", "kept")
-            for n in range(1, 13):
-                await a.publish(_envelope("lost", n))
-            for n in range(1, 4):
-                await a.publish(_envelope("kept", n))
+            await _one_by_one(a, "lost", range(1, 13))
+            await _one_by_one(a, "kept", range(1, 4))
             await _hear_again(b, "lost", "kept", publisher=a)
             await a.publish(_envelope("lost", 13))
             await a.publish(_envelope("kept", 4))
@@ -163,8 +168,7 @@ def test_a_hole_at_the_head_of_the_stream_resyncs_too(nats_server: Any) -> None:
             except TimeoutError:
                 raise AssertionError(f"{b._rooms} {b.health()} {a.health()} {a._inflight} {a._buffer}") from None
             await _miss(b, "r")
-            for n in range(1, 8):
-                await a.publish(_envelope("r", n))
+            await _one_by_one(a, "r", range(1, 8))
             await _hear_again(b, "r", publisher=a)
             await a.publish(_envelope("r", 8))
             await lb.wait_for(lambda e: len(e) == 4, timeout=10)
@@ -319,8 +323,7 @@ def test_a_memory_stream_after_a_server_restart_never_repeats_a_position(own_nat
             except TimeoutError:
                 raise AssertionError(f"{b._rooms} {b.health()} {a.health()} {a._inflight} {a._buffer} {a._failed} "
                                      f"{la.envelopes} {lb.envelopes}") from None
-            assert a._link is not None
-            await a._link.js.publish_async_completed()  # acknowledged (a lost acknowledgement is retried, and a
+            await a.flush()  # acknowledged (a lost acknowledgement is retried, and a
             before = lb.envelopes[-1].sequence or 0     # memory stream lost with the server cannot dedupe it)
             own_nats.kill()
             own_nats.start()
@@ -381,5 +384,252 @@ def test_a_stream_that_cannot_be_created_says_why(nats_server: Any) -> None:
                 await eventually(lambda: "another stream takes these subjects" in b.health().detail, timeout=10,
                                  what="the clash in /healthz")
                 assert not b.health().ok
+
+    run(scenario(), timeout=30)
+
+
+# -- batches ------------------------------------------------------------------------------
+
+def _positions(listener: RecordingListener, room: str) -> list[int]:
+    return [e.sequence or 0 for e in listener.envelopes if e.room == room and e.kind is EnvelopeKind.MESSAGE]
+
+
+def _increasing(positions: list[int]) -> bool:
+    return all(b > a for a, b in zip(positions, positions[1:], strict=False))
+
+
+async def _stored(url: str, stream: str, subject: str) -> int:
+    """How many messages the stream holds on ``subject``."""
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jsm().stream_info(stream, subjects_filter=subject)
+        return (info.state.subjects or {}).get(subject, 0)
+    finally:
+        await nc.close()
+
+
+def test_the_batch_codec_keeps_every_field_and_refuses_what_is_not_a_batch() -> None:
+    envelopes = [Envelope(room="r", payload=b'{"n":1}', sender="c1", id="m1"),
+                 Envelope(room="r", payload=b'{"h":1}\n\x00\xff', binary=True),
+                 Envelope(room="r", payload=b"", sender="caf\u00e9 \U0001f600")]
+    encoded = batch.encode(envelopes)
+    assert batch.decode(encoded, 3) == [batch.Item(b'{"n":1}', "c1", False, "m1"),
+                                        batch.Item(b'{"h":1}\n\x00\xff', None, True, None),
+                                        batch.Item(b"", "caf\u00e9 \U0001f600", False, None)]
+    assert all(batch.size(e) >= len(batch.encode([e])) for e in envelopes), "size() is an upper bound"
+    for payload, count in ((encoded, 2), (encoded, 4), (encoded[:-1], 3), (encoded + b"\x00", 3), (b"", 2),
+                           (encoded, 1), (encoded, batch.MAX_ITEMS + 1), (b"\x08" + encoded[1:], 3),
+                           (batch.encode([Envelope(room="r", payload=b"", sender="x")] * 2).replace(b"x", b"\xff"), 2)):
+        with pytest.raises(ValueError):
+            batch.decode(payload, count)
+
+
+def test_a_turns_messages_to_a_room_are_one_stored_message_at_positions_of_their_own(nats_server: Any) -> None:
+    """Five messages to 'r' and two to 'q' in one loop turn, then one more to 'r': one stored message per room
+    and turn, yet each room message has its own position, the same on both nodes and in the stream, strictly
+    increasing in the order published; every field travels; a resume from any position (inside a batch
+    included), on any node (one started later too), is exact."""
+    stream = _name()
+    settings = _settings(nats_server.url, stream)
+
+    async def scenario() -> None:
+        async with started(settings, "a", "b") as [(a, la), (b, lb)]:
+            for backend in (a, b):
+                await backend.subscribe("r")
+                await backend.subscribe("q")
+            sent = [Envelope(room="r", payload=b'{"n":1}', node="a", sender="c1", id="m1"), _envelope("q", 1, "a"),
+                    _envelope("r", 2, "a"), Envelope(room="r", payload=b'{"h":1}\n\x00\xff', node="a", binary=True),
+                    _envelope("q", 2, "a"), _envelope("r", 4, "a"), _envelope("r", 5, "a")]
+            for envelope in sent:  # one loop turn: publish() does not wait for the network
+                await a.publish(envelope)
+            await a.flush()
+            await a.publish(_envelope("r", 6, "a"))
+            await a.flush()
+            for listener in (la, lb):
+                await listener.wait_for(lambda e: len(e) == 8, timeout=10)
+            assert a.counters["batches_sent"] == 2, "one batch for 'r', one for 'q'"
+            assert await _stored(nats_server.url, stream, a.subjects.room("r")) == 2, "a batch and a single"
+            assert await _stored(nats_server.url, stream, a.subjects.room("q")) == 1
+            got = [e for e in lb.envelopes if e.room == "r"]
+            assert [(e.payload, e.sender, e.binary, e.id, e.node) for e in got] == [
+                (b'{"n":1}', "c1", False, "m1", "a"), (b'{"n":2}', None, False, None, "a"),
+                (b'{"h":1}\n\x00\xff', None, True, None, "a"), (b'{"n":4}', None, False, None, "a"),
+                (b'{"n":5}', None, False, None, "a"), (b'{"n":6}', None, False, None, "a")]
+            positions = _positions(lb, "r")
+            assert _increasing(positions) and _increasing(_positions(lb, "q"))
+            assert positions == _positions(la, "r") and _positions(lb, "q") == _positions(la, "q"), "one order"
+            assert positions[4] - positions[0] == 4, "a batch of k takes the k stream sequences it reserved"
+            assert await b.position("r") == positions[-1]
+            for since in [positions[0] - 1, *positions]:  # a resume from anywhere, inside the batch too
+                history = await b.fetch_history("r", since)
+                assert history is not None, since
+                assert [(e.sequence, e.payload, e.binary, e.id) for e in history] == [
+                    (e.sequence, e.payload, e.binary, e.id) for e in got if (e.sequence or 0) > since]
+            async with started(settings, "c") as [(c, _)]:  # a node that heard none of it: the stream answers
+                history = await c.fetch_history("r", positions[1])
+                assert history is not None and [e.sequence for e in history] == positions[2:]
+                assert [e.payload for e in history] == [e.payload for e in got[2:]]
+                assert await c.position("r") == positions[-1]
+
+    run(scenario(), timeout=40)
+
+
+def test_a_node_that_missed_batches_reads_them_from_the_stream_in_order(nats_server: Any) -> None:
+    """b misses three batches of room 'r'; at the next live message it reads them from the stream: every
+    message once, in order, at the positions a delivered them under, no resync."""
+    async def scenario() -> None:
+        async with started(_settings(nats_server.url, _name()), "a", "b") as [(a, la), (b, lb)]:
+            for backend in (a, b):
+                await backend.subscribe("r")
+            await a.publish(_envelope("r", 0, "a"))
+            await lb.wait_for(lambda e: len(e) == 1)
+            await _miss(b, "r")
+            for turn in range(3):
+                for n in range(1 + 4 * turn, 5 + 4 * turn):
+                    await a.publish(_envelope("r", n, "a"))
+                await a.flush()
+            await _hear_again(b, "r", publisher=a)
+            await a.publish(_envelope("r", 13, "a"))
+            await lb.wait_for(lambda e: len(e) == 14, timeout=10)
+            await asyncio.sleep(0.2)
+            assert _numbers(lb, "r") == list(range(14)) and lb.resyncs == []
+            assert _positions(lb, "r") == _positions(la, "r") and _increasing(_positions(lb, "r"))
+            assert a.counters["batches_sent"] == 3 and b.counters["filled"] >= 1
+
+    run(scenario(), timeout=30)
+
+
+def test_a_resume_inside_a_batch_is_exact_while_the_stream_holds_it_and_refused_once_dropped(
+        nats_server: Any) -> None:
+    """The stream keeps 2 stored messages per room: three batches of three, the oldest dropped. From any
+    position of a batch still held the history is exact; from one of the dropped batch it is not vouched
+    for (the client resyncs), never silently short."""
+    async def scenario() -> None:
+        async with started(_settings(nats_server.url, _name(), max_msgs_per_subject=2), "a") as [(a, la)]:
+            await a.subscribe("r")
+            for turn in range(3):
+                for n in range(3 * turn, 3 * turn + 3):
+                    await a.publish(_envelope("r", n, "a"))
+                await a.flush()
+            await la.wait_for(lambda e: len(e) == 9, timeout=10)
+            positions = _positions(la, "r")
+            assert _increasing(positions)
+            for index in range(3, 9):  # the second batch on: held
+                history = await a.fetch_history("r", positions[index])
+                assert history is not None and [e.sequence for e in history] == positions[index + 1:], index
+            for index in range(2):  # inside the dropped batch: the rest of it is gone
+                assert await a.fetch_history("r", positions[index]) is None, index
+            history = await a.fetch_history("r", positions[2])  # its last: exact, or not vouched for
+            assert history is None or [e.sequence for e in history] == positions[3:]
+
+    run(scenario(), timeout=30)
+
+
+def test_a_batch_sent_again_after_a_lost_acknowledgement_is_stored_once(nats_server: Any) -> None:
+    stream = _name()
+
+    async def scenario() -> None:
+        async with started(_settings(nats_server.url, stream), "a", "b") as [(a, _), (b, lb)]:
+            await b.subscribe("r")
+            [item] = a._gather([_envelope("r", n, "a") for n in range(3)])
+            assert item.count == 3
+            assert await a._send(item, 2.0)
+            assert await a._send(item, 2.0), "the same batch again: the stream says it has it"
+            await lb.wait_for(lambda e: len(e) == 3, timeout=5)
+            await asyncio.sleep(0.3)
+            assert _numbers(lb, "r") == [0, 1, 2] and a.counters["publish_refused"] == 0
+            assert await _stored(nats_server.url, stream, a.subjects.room("r")) == 1
+
+    run(scenario(), timeout=30)
+
+
+def test_a_batch_the_stream_refuses_is_sent_again_one_message_at_a_time(nats_server: Any) -> None:
+    """The stream stops taking atomic batches behind the node's back: the batch is refused as a whole
+    (nothing of it stored), its messages go one by one, in order, and the node stops batching."""
+    stream = _name()
+
+    async def scenario() -> None:
+        async with started(_settings(nats_server.url, stream, heartbeat=30), "a", "b") as [(a, _), (b, lb)]:
+            await b.subscribe("r")
+            nc = await nats.connect(nats_server.url)
+            try:
+                jsm = nc.jsm()
+                config = (await jsm.stream_info(stream)).config
+                config.allow_atomic = False
+                await jsm.update_stream(config)
+            finally:
+                await nc.close()
+            assert a._atomic, "the node has not looked at the stream since"
+            for n in range(5):
+                await a.publish(_envelope("r", n, "a"))
+            await lb.wait_for(lambda e: len(e) == 5, timeout=10)
+            assert _numbers(lb, "r") == [0, 1, 2, 3, 4] and _increasing(_positions(lb, "r"))
+            assert a.counters["batches_refused"] == 1 and a.counters["publish_refused"] == 0
+            assert await _stored(nats_server.url, stream, a.subjects.room("r")) == 5
+
+    run(scenario(), timeout=30)
+
+
+def test_a_stored_batch_that_cannot_be_read_is_skipped_the_same_way_everywhere(nats_server: Any) -> None:
+    """An atomic batch someone else stored in a room, whose payload is not a batch: every node drops it (and
+    counts it), live or from the stream, and the room goes on without a hole to fill again and again."""
+    stream = _name()
+
+    async def scenario() -> None:
+        async with started(_settings(nats_server.url, stream), "a", "b") as [(a, la), (b, lb)]:
+            for backend in (a, b):
+                await backend.subscribe("r")
+            await a.publish(_envelope("r", 1, "a"))
+            await lb.wait_for(lambda e: len(e) == 1)
+            await asyncio.sleep(SETTLE_DELAY + 0.1)  # past the check a new subscription makes (pubsub._settle)
+            nc = await nats.connect(nats_server.url)
+            try:
+                await nc.publish(a.subjects.pads, b"", headers={H_BATCH_ID: "x1", H_BATCH_SEQ: "1"})
+                ack = await nc.request(a.subjects.room("r"), b"not a batch", timeout=5, headers={
+                    H_NODE: "x", H_MSG_ID: "x1", H_BATCH_ID: "x1", H_BATCH_SEQ: "2", H_BATCH_COMMIT: "1"})
+                assert b'"count":2' in ack.data, ack.data
+            finally:
+                await nc.close()
+            await eventually(lambda: b.counters["bad_batches"] >= 1, timeout=5, what="b dropping the batch")
+            await a.publish(_envelope("r", 2, "a"))
+            await lb.wait_for(lambda e: len(e) == 2, timeout=5)
+            await asyncio.sleep(0.3)
+            assert _numbers(lb, "r") == [1, 2] and lb.resyncs == [] and b.counters["filled"] == 0
+            assert "could not be read" in b.health().detail
+            history = await b.fetch_history("r", _positions(lb, "r")[0])
+            assert history is not None and [e.payload for e in history] == [b'{"n":2}']
+            assert _positions(la, "r") == _positions(lb, "r")
+
+    run(scenario(), timeout=30)
+
+
+def test_a_turn_larger_than_a_batch_is_several_batches_in_order(nats_server: Any) -> None:
+    """2,500 messages in one turn (batches hold 1,000 at most) to one room of a stream taking messages of
+    4 KiB at most: batches of the size the stream takes, delivered in order, each at its own position."""
+    async def scenario() -> None:
+        settings = _settings(nats_server.url, _name(), max_msg_size=4096)
+        async with started(settings, "a", "b") as [(a, _), (b, lb)]:
+            await b.subscribe("r")
+            for n in range(2500):
+                await a.publish(_envelope("r", n, "a"))
+            await a.flush()
+            await lb.wait_for(lambda e: len(e) == 2500, timeout=20)
+            assert _numbers(lb, "r") == list(range(2500)) and _increasing(_positions(lb, "r"))
+            assert a.counters["batches_sent"] > 2500 * 10 // 4096 and a.counters["publish_refused"] == 0
+
+    run(scenario(), timeout=40)
+
+
+def test_with_batches_off_every_room_message_is_a_stored_message(nats_server: Any) -> None:
+    stream = _name()
+
+    async def scenario() -> None:
+        async with started(_settings(nats_server.url, stream, batch=False), "a") as [(a, la)]:
+            await a.subscribe("r")
+            for n in range(5):
+                await a.publish(_envelope("r", n, "a"))
+            await la.wait_for(lambda e: len(e) == 5, timeout=10)
+            assert a.counters["batches_sent"] == 0 and _increasing(_positions(la, "r"))
+            assert await _stored(nats_server.url, stream, a.subjects.room("r")) == 5
 
     run(scenario(), timeout=30)

@@ -125,6 +125,36 @@ async def test_resume_from_any_node_is_exact(nats_server: Any, forge_nodes: Any)
         assert late.messages() == seen[4:] and "resync" not in late.events()
 
 
+async def test_a_burst_is_stored_in_batches_yet_one_order_and_exact_to_resume_from_anywhere(
+        nats_server: Any, forge_nodes: Any) -> None:
+    """A member writes 30 messages at once: node a stores them in a few batches (fewer stored messages than
+    room messages); members of both nodes see them in the order sent under the same strictly increasing
+    positions, and a resume from any of them, on either node, gets exactly the rest."""
+    a, b = forge_nodes([nats_server.url], "a", "b", stream="NODES5", subject_prefix="nodes5",
+                       presence_bucket="NODES5_P")
+    async with ws_member(a, "burst") as talker, ws_member(a, "burst") as watch_a, \
+            ws_member(b, "burst") as watch_b:
+        for n in range(30):  # back to back: the node reads them in one loop turn, or a few
+            await talker.send("burst", n)
+        await until(lambda: len(watch_a.messages()) == 30 and len(watch_b.messages()) == 30, what="30 messages")
+        seen = watch_a.messages()
+        assert seen == watch_b.messages() and [d for _, d in seen] == list(range(30))
+        assert strictly_increasing([p for p, _ in seen])
+    nc = await nats.connect(nats_server.url)
+    try:
+        info = await nc.jsm().stream_info("NODES5", subjects_filter="nodes5.rooms.burst")
+        stored = (info.state.subjects or {}).get("nodes5.rooms.burst", 0)
+    finally:
+        await nc.close()
+    assert 0 < stored < 30, f"{stored} stored messages for 30 room messages: no batch"
+    for node in (a, b):
+        for cut in (0, 7, 15, 28, 29):
+            async with ws_member(node, "burst", since=seen[cut][0]) as back:
+                await until(_has_messages(back, 29 - cut), what=f"the replay on {node.name} after {cut}")
+                await asyncio.sleep(0.1)
+                assert back.messages() == seen[cut + 1:] and "resync" not in back.events(), (node.name, cut)
+
+
 async def test_history_outlives_every_forge_node_and_a_nats_server_sigkill(own_nats: Any, forge_nodes: Any) -> None:
     a, b = forge_nodes([own_nats.url], "a", "b", stream="NODES3", subject_prefix="nodes3", presence_bucket="NODES3_P")
     first = [await http_publish(a if i % 2 else b, "h", i) for i in range(6)]

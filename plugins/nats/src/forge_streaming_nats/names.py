@@ -89,6 +89,7 @@ class Subjects:
         self.all_rooms = f"{prefix}.rooms.>"
         self.all_notices = f"{prefix}.notices.>"
         self.all_live = f"{prefix}.live.>"
+        self.pads = f"{prefix}.pads"  # the empty messages that reserve a batch's positions (batch.py)
 
     def room(self, room: str) -> str:
         """Where ``room``'s messages are published and stored (one subject per room)."""

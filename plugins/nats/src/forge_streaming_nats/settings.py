@@ -56,6 +56,10 @@ class NatsSettings(ConfigSection):
     """``file`` survives a restart of the NATS servers; ``memory`` does not."""
     replicas: int = Field(1, ge=1, le=5)
     """Copies of the stream (and presence bucket) in a cluster; 3 survives the loss of one server."""
+    batch: bool = True
+    """Room messages a node publishes to one room in one turn of its event loop are stored as one message (an
+    atomic batch, nats-server 2.12+), each at a stream sequence of its own; off: one stored message each (the
+    only form a node of forge-streaming-nats 0.1 reads)."""
     duplicate_window: Duration = 30.0
     """How long the stream remembers message ids, so a publish retried after a lost acknowledgement
     is stored once."""
