@@ -16,9 +16,11 @@ from collections.abc import Callable
 import pytest
 import websockets
 from forge_streaming import (
+    ClientFrame,
     Envelope,
     EnvelopeKind,
     PubSubBackend,
+    Refused,
     StreamingConfig,
     hookimpl,
 )
@@ -43,7 +45,7 @@ class CountingBackend(MemoryPubSub):
     async def publish(self, envelope: Envelope) -> None:
         if envelope.kind is EnvelopeKind.MESSAGE:
             self.awaited += 1
-        await super().publish(envelope)
+        MemoryPubSub.publish_nowait(self, envelope)  # not counted as taken at once
 
 
 class SometimesBehindBackend(MemoryPubSub):
@@ -193,5 +195,72 @@ async def test_invalid_and_foreign_frames_are_answered_by_the_reader_in_order(se
         await eventually(lambda: member.data() == ["after"], 10, what="the valid message")
         await eventually(lambda: len(sender.of("error")) == 2, 5, what="two errors")
         assert [f["data"]["code"] for f in sender.of("error")] == ["invalid_json", "not_member"]
+        await member.close()
+        await sender.close()
+
+
+class SyncHook:
+    """A plain-function ``streaming_message_received``: the frame is still taken at once."""
+
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    @hookimpl
+    def streaming_message_received(self, connection: object, frame: ClientFrame) -> bool | None:
+        if frame.type != "message":
+            return None
+        self.seen.append(frame.data)
+        if frame.data == "drop":
+            return False
+        if frame.data == "forbidden":
+            raise Refused("not this one", code="forbidden_send")
+        if frame.data == "elsewhere":
+            frame.room_id = "other"  # a hook may send it to another room: that goes on in order, in a task
+        if isinstance(frame.data, str):
+            frame.data = frame.data.upper()
+        return None
+
+
+class AsyncHook:
+    @hookimpl
+    async def streaming_message_received(self, connection: object, frame: ClientFrame) -> None:
+        await asyncio.sleep(0)
+
+
+async def test_a_synchronous_message_hook_still_lets_messages_be_taken_at_once(
+        make_streaming: Callable[..., Streaming]) -> None:
+    hook = SyncHook()
+    streaming = make_streaming({"pubsub": {"backend": "counting"}}, plugins=[Backends(), hook],
+                               only=["websocket", "memory-pubsub", "memory-rooms"])
+    async with serve(streaming) as server:
+        member, sender = await _pair(server.ws_url)
+        await member.join("other")
+        await sender.join("other")
+        for data in ["a", "drop", "b", "forbidden", "elsewhere", "c"]:
+            await sender.send("r", data)
+        await eventually(lambda: member.data() == ["A", "B", "ELSEWHERE", "C"], 10, what="the hooked messages")
+        assert [f["room_id"] for f in member.of("message")] == ["r", "r", "other", "r"]
+        await eventually(lambda: len(sender.of("error")) == 1, 5, what="the refusal")
+        assert sender.of("error")[0]["data"]["code"] == "forbidden_send"
+        assert hook.seen == ["a", "drop", "b", "forbidden", "elsewhere", "c"]
+        backend = streaming.backend
+        assert isinstance(backend, CountingBackend)
+        assert backend.nowait == 4 and backend.awaited == 0
+        await member.close()
+        await sender.close()
+
+
+async def test_an_async_message_hook_sends_every_frame_through_the_reader(
+        make_streaming: Callable[..., Streaming]) -> None:
+    streaming = make_streaming({"pubsub": {"backend": "counting"}}, plugins=[Backends(), AsyncHook()],
+                               only=["websocket", "memory-pubsub", "memory-rooms"])
+    async with serve(streaming) as server:
+        member, sender = await _pair(server.ws_url)
+        for n in range(5):
+            await sender.send("r", n)
+        await eventually(lambda: member.data() == list(range(5)), 10, what="five messages")
+        backend = streaming.backend
+        assert isinstance(backend, CountingBackend)
+        assert (backend.nowait, backend.awaited) == (0, 5)
         await member.close()
         await sender.close()

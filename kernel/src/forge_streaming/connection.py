@@ -286,8 +286,9 @@ class Connection(ABC):
         plugin): when nothing is queued for :meth:`read_message`, it offers
         each message here first and queues it only on False. The room
         protocol acts on a room message there and then, sparing the task
-        switch per message; it takes nothing while its reader is busy or a
-        plugin's hook must see the frame first, so frames keep their order.
+        switch per message; it takes nothing while its reader is busy (or
+        while a plugin's ``async def`` hook must see each frame first), so
+        frames keep their order.
         The transport checks its size limit before offering.
         """
         receive = self._receive_now

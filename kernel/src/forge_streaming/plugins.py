@@ -53,6 +53,7 @@ class PluginManager:
         """Where each plugin comes from: (distribution, version), or its entry point, whose distribution's
         metadata is read only when asked (``info()``): parsing it costs about 0.15 ms a plugin at every start."""
         self._implemented: dict[str, bool] = {}
+        self._synchronous: dict[str, bool] = {}
 
     @property
     def hook(self) -> Any:
@@ -83,6 +84,7 @@ class PluginManager:
             raise PluginLoadError(f"plugin {label!r}{origin()} is blocked or registered twice")
         self._dists[registered] = entry_point if entry_point is not None else (dist, version)
         self._implemented.clear()
+        self._synchronous.clear()
         return registered
 
     def implemented(self, name: str) -> bool:
@@ -94,6 +96,20 @@ class PluginManager:
         known = self._implemented.get(name)
         if known is None:
             known = self._implemented[name] = bool(getattr(self.pm.hook, name).get_hookimpls())
+        return known
+
+    def synchronous(self, name: str) -> bool:
+        """Whether no implementation of hook ``name`` is ``async def``: :meth:`call` then has every answer at once.
+
+        Decided once, again after each registration. The room protocol
+        acts on a room message in the transport's read callback only when
+        ``streaming_message_received`` is not implemented or synchronous.
+        """
+        known = self._synchronous.get(name)
+        if known is None:
+            impls = getattr(self.pm.hook, name).get_hookimpls()
+            known = self._synchronous[name] = not any(
+                inspect.iscoroutinefunction(impl.function) for impl in impls)
         return known
 
     def _check(self, name: str) -> None:
@@ -181,7 +197,10 @@ class PluginManager:
         """Call a hook whose implementations may be ``async def``; await each in turn."""
         if not self.implemented(name):
             return []
-        results = self.call(name, **kwargs)
+        return await self.settle(name, self.call(name, **kwargs))
+
+    async def settle(self, name: str, results: list[Any]) -> list[Any]:
+        """The answers of :meth:`call` for hook ``name``, each awaitable one awaited in turn (as :meth:`acall`)."""
         if not any(inspect.isawaitable(r) for r in results):
             return results  # the common case, and the one with no implementations at all
         out = []
