@@ -112,3 +112,30 @@ def test_paced_case_runs_ours_with_and_without_window_beside_raw_websockets(tmp_
     targets = {row[0]: row for row in report.targets({"paced": case})}
     window_target = next(t for t in targets if "10 ms window" in t)
     assert targets[window_target][2] in ("met", "missed")  # measured, whichever way it went here
+
+
+@pytest.mark.slow
+@needs_websocket
+@pytest.mark.skipif(importlib.util.find_spec("forge_streaming_mqtt") is None, reason="the MQTT plugin is not installed")
+def test_workers_case_measures_two_workers_beside_one_every_process_counted(tmp_path: Path) -> None:
+    opts = _options(tmp_path, ["ours"])
+    opts.paced_seconds = 0.2  # 20 messages every 10 ms: bounded in count
+    case = cases.workers(opts)
+    if case.not_measured:
+        pytest.skip(str(case.not_measured))
+    rows = {(row["server"], row["mode"]): row for row in case.rows}
+    assert set(rows) == {(s, m) for s in ("one-worker", "two-workers") for m in ("burst", "paced")}, case.rows
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["received"] == row["expected"] == 20 * row["messages"] and row["lost"] == 0, row
+    for mode in ("burst", "paced"):
+        one, two = rows[("one-worker", mode)], rows[("two-workers", mode)]
+        assert len(one["server_cpu_by_process"]) == 2  # the process and its broker
+        assert len(two["server_cpu_by_process"]) == 4  # the supervisor, two workers, the broker
+        assert [w["connections"] for w in one["members_by_worker"]] == [20]
+        assert len(two["members_by_worker"]) == 2 and sum(w["connections"] for w in two["members_by_worker"]) == 20
+        assert len(two["paired_rounds"]) == cases.WORKERS_ROUNDS
+    text = "\n".join(report.workers_section(case))
+    assert "Paced: N = 20 members, one message every 10 ms" in text and "supervisor" in text
+    verdict = next(row[2] for row in report.targets({"workers": case}) if row[0].startswith("Two workers"))
+    assert verdict in ("met", "missed")  # measured, whichever way it went here

@@ -32,7 +32,8 @@ PRESETS: dict[str, dict[str, Any]] = {  # fields of cases.Options
              "echo_rounds": 50, "idle_connections": 10_000, "capacity_target": 50_000, "probe_messages": 400,
              "paced_seconds": 3.0},
 }
-ALL_CASES = ["fanout", "paced", "echo", "memory", "capacity", "sse", "webtransport", "mqtt", "nats", "startup"]
+ALL_CASES = ["fanout", "paced", "echo", "memory", "capacity", "sse", "webtransport", "mqtt", "nats", "workers",
+             "startup"]
 
 
 def _ints(text: str) -> list[int]:

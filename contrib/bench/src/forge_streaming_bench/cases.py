@@ -257,7 +257,10 @@ def capacity(opts: Options) -> Case:
         f"Idle WebSocket connections opened by several load-generator processes at most 200 handshakes at a "
         f"time (each stopping after 200 failed attempts), each joining a room of {CAPACITY_ROOM}; 'held' is "
         f"counted by all processes at one instant, 3 s after the opening budget; then the first member of every "
-        f"room publishes one message and the others' deliveries are counted. RLIMIT_NOFILE in force for every "
+        f"room publishes one message and the others' deliveries are counted (until all came, nothing came for 10 s, "
+        "or 60 s); a member that got nothing is put down to what the client can tell: its join never acknowledged, "
+        "a resync frame instead, closed, or its connection id (from its join acknowledgement) the same as the "
+        "publisher's, which the server skips as the sender. RLIMIT_NOFILE in force for every "
         f"process, the servers' included: {opts.fd_limit:,}, so one process cannot hold more than about that "
         "many here (a failed attempt past it is a handshake never answered: accept() fails with EMFILE); "
         "workers each hold their share. Memory: the servers' RSS growth (all workers) per connection held.")
@@ -281,6 +284,10 @@ def _hold(opts: Options, port: int, pids: list[int], per_process: int, label: st
     held = sum(r.get("held", 0) for r in results)
     errors = sorted({r.get("last_error") or r.get("error", "") for r in results} - {""})
     grown = sum(r.get("rss_after", 0) - r.get("rss_before", 0) for r in results) / max(1, processes)
+    missed: dict[str, int] = {}
+    for r in results:
+        for cause, count in (r.get("missed") or {}).items():
+            missed[cause] = missed.get(cause, 0) + count
     return {"server": "ours" if workers == 1 else "workers", "label": label, "target": opts.capacity_target,
             "workers": workers, "held": held, "server_fds": max((r.get("server_fds", 0) for r in results), default=0),
             "processes": processes, "failures": sum(r.get("failures", 0) for r in results),
@@ -289,6 +296,8 @@ def _hold(opts: Options, port: int, pids: list[int], per_process: int, label: st
             "deliveries": sum(r.get("deliveries", 0) for r in results),
             "deliveries_expected": sum(r.get("deliveries_expected", 0) for r in results),
             "deliver_seconds": max((r.get("deliver_seconds", 0) for r in results), default=0),
+            "joined": sum(r.get("joined", 0) for r in results), "missed": missed,
+            "missed_examples": [e for r in results for e in r.get("missed_examples") or []][:5],
             "errors": errors[:3], "server_alive": alive()}
 
 
@@ -499,6 +508,99 @@ def _two_nodes(opts: Options, case: Case, plugin: str, engine: Callable[[Path], 
     return case
 
 
+WORKERS_ROUNDS = 3  # alternating one-worker and two-worker runs: the ratio is paired per round
+WORKERS_PACE = 0.010
+"""Seconds between two messages of the workers case's paced runs."""
+WORKERS_API_KEY = "bench"
+"""The nodes' ``api.key`` in the workers case: the load generator reads each worker's connections (/api/stats)."""
+
+
+def workers(opts: Options) -> Case:
+    """(6c) ``serve --workers 2`` beside ``serve --workers 1``, each over its own Mosquitto: CPU per delivery, all
+    processes counted (supervisor, workers, broker), burst and paced; the ratio is paired per round (issue 19).
+
+    The members connect to the node's one port and the kernel spreads them over the workers (SO_REUSEPORT);
+    the load generator reads from ``/api/stats`` how many each worker got.
+    """
+    case = Case("workers", "Two workers over Mosquitto")
+    started = time.monotonic()
+    if "ours" not in opts.servers:
+        return case
+    for module in ("forge_streaming_mqtt", "forge_streaming_websocket"):
+        if importlib.util.find_spec(module) is None:
+            case.not_measured["two-workers"] = f"{module} not installed"
+            return case
+    if shutil.which("mosquitto") is None:
+        case.not_measured["two-workers"] = "mosquitto not installed (apt install mosquitto)"
+        return case
+    n = max(n for n in opts.sizes if n <= 1000) if any(n <= 1000 for n in opts.sizes) else opts.sizes[0]
+    m = messages_for(n, opts.deliveries)
+    paced_m = paced_messages(opts, WORKERS_PACE)
+    paced_repeats = max(1, min(opts.repeats, PACED_MAX_REPEATS))
+    api = {"api": {"key": WORKERS_API_KEY}}
+    try:
+        with _mosquitto(opts.workdir) as broker1, _mosquitto(opts.workdir) as broker2, \
+                _ours_node(opts.workdir, broker1.port, 1, {**api, "server": {"workers": 1}}) as one, \
+                _ours_node(opts.workdir, broker2.port, 2, {**api, "server": {"workers": 2}}) as two:
+            setups = {"one": ([one.pid, broker1.pid], one, broker1),
+                      "two": ([two.pid, *_worker_pids(two.port, 2), broker2.pid], two, broker2)}
+            everyone = [pid for pids, _, _ in setups.values() for pid in pids]
+            time.sleep(1.0)  # each node's sequencer has taken its role
+
+            def run(name: str, messages: int, extra: dict[str, Any]) -> dict[str, Any]:
+                pids, node, broker = setups[name]
+                servers.wait_idle(everyone)
+                spec = {"pids": pids, "broker_pids": [broker.pid],
+                        "census": {"port": node.port, "key": WORKERS_API_KEY}, **extra}
+                return _fanout_runs(opts, [node], "room", n, messages, spec)
+
+            paced = {"pace": WORKERS_PACE, "pace_mode": "absolute", "bursts": paced_repeats,
+                     "burst_timeout": paced_m * WORKERS_PACE + 60}
+            burst_rounds, paced_rounds = [], []
+            for i in range(WORKERS_ROUNDS):  # who goes first alternates too
+                order = ("two", "one") if i % 2 else ("one", "two")
+                burst = {name: run(name, m, {}) for name in order}
+                burst_rounds.append((burst["two"], burst["one"]))
+                pace = {name: run(name, paced_m, paced) for name in order}
+                paced_rounds.append((pace["two"], pace["one"]))
+        for kind, rounds in (("burst", burst_rounds), ("paced", paced_rounds)):
+            two_row, one_row, paired = _paired(rounds)
+            pace_ms = WORKERS_PACE * 1e3 if kind == "paced" else None
+            case.rows.append({"server": "one-worker", "label": "serve --workers 1 + Mosquitto", "n": n,
+                              "mode": kind, "pace_ms": pace_ms, **one_row})
+            case.rows.append({"server": "two-workers", "label": "serve --workers 2 + Mosquitto", "n": n,
+                              "mode": kind, "pace_ms": pace_ms, **two_row, **paired})
+            if paired:
+                case.notes.append(_paired_note(f"{kind.capitalize()}: CPU per delivery, all processes, two workers "
+                                               "/ one worker", paired))
+            spread = [r[0].get("members_by_worker") for r in rounds if "error" not in r[0]]
+            case.notes.append(_spread_note(kind, spread))
+    except Exception as exc:
+        case.rows.append({"server": "two-workers", "label": "serve --workers 2 + Mosquitto", "n": n,
+                          "error": str(exc)[:300]})
+    case.notes.append(
+        f"Two nodes side by side, each over its own Mosquitto: `forge-streaming serve --workers 1` (one process) "
+        f"and `--workers 2` (a supervisor and two workers sharing the port with SO_REUSEPORT: the kernel spreads "
+        f"the connections). N = {n:,} members of one room plus a publisher, all on the node's one port. Burst: "
+        f"M = {m} messages, {opts.repeats} burst(s) per run. Paced: one message every {WORKERS_PACE * 1e3:g} ms, "
+        f"{paced_m} messages, {paced_repeats} run(s). CPU per delivery counts every process of the setup: the "
+        "supervisor, each worker and the broker (by process: the table's order). The two setups alternate, "
+        f"{WORKERS_ROUNDS} rounds of each kind; the target's figure is the median of the rounds' own ratios. On 2 "
+        "cores the load generator competes for CPU, so deliveries/s is not the figure.")
+    case.seconds = time.monotonic() - started
+    return case
+
+
+def _spread_note(kind: str, spread: list[list[dict[str, Any]] | None]) -> str:
+    """How many members each worker of the two-worker node held, per run, and whether both always held some."""
+    counts = [[w.get("connections") or 0 for w in run] for run in spread if run]
+    both = bool(counts) and all(len(c) == 2 and min(c) > 0 for c in counts)
+    runs = "; ".join(" + ".join(f"{c:,}" for c in run) for run in counts) or "not read"
+    return (f"{kind.capitalize()}: members per worker of the two-worker node (worker 1 + worker 2, from /api/stats), "
+            f"each run: {runs}; " + ("both workers held members in every run." if both else
+                                      "NOT every run had members on both workers: that run measured one worker."))
+
+
 def webtransport(opts: Options) -> Case:
     """(5) WebTransport members (aioquic clients) beside WebSocket members of the same server, same burst."""
     case = Case("webtransport", "WebTransport fan-out")
@@ -534,4 +636,4 @@ def webtransport(opts: Options) -> Case:
 
 
 CASES = {"fanout": fanout, "paced": paced, "echo": echo, "memory": memory, "capacity": capacity, "sse": sse,
-         "webtransport": webtransport, "mqtt": mqtt, "nats": nats, "startup": startup}
+         "webtransport": webtransport, "mqtt": mqtt, "nats": nats, "workers": workers, "startup": startup}

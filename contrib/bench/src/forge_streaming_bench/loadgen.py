@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -179,6 +180,7 @@ async def _fanout(spec: dict[str, Any], stack: contextlib.AsyncExitStack) -> dic
         members = list(ws)
     for conn in members:
         conn.counting = True
+    census = await _census(spec["census"], len(members)) if spec.get("census") and joined == len(members) else None
     publisher = (await _open_many(targets[:1], 1, spec["dialect"], Stats(), deadline=deadline + 10))[0]
     if not publisher or joined < len(members):
         return {"error": f"setup: {len(members)}/{n} connected, {joined} joined; {failures} failed ({error})"}
@@ -196,9 +198,43 @@ async def _fanout(spec: dict[str, Any], stack: contextlib.AsyncExitStack) -> dic
             await _server_idle(pids)
         runs.append(await _burst(spec, stats, members, pub, first=burst * m))
         runs[-1].update(setup_seconds=setup_seconds, quiesce_seconds=settle)
+        if census is not None:
+            runs[-1]["members_by_worker"] = census
     for conn in [*members, pub]:
         conn.close()
     return {"runs": runs}
+
+
+async def _census(where: dict[str, Any], expected: int, limit: float = 6.0) -> list[dict[str, Any]]:
+    """How many connections each worker of a node holds, from its ``/api/stats`` (``where``: port and api key).
+
+    Workers write their status once a second, so this asks until the counts add up to ``expected``
+    (every member joined; the publisher is not connected yet), at most ``limit`` seconds; the last
+    answer either way. One process (``--workers 1``) has no worker list: its own total is its one entry.
+    """
+    request = urllib.request.Request(f"http://{HOST}:{where['port']}/api/stats",
+                                     headers={"Authorization": f"Bearer {where['key']}"})
+
+    def ask() -> dict[str, Any]:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            body: dict[str, Any] = json.loads(response.read())
+            return body
+
+    deadline = time.monotonic() + limit
+    counts: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        try:
+            body = await asyncio.to_thread(ask)
+        except (OSError, ValueError) as exc:
+            counts = [{"error": f"{type(exc).__name__}: {exc}"}]
+        else:
+            workers = body.get("workers") or [{"worker": 1, "connections": body["connections"]["total"]}]
+            counts = [{"worker": w.get("worker"), "pid": w.get("pid"), "connections": w.get("connections")}
+                      for w in workers]
+            if sum(c["connections"] or 0 for c in counts) == expected:
+                return counts
+        await asyncio.sleep(0.3)
+    return counts
 
 
 async def _server_idle(pids: list[int], threshold: float = 0.05, window: float = 0.3, limit: float = 30) -> None:
@@ -369,22 +405,64 @@ async def idle(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-async def _one_message_per_room(rooms: dict[str, list[WsConn]], stats: Stats, timeout: float) -> dict[str, Any]:
-    """The first member of every room publishes one message; count the others' deliveries until all came."""
-    expected = 0
+async def _one_message_per_room(rooms: dict[str, list[WsConn]], stats: Stats, timeout: float, *,
+                                stall: float = 10.0) -> dict[str, Any]:
+    """The first member of every room publishes one message; count the others' deliveries until all came.
+
+    Waits at most ``timeout`` seconds, and stops once nothing arrived for ``stall`` seconds. Every open
+    member that got nothing is put down to a cause it can be told apart by (``missed``), with examples.
+    """
+    expected = []
     for members in rooms.values():
         for conn in members[1:]:
             conn.counting = True
-            expected += 0 if conn.closed else 1
+            if not conn.closed:
+                expected.append(conn)
     stats.received = 0
     t0 = time.monotonic()
     for room, members in rooms.items():
         if not members[0].closed:
             members[0].send(members[0].dialect.message(room, _payload(0)))
-    while stats.received < expected and time.monotonic() - t0 < timeout:
+    last_count, last_progress = 0, t0
+    while stats.received < len(expected) and time.monotonic() - t0 < timeout:
         await asyncio.sleep(0.01)
-    return {"deliveries_expected": expected, "deliveries": stats.received,
-            "deliver_seconds": (stats.last_receive or time.monotonic()) - t0}
+        if stats.received != last_count:
+            last_count, last_progress = stats.received, time.monotonic()
+        elif time.monotonic() - last_progress > stall:
+            break
+    missed: dict[str, int] = {}
+    examples: list[str] = []
+    waiting = {id(conn) for conn in expected}
+    for room, members in rooms.items():
+        publisher = members[0]
+        for conn in members[1:]:
+            if id(conn) not in waiting or conn.count:
+                continue
+            cause = _why_missed(conn, publisher)
+            missed[cause] = missed.get(cause, 0) + 1
+            if len(examples) < 5:
+                examples.append(f"{room}: member {conn.ident or '?'} ({cause}; publisher {publisher.ident or '?'})")
+    return {"deliveries_expected": len(expected), "deliveries": stats.received,
+            "deliver_seconds": (stats.last_receive or time.monotonic()) - t0, "missed": missed,
+            "missed_examples": examples}
+
+
+SAME_ID = "its connection id is the publisher's"
+
+
+def _why_missed(conn: WsConn, publisher: WsConn) -> str:
+    """Why ``conn`` got nothing of ``publisher``'s message, as far as the client can tell."""
+    if publisher.closed or publisher.joined is None or not publisher.joined.done():
+        return "the publisher was closed or never joined"
+    if conn.joined is None or not conn.joined.done():
+        return "its join was never acknowledged"
+    if conn.ident and conn.ident == publisher.ident:  # the server skips the sender's id in the fan-out
+        return SAME_ID
+    if conn.resynced:
+        return "got resync instead"
+    if conn.closed:
+        return "closed while waiting"
+    return "open and joined, nothing came"
 
 
 SCENARIOS = {"fanout": fanout, "echo": echo, "idle": idle}

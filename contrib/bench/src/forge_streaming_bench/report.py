@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .cases import MQTT_ROUNDS, SSE_ROUNDS, Case
+from .cases import MQTT_ROUNDS, SSE_ROUNDS, WORKERS_ROUNDS, Case
 
 NOT_MEASURED = "not measured"
 
@@ -172,13 +172,18 @@ def capacity_section(case: Case) -> list[str]:
             table.append([r["label"], f"error: {r['error'][:160]}"] + [""] * 8)
             continue
         delivered = f"{r.get('deliveries', 0):,} of {r.get('deliveries_expected', 0):,}"
+        if r.get("missed"):  # each member that got nothing, put down to a cause the client can tell
+            delivered += " (missed: " + "; ".join(f"{n:,} {cause}" for cause, n in r["missed"].items()) + ")"
         table.append([r["label"], f"{r['target']:,}", f"{r['held']:,}", _f(r.get("kb_per_connection"), 1),
                       _f(r.get("open_seconds"), 0), delivered, _f(r.get("deliver_seconds"), 2),
                       f"{r.get('server_fds', 0):,}", f"{r['failures']:,}",
                       f"{r['server_alive']}" + (f"; {'; '.join(r['errors'])[:160]}" if r.get("errors") else "")])
-    return _table(["server", "target", "held (clients' count)", "KB per connection", "seconds to open and join",
-                   "deliveries of one message per room", "seconds to deliver", "server's open fds (largest process)",
-                   "failed attempts", "alive after; first errors"], table) + [""]
+    out = _table(["server", "target", "held (clients' count)", "KB per connection", "seconds to open and join",
+                  "deliveries of one message per room", "seconds to deliver", "server's open fds (largest process)",
+                  "failed attempts", "alive after; first errors"], table) + [""]
+    examples = [f"- {r['label']}, a member that got nothing: {e}" for r in case.rows for e in
+                r.get("missed_examples") or []]
+    return out + (examples + [""] if examples else [])
 
 
 def mqtt_section(case: Case) -> list[str]:
@@ -200,9 +205,48 @@ def mqtt_section(case: Case) -> list[str]:
                    "lost / out of order"], table) + [""]
 
 
+def _by_process(seconds: list[float]) -> str:
+    """CPU ms of each process of a workers-case setup: the node's process(es) in order, then the broker."""
+    if not seconds:
+        return "-"
+    names = ["serve"] if len(seconds) == 2 else ["supervisor", *(f"worker {i}" for i in range(1, len(seconds) - 1))]
+    return " + ".join(f"{name} {value * 1e3:.1f}" for name, value in zip([*names, "Mosquitto"], seconds, strict=True))
+
+
+def workers_section(case: Case) -> list[str]:
+    """Burst and paced: one worker and two workers, CPU per delivery with every process counted, and the ratio."""
+    out: list[str] = []
+    for mode in ("burst", "paced"):
+        rows = [r for r in case.rows if r.get("mode") == mode or ("error" in r and mode == "burst")]
+        if not rows:
+            continue
+        base = _ours(rows, server="one-worker")
+        m = next((r.get("messages") for r in rows if r.get("messages")), None)
+        n = next((r.get("n") for r in rows if r.get("n")), 0)
+        what = (f"a burst of M = {_f(m)} messages" if mode == "burst"
+                else f"one message every {_f(rows[0].get('pace_ms'), 0)} ms, {_f(m)} messages")
+        out += [f"**{mode.capitalize()}: N = {n:,} members, {what}**", ""]
+        table = []
+        for r in rows:
+            if "error" in r:
+                table.append([r["label"], f"error: {r['error'][:160]}"] + [""] * 9)
+                continue
+            cpu = r["server_us_per_delivery"]
+            spread = " + ".join(f"{w.get('connections')}" for w in r.get("members_by_worker") or []) or "-"
+            table.append([r["label"], _f(cpu, 2), _ratio(cpu, _figure(base, "server_us_per_delivery")),
+                          _by_process(r.get("server_cpu_by_process") or []), spread, _f(r["deliveries_per_s"], 0),
+                          _f(r["p50_ms"], 2), _f(r["p99_ms"], 2), f"{r['lost']} / {r['out_of_order']}",
+                          _f(r["client_us_per_delivery"], 2), f"{r.get('runs', 1)}"])
+        out += _table(["setup", "server CPU µs/delivery (every process)", "vs one worker",
+                       "CPU ms per run, by process", "members per worker", "deliveries/s", "p50 ms", "p99 ms",
+                       "lost / out of order", "client CPU µs/delivery", "runs"], table)
+        out.append("")
+    return out
+
+
 SECTIONS = {"fanout": fanout_section, "paced": paced_section, "echo": echo_section, "memory": memory_section,
             "capacity": capacity_section, "sse": fanout_section,
-            "webtransport": fanout_section, "mqtt": mqtt_section, "nats": mqtt_section}
+            "webtransport": fanout_section, "mqtt": mqtt_section, "nats": mqtt_section, "workers": workers_section}
 
 
 def targets(cases: dict[str, Case]) -> list[list[str]]:
@@ -299,6 +343,15 @@ def targets(cases: dict[str, Case]) -> list[list[str]]:
         hop = (two["probe_p50_ms"] - one["probe_p50_ms"]) if one and two and two.get("probe_p50_ms") else None
         add(f"{engine} hop adds <= 2 ms at p50", hop, f"+{hop:.2f} ms" if hop is not None else "",
             hop is not None and hop <= 2.0, "paced probe, two nodes minus one node")
+
+    wk = cases.get("workers")
+    ratios = {r["mode"]: r["paired_ratio"] for r in (wk.rows if wk else [])
+              if r["server"] == "two-workers" and "error" not in r and r.get("paired_ratio")}
+    worst = max(ratios.values()) if len(ratios) == 2 else None
+    add("Two workers sharing rooms cost <= 1.2x one worker's server CPU per delivery (all processes, broker "
+        "included), paced and burst", worst, ", ".join(f"{mode} {ratio:.2f}x" for mode, ratio in ratios.items()),
+        worst is not None and worst <= 1.2,
+        f"workers case: two workers / one worker, each over Mosquitto, median of {WORKERS_ROUNDS} alternating rounds")
     return rows
 
 
@@ -306,7 +359,8 @@ def _transport_bars(cases: dict[str, Case]) -> list[tuple[str, float, bool]]:
     """(label, server CPU µs/delivery, ours?) for every transport and setup at its headline N."""
     bars: list[tuple[str, float, bool]] = []
     for name, servers in (("sse", ("ours", "sse-starlette")), ("webtransport", ("ours-wt",)),
-                          ("mqtt", ("one-node", "two-nodes")), ("nats", ("two-nodes",))):
+                          ("mqtt", ("one-node", "two-nodes")), ("nats", ("two-nodes",)),
+                          ("workers", ("one-worker", "two-workers"))):  # the workers case: its burst rows
         case = cases.get(name)
         n = headline_n(case)
         for server in servers:
@@ -354,7 +408,7 @@ def plot(cases: dict[str, Case], path: Path) -> str | None:
         ax.set_xscale("log")
         ax.invert_yaxis()
         ax.set_xlabel("server CPU µs per delivery, log scale (lower is better)")
-        ax.set_title("SSE, WebTransport and two nodes over Mosquitto", fontsize=10)
+        ax.set_title("SSE, WebTransport, two nodes and two workers over Mosquitto", fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     fig.savefig(path)

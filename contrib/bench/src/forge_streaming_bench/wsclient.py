@@ -23,6 +23,7 @@ from typing import Any
 
 _ZERO_MASK = b"\x00\x00\x00\x00"
 _T_KEY = b'"t":'
+_USER_KEY = b'"user_id":"'
 _N_RE = re.compile(rb'"n":(\d+)')
 _T_RE = re.compile(rb'"t":([0-9.]+)')
 
@@ -149,6 +150,10 @@ class WsConn(asyncio.Protocol):
         self.joined: asyncio.Future[None] | None = None
         self.closed = False
         self.count = 0
+        self.ident = ""
+        self.resynced = False
+        """A ``resync`` frame came while counting (the server says messages may be missing)."""
+        """The server's name for this connection, from its join acknowledgement (``user_id`` of an anonymous one)."""
         self.last_n = -1
         self.group = 0
         self.counting = False
@@ -219,6 +224,7 @@ class WsConn(asyncio.Protocol):
                     continue  # counted below, in one scan of the whole region
                 if self.joined is not None and not self.joined.done():
                     if self.dialect.is_joined(data, start, end):
+                        self.ident = _read_string(data, _USER_KEY, start, end)
                         self.joined.set_result(None)
                     continue
                 if self.on_message is not None:
@@ -261,6 +267,8 @@ def count_region(conn: Any, data: bytes, start: int, end: int, now: float) -> No
     """
     found = _N_RE.findall(data, start, end)
     if not found:
+        if data.find(b'"resync"', start, end) >= 0:  # told it may have missed messages: not a delivery
+            conn.resynced = True
         return
     numbers = list(map(int, found))
     stats = conn.stats
@@ -283,6 +291,16 @@ def _disorder(last: int, numbers: list[int]) -> int:
             bad += 1
         last = n
     return bad
+
+
+def _read_string(data: bytes, key: bytes, start: int, end: int) -> str:
+    """The first JSON string value after ``key`` in ``data[start:end]``, or "" (no escapes expected: ids)."""
+    i = data.find(key, start, end)
+    if i < 0:
+        return ""
+    i += len(key)
+    j = data.find(b'"', i, end)
+    return data[i:j].decode(errors="replace") if j >= 0 else ""
 
 
 def read_t(data: bytes, start: int, end: int) -> float | None:
