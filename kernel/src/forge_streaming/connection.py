@@ -13,6 +13,7 @@ import asyncio
 import enum
 import itertools
 import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,6 +29,16 @@ if TYPE_CHECKING:
     from .service import Streaming
 
 _ids = itertools.count(1)
+_process_tag = os.urandom(4).hex()
+"""Part of every connection id: ids are unique across the processes (workers, nodes) of a cluster."""
+
+
+def _new_process() -> None:
+    global _process_tag
+    _process_tag = os.urandom(4).hex()
+
+
+os.register_at_fork(after_in_child=_new_process)
 
 
 class ConnectionState(enum.Enum):
@@ -176,7 +187,7 @@ class Connection(ABC):
     """A frame taken by :meth:`received` that is still being acted on: later frames wait for it."""
 
     def __init__(self, request: ConnectionRequest, streaming: Streaming) -> None:
-        self.id = f"{self.transport[:2]}-{next(_ids):x}-{int(time.time() * 1000) % 100000:05d}"
+        self.id = f"{self.transport[:2]}-{next(_ids):x}-{_process_tag}"
         self.request = request
         self.streaming = streaming
         self.rooms: set[str] = set()

@@ -222,7 +222,9 @@ class FanOut:
         members = self._local.get(room)
         delivered = 0
         if members:
-            sender = envelope.sender
+            sender = envelope.sender  # skipped: a member is not echoed its own message ...
+            if sender is not None and envelope.node and envelope.node != self._s.node_id:
+                sender = None  # ... but a sender on another node is none of these (even if an id were the same)
             frame = OutboundFrame(envelope.payload, envelope.binary, room, sequence, sender)
             for conn_id, conn in tuple(members.items()):  # a failed delivery drops its member from the room
                 if conn_id != sender:
