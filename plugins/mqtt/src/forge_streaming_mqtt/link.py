@@ -129,6 +129,7 @@ class MqttLink:
 
     async def start(self) -> None:
         """Connect in the background; wait up to ``connect_timeout`` for the first connection."""
+        self.state = LinkState.CONNECTING
         self._task = asyncio.create_task(self._run(), name=f"forge-mqtt-{self.role}")
         try:
             await asyncio.wait_for(self._up.wait(), self.settings.connect_timeout)
@@ -144,6 +145,11 @@ class MqttLink:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.client = self._paho = None
+
+    @property
+    def stopped(self) -> bool:
+        """:meth:`stop` was called (read anew each time: the connection loop checks it after every wait)."""
+        return self.state is LinkState.STOPPED
 
     def health(self) -> BackendHealth:
         if self.state is LinkState.UP:
@@ -189,14 +195,26 @@ class MqttLink:
         return client
 
     async def _run(self) -> None:
+        """Connect, serve, reconnect, until :meth:`stop`.
+
+        The loop also looks at ``state`` itself, not only at the
+        cancellation: a ``stop()`` in the loop turn where the broker's
+        CONNACK arrives is lost inside aiomqtt's connect (Python 3.11's
+        ``asyncio.wait_for`` then returns instead of raising), and the link
+        would otherwise go on connecting under a client id its owner gave up.
+        """
         delay = self.settings.reconnect_min
-        while True:
+        while not self.stopped:
             client = self._make_client()
             try:
                 async with client:
+                    if self.stopped:  # stopped as the broker accepted us
+                        return
                     self.client = client
                     self._paho = getattr(client, "_client", None)
                     await self._on_connect(client)
+                    if self.stopped:
+                        return
                     self.state = LinkState.UP
                     self.connects += 1
                     self._up.set()
@@ -210,8 +228,12 @@ class MqttLink:
             except aiomqtt.MqttError as exc:
                 self.last_error = str(exc) or type(exc).__name__
             except Exception as exc:  # a bug in on_connect: say so loudly, then retry like any failure
+                if self.stopped:
+                    return
                 log.exception("MQTT %s: setting up the connection to %s failed", self.role, self.url)
                 self.last_error = f"{type(exc).__name__}: {exc}"
+            if self.stopped:
+                return
             was_up = self.state is LinkState.UP
             self._forget()
             self.state = LinkState.DOWN
