@@ -105,6 +105,7 @@ class Membership:
         self.history = history
         self.local: dict[str, dict[str, Connection]] = {}
         self._subscribed: set[str] = set()
+        self._subscribing: dict[str, asyncio.Future[None]] = {}  # room -> the backend's subscribe, on its way
         self._lingering: dict[str, asyncio.TimerHandle] = {}
 
     async def join(self, conn: Connection, room: str, *, since: int | None = None) -> None:
@@ -188,10 +189,28 @@ class Membership:
             self._linger(room)
 
     async def _subscribe(self, room: str) -> None:
-        if room not in self._subscribed:
+        """Subscribe this node to ``room``; whoever needs it meanwhile waits for the same subscription.
+
+        A second member joining while the first one's subscribe is on its
+        way must not be told ``room.joined`` before the backend delivers the
+        room: a message published in between would reach nobody here. The
+        subscribe runs in a task of its own, so a joiner cancelled meanwhile
+        does not leave the room marked subscribed but never subscribed.
+        """
+        pending = self._subscribing.get(room)
+        if pending is None:
+            if room in self._subscribed:
+                return
             self._subscribed.add(room)
             self.history.track(room)
-            await self._s.backend.subscribe(room)
+            pending = self._subscribing[room] = asyncio.ensure_future(self._s.backend.subscribe(room))
+            pending.add_done_callback(lambda task: self._subscribed_or_not(room, task))
+        await asyncio.shield(pending)
+
+    def _subscribed_or_not(self, room: str, task: asyncio.Future[None]) -> None:
+        self._subscribing.pop(room, None)
+        if task.cancelled() or task.exception() is not None:  # the next join tries again
+            self._subscribed.discard(room)
 
     async def _position(self, room: str) -> int:
         """Where a member joining now stands: resuming from here replays only what comes next.
