@@ -90,3 +90,23 @@ async def test_a_failed_subscribe_is_tried_again_by_the_next_join(make_streaming
         await eventually(lambda: member.data() == ["after the failure"], 5, what="the message")
         for client in (first, member, sender):
             await client.close()
+
+
+async def test_a_publisher_that_waits_for_the_position_waits_for_a_subscription_on_its_way(
+        make_streaming: Callable[..., Streaming]) -> None:
+    """Streaming.publish listens to the room to hear its message back; a join's subscribe on its way counts."""
+    streaming = make_streaming({"pubsub": {"backend": "slow-subscribe"}}, plugins=[SlowSubscribePlugin()],
+                               only=["websocket", "memory-pubsub", "memory-rooms"])
+    async with serve(streaming) as server:
+        backend = streaming.backend
+        assert isinstance(backend, SlowSubscribe)
+        member = RoomClient(await websockets.connect(f"{server.ws_url}/ws"))
+        await member.ws.send(json.dumps({"type": "join", "room_id": "r"}))
+        await eventually(lambda: backend.subscribes == 1, 5, what="the join's subscribe")
+        publishing = asyncio.ensure_future(streaming.publish("r", "from the server", timeout=5))
+        await asyncio.sleep(0.2)
+        assert not publishing.done(), "published before the node receives the room"
+        backend.gate.set()
+        position = await asyncio.wait_for(publishing, 5)
+        await eventually(lambda: member.messages() == [(position, "from the server")], 5, what="the message")
+        await member.close()

@@ -181,9 +181,10 @@ class Membership:
             self._ungate(conn, room, gate)
 
     async def listen(self, room: str) -> None:
-        """Listen to ``room`` for at least ``rooms.history_linger`` (a publisher waits for its message there)."""
-        if room in self._subscribed:
-            return
+        """Listen to ``room`` for at least ``rooms.history_linger`` (a publisher waits for its message there).
+
+        Waits for a subscription on its way too (a join's), like a join does.
+        """
         await self._subscribe(room)
         if room not in self.local and room not in self._lingering:
             self._linger(room)
