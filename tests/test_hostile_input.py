@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import websockets
 from forge_streaming import Connection, Refused, Streaming, hookimpl
@@ -468,11 +469,11 @@ def test_the_readme_limits_table_names_every_bound_and_its_default() -> None:
                     break
         return found
 
-    keys = [(f"limits.{name}", field) for name, field in LimitSettings.model_fields.items()]
-    keys += [(f"rooms.{name}", field) for name, field in RoomSettings.model_fields.items()
-             if name.startswith("history_")]
-    for key, field in keys:
+    keys = [(f"limits.{field.name}", field.default) for field in msgspec.structs.fields(LimitSettings)]
+    keys += [(f"rooms.{field.name}", field.default) for field in msgspec.structs.fields(RoomSettings)
+             if field.name.startswith("history_")]
+    for key, default in keys:
         row = next((r for r in rows if f"`{key}`" in r), None)
         assert row is not None, f"the README's limits table does not name {key}"
         default_cell = row.split(" | ")[2]
-        assert any(text in default_cell for text in renderings(field.default)), (key, field.default, default_cell)
+        assert any(text in default_cell for text in renderings(default)), (key, default, default_cell)

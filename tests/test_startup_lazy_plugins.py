@@ -74,3 +74,16 @@ def test_a_service_that_enables_jwt_and_prometheus_imports_their_libraries_when_
     assert "jwt" in imported
     assert "prometheus_client" in imported
     assert "aiomqtt" not in imported
+
+
+def test_a_service_checks_its_config_without_pydantic() -> None:
+    """The config sections are msgspec structs: pydantic's import and model building were ~60 ms of a start."""
+    code = ("import sys, forge_streaming\n"
+            "streaming = forge_streaming.Streaming({'server': {'port': 9000}, 'websocket': {'flush_window': '5ms'},\n"
+            "                                       'sse': {'send_path': '/events/send'}})\n"
+            "assert streaming.config.section('websocket').flush_window == 0.005\n"
+            "streaming.asgi_app()\n"
+            "print(sorted(name for name in sys.modules if name.split('.')[0] in ('pydantic', 'pydantic_core')))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_STREAMING")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, env=env)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 from typing import Any
 
-from .config import ConfigSection, Duration, Size, StreamingConfig, load_config
+from .config import Check, ConfigSection, Duration, Meta, Parse, Size, StreamingConfig, load_config
 from .connection import CloseCode, Connection, ConnectionRequest, ConnectionState, Identity
 from .delivery import BufferedWriter, Flushable, FlushScheduler
 from .errors import (
@@ -65,11 +65,11 @@ def get_streaming(app_or_request: Any) -> Streaming:
 
 __all__ = [
     "AWAITABLE_HOOKS", "PLUGIN_API", "hookspec",
-    "BackendHealth", "BackendListener", "BackendState", "BufferedWriter", "ClientFrame", "CloseCode",
+    "BackendHealth", "BackendListener", "BackendState", "BufferedWriter", "Check", "ClientFrame", "CloseCode",
     "ConfigError", "ConfigSection", "Connection", "ConnectionClosed", "ConnectionRequest", "ConnectionState",
     "Duration", "Envelope", "EnvelopeKind", "Event", "Flushable", "FlushScheduler", "Handler", "HookFailed", "Identity",
-    "InvalidInput", "LocalMembers", "Member", "Message",
-    "OutboundFrame", "PluginLoadError", "ProtocolError", "PubSubBackend", "PublishMessage", "Refused",
+    "InvalidInput", "LocalMembers", "Member", "Message", "Meta",
+    "OutboundFrame", "Parse", "PluginLoadError", "ProtocolError", "PubSubBackend", "PublishMessage", "Refused",
     "RoomHistory", "RoomPositions", "RoomStore", "RoomStoreListener", "ServiceState", "Size", "Streaming",
     "StreamingConfig",
     "StreamingError", "Transport",

@@ -306,7 +306,7 @@ def test_history_size_sets_the_per_room_limit_above_a_floor() -> None:
     assert isinstance(backend, NatsPubSub) and backend.per_room == 1000, "at least 1,000: the catch-up buffer"
     assert NatsPubSub(history_size=5000).per_room == 5000
     assert NatsPubSub(NatsSettings(max_msgs_per_subject=7), history_size=5000).per_room == 7
-    assert backend.settings.servers == ["nats://127.0.0.1:1"], "one URL is a list of one"
+    assert backend.settings.servers == ("nats://127.0.0.1:1",), "one URL is a list of one"
 
 
 def test_a_memory_stream_after_a_server_restart_never_repeats_a_position(own_nats: Any) -> None:

@@ -19,7 +19,7 @@ class TestNatsBackend(PubSubBackendContract):
     url: str
 
     def make_backend(self) -> NatsPubSub:
-        return NatsPubSub(NatsSettings(servers=[self.url], stream="CONTRACT", subject_prefix="contract",
+        return NatsPubSub(NatsSettings(servers=(self.url,), stream="CONTRACT", subject_prefix="contract",
                                        storage="memory", heartbeat=0.5))
 
 
@@ -28,7 +28,7 @@ class TestNatsBackendWildcard(PubSubBackendContract):
     url: str
 
     def make_backend(self) -> NatsPubSub:
-        return NatsPubSub(NatsSettings(servers=[self.url], stream="CONTRACT_WILD", subject_prefix="contract-wild",
+        return NatsPubSub(NatsSettings(servers=(self.url,), stream="CONTRACT_WILD", subject_prefix="contract-wild",
                                        storage="memory", heartbeat=0.5, subscribe_mode="wildcard"))
 
 
@@ -37,5 +37,5 @@ class TestNatsRoomStore(RoomStoreContract):
     url: str
 
     def make_store(self) -> NatsRoomStore:
-        return NatsRoomStore(NatsSettings(servers=[self.url], presence_bucket="CONTRACT_PRESENCE", storage="memory",
+        return NatsRoomStore(NatsSettings(servers=(self.url,), presence_bucket="CONTRACT_PRESENCE", storage="memory",
                                           presence_ttl=2, heartbeat=0.5))

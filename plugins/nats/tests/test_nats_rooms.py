@@ -28,7 +28,7 @@ class Changes:
 
 
 def _settings(url: str, bucket: str) -> NatsSettings:
-    return NatsSettings(servers=[url], presence_bucket=bucket, storage="memory", presence_ttl=TTL, heartbeat=0.5,
+    return NatsSettings(servers=(url,), presence_bucket=bucket, storage="memory", presence_ttl=TTL, heartbeat=0.5,
                         reconnect_wait=0.1, ping_interval=1)
 
 

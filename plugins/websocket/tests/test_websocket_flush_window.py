@@ -115,7 +115,7 @@ def test_flush_window_config(make_streaming: Any) -> None:
     assert default.transports["websocket"].flush_scheduler is None  # the kernel's end-of-turn flush
     on = make_streaming({"websocket": {"flush_window": "10ms"}})
     assert on.transports["websocket"].flush_scheduler.window == pytest.approx(0.01)
-    for bad, expected in (("-5ms", "expected a duration"), ("soon", "expected a duration"), ("2s", "less than")):
+    for bad, expected in (("-5ms", "expected a duration"), ("soon", "expected a duration"), ("2s", "<= 1.0")):
         with pytest.raises(ConfigError) as info:
             make_streaming({"websocket": {"flush_window": bad}})
         assert "websocket.flush_window" in str(info.value) and expected in str(info.value)

@@ -508,7 +508,7 @@ def _two_nodes(opts: Options, case: Case, plugin: str, engine: Callable[[Path], 
     return case
 
 
-WORKERS_ROUNDS = 3  # alternating one-worker and two-worker runs: the ratio is paired per round
+WORKERS_ROUNDS = 5  # alternating one-worker and two-worker runs: the ratio is paired per round
 WORKERS_PACE = 0.010
 """Seconds between two messages of the workers case's paced runs."""
 WORKERS_API_KEY = "bench"

@@ -27,10 +27,9 @@ import html
 import json
 import re
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from forge_streaming import ConfigSection, ConnectionRequest, Identity, Streaming, hookimpl
-from pydantic import Field
+from forge_streaming import ConfigSection, ConnectionRequest, Identity, Meta, Streaming, hookimpl
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -56,7 +55,7 @@ class DemoSettings(ConfigSection):
     """Serve the chat page at ``/`` (off: the kernel's status page is back)."""
     guest_names: bool = True
     """Name otherwise anonymous connections from ``?guest=<name>``."""
-    default_room: str = Field("lobby", min_length=1, max_length=128)
+    default_room: Annotated[str, Meta(min_length=1, max_length=128)] = "lobby"
     """The room a new visitor lands in."""
 
 

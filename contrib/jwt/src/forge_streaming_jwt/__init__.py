@@ -45,7 +45,7 @@ class JwtSettings(ConfigSection):
     enabled: bool = True
     secret: str | None = None
     public_key_file: str | None = None
-    algorithms: list[str] = ["HS256"]
+    algorithms: tuple[str, ...] = ("HS256",)
     audience: str | None = None
     issuer: str | None = None
     leeway: float = 0.0
@@ -119,7 +119,7 @@ class JwtPlugin:
         import jwt
 
         return jwt.decode(
-            token, self.key(settings), algorithms=settings.algorithms, audience=settings.audience,
+            token, self.key(settings), algorithms=list(settings.algorithms), audience=settings.audience,
             issuer=settings.issuer, leeway=settings.leeway,
         )
 

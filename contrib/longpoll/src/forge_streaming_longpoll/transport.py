@@ -21,7 +21,7 @@ import json
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from forge_streaming import (
     CloseCode,
@@ -32,13 +32,13 @@ from forge_streaming import (
     Duration,
     Handler,
     Message,
+    Meta,
     OutboundFrame,
     Size,
     Streaming,
     Transport,
     hookimpl,
 )
-from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -57,7 +57,7 @@ class LongPollSettings(ConfigSection):
     send_buffer: Size | None = None
     """Bytes queued between two polls before the session is dropped as a ``slow consumer``
     (default: ``limits.send_buffer``)."""
-    inbox: int = Field(32, ge=1)
+    inbox: Annotated[int, Meta(ge=1)] = 32
     """Client messages waiting to be read; a send past it is answered 429."""
 
 

@@ -16,10 +16,9 @@ import hmac
 import logging
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from forge_streaming import ClientFrame, ConfigSection, Connection, Envelope, Streaming, hookimpl
-from pydantic import Field
+from forge_streaming import ClientFrame, ConfigSection, Connection, Envelope, Meta, Streaming, hookimpl
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -39,7 +38,7 @@ class PrometheusSettings(ConfigSection):
     """Serve ``/metrics`` and count; off (the default), the plugin does nothing."""
     path: str = "/metrics"
     """Where the metrics are served."""
-    token: str | None = Field(None, min_length=1)
+    token: Annotated[str, Meta(min_length=1)] | None = None
     """Ask for ``Authorization: Bearer <token>`` (Prometheus: ``authorization`` in the job)."""
     require_api_key: bool = False
     """Ask for ``Authorization: Bearer <api.key>`` like ``/api/stats`` (with ``token`` too: either works)."""

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import unquote, urlsplit
 
-from forge_streaming import ConfigSection, Duration
-from pydantic import Field, field_validator
+from forge_streaming import Check, ConfigSection, Duration, Meta
 
 SECTION = "pubsub.mqtt"
 
@@ -24,18 +23,18 @@ class BrokerAddress:
 class MqttSettings(ConfigSection):
     """Settings shared by the MQTT pub/sub backend and the MQTT room store."""
 
-    url: str = "mqtt://127.0.0.1:1883"
+    url: Annotated[str, Check(_check_url)] = "mqtt://127.0.0.1:1883"
     """``mqtt://host[:port]`` (1883) or ``mqtts://host[:port]`` (8883, TLS); may carry ``user:password@``."""
     username: str | None = None
     password: str | None = None
     client_id: str | None = None
     """Base of the MQTT client ids; default ``{topic_prefix}-{node_id}``. Suffixed ``-pubsub`` / ``-rooms``."""
-    topic_prefix: str = "forge"
+    topic_prefix: Annotated[str, Check(_check_prefix)] = "forge"
     qos: Literal[0, 1, 2] = 0
     """QoS of room messages and room subscriptions. 0 by default: a node's session is not kept across
     reconnects (clean start), so QoS 1 adds acknowledgements and the broker's in-flight window
     (Mosquitto: 20) without a guarantee QoS 0 lacks; a lost connection is covered by ``resync``."""
-    keepalive: Duration = 10.0
+    keepalive: Annotated[Duration, Check(_check_keepalive)] = 10.0
     """MQTT keep-alive; a node that dies silently leaves presence within 1.5x this."""
     tls: bool = False
     ca_file: str | None = None
@@ -43,9 +42,9 @@ class MqttSettings(ConfigSection):
     """How long ``start`` waits for the first connection before the node starts degraded."""
     reconnect_min: Duration = 0.1
     reconnect_max: Duration = 5.0
-    outgoing_buffer: int = Field(10_000, ge=0)
+    outgoing_buffer: Annotated[int, Meta(ge=0)] = 10_000
     """Room messages kept while the broker is unreachable; past it the oldest are dropped (and counted)."""
-    max_inflight: int = Field(20, ge=1, le=65535)
+    max_inflight: Annotated[int, Meta(ge=1, le=65535)] = 20
     """Unacknowledged QoS 1/2 publishes in flight; keep it at or below the broker's receive maximum
     (Mosquitto's ``max_inflight_messages``, 20 by default): paho-mqtt does not read it from the broker."""
     history_timeout: Duration = 1.0
@@ -53,28 +52,6 @@ class MqttSettings(ConfigSection):
     subscribe_mode: Literal["rooms", "wildcard"] = "rooms"
     ingest: bool = True
     """Convert device publishes on ``{prefix}/rooms/{room}/publish`` into room messages."""
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        parse_url(value)
-        return value
-
-    @field_validator("topic_prefix")
-    @classmethod
-    def _check_prefix(cls, value: str) -> str:
-        if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "+#\0"):
-            raise ValueError(f"expected a topic prefix without '+', '#' or a leading/trailing '/', got {value!r}")
-        if value.startswith("$"):
-            raise ValueError(f"expected a topic prefix not starting with '$' (reserved by brokers), got {value!r}")
-        return value
-
-    @field_validator("keepalive")
-    @classmethod
-    def _check_keepalive(cls, value: float) -> float:
-        if value < 1:
-            raise ValueError(f"expected a keep-alive of at least 1s (MQTT counts whole seconds), got {value!r}")
-        return value
 
     def broker(self) -> BrokerAddress:
         """The broker address, with explicit username/password/tls overriding the URL."""
@@ -86,6 +63,25 @@ class MqttSettings(ConfigSection):
             username=self.username if self.username is not None else address.username,
             password=self.password if self.password is not None else address.password,
         )
+
+
+def _check_url(value: str) -> str:
+    parse_url(value)
+    return value
+
+
+def _check_prefix(value: str) -> str:
+    if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "+#\0"):
+        raise ValueError(f"expected a topic prefix without '+', '#' or a leading/trailing '/', got {value!r}")
+    if value.startswith("$"):
+        raise ValueError(f"expected a topic prefix not starting with '$' (reserved by brokers), got {value!r}")
+    return value
+
+
+def _check_keepalive(value: float) -> float:
+    if value < 1:
+        raise ValueError(f"expected a keep-alive of at least 1s (MQTT counts whole seconds), got {value!r}")
+    return value
 
 
 def parse_url(url: str) -> BrokerAddress:

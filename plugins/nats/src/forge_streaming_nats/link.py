@@ -111,7 +111,7 @@ class NatsLink:
     def _options(self) -> dict[str, Any]:
         s = self.settings
         options: dict[str, Any] = {
-            "servers": s.servers, "name": self.name, "connect_timeout": max(1, round(s.connect_timeout)),
+            "servers": list(s.servers), "name": self.name, "connect_timeout": max(1, round(s.connect_timeout)),
             "reconnect_time_wait": s.reconnect_wait, "max_reconnect_attempts": -1,
             "ping_interval": s.ping_interval, "max_outstanding_pings": 2, "allow_reconnect": True,
             "error_cb": self._error, "disconnected_cb": self._disconnected, "reconnected_cb": self._reconnected,

@@ -4,21 +4,62 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from forge_streaming import ConfigSection, Duration, Size
-from pydantic import Field, field_validator, model_validator
+from forge_streaming import Check, ConfigSection, Duration, Meta, Parse, Size
 
 SECTION = "pubsub.nats"
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
+def _one_or_many(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+def _check_servers(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value:
+        raise ValueError("expected at least one server URL, like nats://127.0.0.1:4222")
+    for url in value:
+        parts = urlsplit(url)
+        if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+            raise ValueError(f"expected server URLs like nats://host:4222 or tls://host:4222, got {url!r}")
+        try:
+            parts.port  # noqa: B018 (parsing it is the check)
+        except ValueError:
+            raise ValueError(f"expected a numeric port in {url!r}") from None
+    return value
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(f"expected a JetStream name of letters, digits, '-' and '_' (at most 64), got {value!r}")
+    return value
+
+
+def _check_prefix(value: str) -> str:
+    if not _PREFIX.fullmatch(value) or value.startswith("$"):
+        raise ValueError(f"expected a subject prefix of dot-separated tokens of letters, digits, '-' and '_' "
+                         f"(like forge or acme.chat), got {value!r}")
+    return value
+
+
+def _check_ttl(value: float) -> float:
+    if value < 2 or value != int(value):
+        raise ValueError(f"expected whole seconds, at least 2 (NATS message TTLs count seconds), got {value!r}")
+    return value
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"expected a duration above 0, got {value!r}")
+    return value
+
+
 class NatsSettings(ConfigSection):
     """Settings shared by the NATS pub/sub backend and the NATS room store."""
 
-    servers: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    servers: Annotated[tuple[str, ...], Parse(_one_or_many), Check(_check_servers)] = ("nats://127.0.0.1:4222",)
     """Seed URLs of the cluster: ``nats://host:4222`` (or ``tls://``, ``ws://``, ``wss://``); the client
     learns the other servers of a cluster from the first it reaches."""
     user: str | None = None
@@ -34,16 +75,16 @@ class NatsSettings(ConfigSection):
     name: str | None = None
     """The connection name the server shows (``/connz``); default ``forge-{node_id}-{pubsub|rooms}``."""
 
-    subject_prefix: str = "forge"
+    subject_prefix: Annotated[str, Check(_check_prefix)] = "forge"
     """Room messages go to ``{prefix}.rooms.{room}``, live notices to ``{prefix}.notices.{room}``."""
-    stream: str = "FORGE_ROOMS"
+    stream: Annotated[str, Check(_check_name)] = "FORGE_ROOMS"
     """The JetStream stream holding every room's history, one subject per room."""
     subscribe_mode: Literal["rooms", "wildcard"] = "rooms"
     """``rooms``: a node hears the rooms it has members in (one subscription each); ``wildcard``: one
     subscription to every room, filtered on the node."""
     manage_stream: bool = True
     """Create the stream when it is missing and bring its limits to these settings; off: it must exist."""
-    max_msgs_per_subject: int | None = Field(None, ge=1)
+    max_msgs_per_subject: Annotated[int, Meta(ge=1)] | None = None
     """Messages the stream keeps per room; default ``rooms.history_size``, at least 1,000: a node that fell
     behind in a burst reads what it missed from the stream, so this is also each node's catch-up buffer."""
     max_bytes: Size | None = None
@@ -54,7 +95,7 @@ class NatsSettings(ConfigSection):
     """The largest message the stream accepts; none: the server's ``max_payload``."""
     storage: Literal["file", "memory"] = "file"
     """``file`` survives a restart of the NATS servers; ``memory`` does not."""
-    replicas: int = Field(1, ge=1, le=5)
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     """Copies of the stream (and presence bucket) in a cluster; 3 survives the loss of one server."""
     batch: bool = True
     """Room messages a node publishes to one room in one turn of its event loop are stored as one message (an
@@ -64,80 +105,30 @@ class NatsSettings(ConfigSection):
     """How long the stream remembers message ids, so a publish retried after a lost acknowledgement
     is stored once."""
 
-    presence_bucket: str = "FORGE_PRESENCE"
+    presence_bucket: Annotated[str, Check(_check_name)] = "FORGE_PRESENCE"
     """The JetStream key-value bucket of the room store."""
-    presence_ttl: Duration = 6.0
+    presence_ttl: Annotated[Duration, Check(_check_ttl)] = 6.0
     """A node that stops refreshing its liveness key (dead, stopped, partitioned) is gone from
     presence after this; it refreshes every third of it. Whole seconds, at least 2."""
 
-    connect_timeout: Duration = 5.0
+    connect_timeout: Annotated[Duration, Check(_positive)] = 5.0
     """How long ``start`` waits for the first connection before the node starts degraded."""
     reconnect_wait: Duration = 0.5
-    ping_interval: Duration = 5.0
+    ping_interval: Annotated[Duration, Check(_positive)] = 5.0
     """A server that stops answering is noticed within about twice this."""
-    ack_timeout: Duration = 2.0
+    ack_timeout: Annotated[Duration, Check(_positive)] = 2.0
     """How long one publish waits for JetStream's acknowledgement before it is retried."""
     publish_timeout: Duration = 10.0
     """How long a publish is retried (same message id: stored once) before it is held in the outgoing buffer."""
-    outgoing_buffer: int = Field(10_000, ge=0)
+    outgoing_buffer: Annotated[int, Meta(ge=0)] = 10_000
     """Room messages held while JetStream is unreachable, sent in order once it is back; past it the
     oldest are dropped (and counted)."""
-    heartbeat: Duration = 2.0
+    heartbeat: Annotated[Duration, Check(_positive)] = 2.0
     """Idle heartbeat of this node's consumer: a consumer silent for three of them is recreated."""
-    max_pending: int = Field(65_536, ge=16)
+    max_pending: Annotated[int, Meta(ge=16)] = 65_536
     """Messages the client may hold unread for this node's consumer before it drops (then recovers)."""
 
-    @field_validator("servers", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("servers")
-    @classmethod
-    def _check_servers(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("expected at least one server URL, like nats://127.0.0.1:4222")
-        for url in value:
-            parts = urlsplit(url)
-            if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
-                raise ValueError(f"expected server URLs like nats://host:4222 or tls://host:4222, got {url!r}")
-            try:
-                parts.port  # noqa: B018 (parsing it is the check)
-            except ValueError:
-                raise ValueError(f"expected a numeric port in {url!r}") from None
-        return value
-
-    @field_validator("stream", "presence_bucket")
-    @classmethod
-    def _check_name(cls, value: str) -> str:
-        if not _NAME.fullmatch(value):
-            raise ValueError(f"expected a JetStream name of letters, digits, '-' and '_' (at most 64), got {value!r}")
-        return value
-
-    @field_validator("subject_prefix")
-    @classmethod
-    def _check_prefix(cls, value: str) -> str:
-        if not _PREFIX.fullmatch(value) or value.startswith("$"):
-            raise ValueError(f"expected a subject prefix of dot-separated tokens of letters, digits, '-' and '_' "
-                             f"(like forge or acme.chat), got {value!r}")
-        return value
-
-    @field_validator("presence_ttl")
-    @classmethod
-    def _check_ttl(cls, value: float) -> float:
-        if value < 2 or value != int(value):
-            raise ValueError(f"expected whole seconds, at least 2 (NATS message TTLs count seconds), got {value!r}")
-        return value
-
-    @field_validator("heartbeat", "ack_timeout", "connect_timeout", "ping_interval")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError(f"expected a duration above 0, got {value!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _check_auth(self) -> NatsSettings:
+    def __post_init__(self) -> None:
         if self.token is not None and (self.user is not None or self.password is not None):
             raise ValueError("give either token or user/password, not both")
         if (self.user is None) != (self.password is None):
@@ -148,7 +139,6 @@ class NatsSettings(ConfigSection):
                 raise ValueError(f"{key}: expected a readable file, got {path!r} (no such file)")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("give both cert_file and key_file for a client certificate (or neither)")
-        return self
 
     @property
     def uses_tls(self) -> bool:

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from forge_streaming import ConfigSection, Duration, Size
-from pydantic import Field, field_validator
+from typing import Annotated
+
+from forge_streaming import Check, ConfigSection, Duration, Meta, Size
+
+
+def _absolute(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"expected a path starting with '/', got {value!r}")
+    return value.rstrip("/") or "/"
 
 
 class SSESettings(ConfigSection):
@@ -15,16 +22,16 @@ class SSESettings(ConfigSection):
     retry: Duration = 3.0
     """Reconnect delay suggested to clients with the ``retry:`` field (sent in milliseconds)."""
 
-    send_buffer: Size | None = Field(None, ge=1024)
+    send_buffer: Annotated[Size, Meta(ge=1024)] | None = None
     """Unsent bytes a stream may hold before it is ended as a slow consumer (default: ``limits.send_buffer``)."""
 
-    max_post_size: Size | None = Field(None, ge=16)
+    max_post_size: Annotated[Size, Meta(ge=16)] | None = None
     """Largest body accepted at the send URL (default: ``limits.max_message_size``)."""
 
-    send_path: str = "/sse/send"
+    send_path: Annotated[str, Check(_absolute)] = "/sse/send"
     """Where clients POST room-protocol frames for their stream."""
 
-    allowed_origins: list[str] = Field(default_factory=list)
+    allowed_origins: list[str] = []
     """Browser origins allowed besides the server's own (the same rule as ``websocket.allowed_origins``):
     shell wildcards, ``https://*.example.com``. A refused origin gets 403 on the stream and the send URL."""
 
@@ -34,10 +41,3 @@ class SSESettings(ConfigSection):
     Off, every stream is written through ASGI ``send`` by one writer task (what
     happens anyway under another ASGI server).
     """
-
-    @field_validator("send_path")
-    @classmethod
-    def _absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f"expected a path starting with '/', got {value!r}")
-        return value.rstrip("/") or "/"

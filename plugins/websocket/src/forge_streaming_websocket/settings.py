@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from forge_streaming import ConfigSection, Duration, Size
-from pydantic import Field
+from typing import Annotated
+
+from forge_streaming import ConfigSection, Duration, Meta, Size
 
 
 class WebSocketSettings(ConfigSection):
@@ -21,10 +22,10 @@ class WebSocketSettings(ConfigSection):
     max_message_size: Size | None = None
     """Largest message a client may send (default: ``limits.max_message_size``, 64 KiB); larger closes 1009."""
 
-    allowed_origins: list[str] = Field(default_factory=list)
+    allowed_origins: list[str] = []
     """Browser origins allowed to connect; ``[]`` means same-origin only. Shell wildcards (``*``) allowed."""
 
-    subprotocols: list[str] = Field(default_factory=list)
+    subprotocols: list[str] = []
     """Subprotocols the server speaks; it picks the first one the client offers that is in this list."""
 
     ping_interval: Duration | None = 20.0
@@ -40,7 +41,7 @@ class WebSocketSettings(ConfigSection):
     close_timeout: Duration = 5.0
     """After sending a close frame, how long to wait for the peer before the socket is cut."""
 
-    flush_window: Duration = Field(default=0.0, ge=0.0, le=1.0)
+    flush_window: Annotated[Duration, Meta(ge=0.0, le=1.0)] = 0.0
     """Delay a connection's flush by up to this long after its first pending write, so paced traffic
     leaves in fewer ``write()`` calls at a latency cost bounded by it; 0 (the default) flushes at the end
     of the loop iteration. At most 1 s."""

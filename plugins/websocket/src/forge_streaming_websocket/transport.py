@@ -67,11 +67,9 @@ class WebSocketTransport(Transport):
         # WebSocket protocol runs: say once which keys it decides instead, rather than ignore them silently
         # (a WARNING: uvicorn's default logging shows no INFO of other loggers).
         config = self.streaming.config
-        explicit = [f"websocket.{key}" for key in SERVER_APPLIED if key in self.settings.model_fields_set]
-        explicit += [f"server.{key}" for key in ("header_timeout", "body_timeout", "handshake_timeout")
-                     if key in config.server.model_fields_set]
-        if "max_pending_connections" in config.limits.model_fields_set:
-            explicit.append("limits.max_pending_connections")
+        explicit = [key for key in (*(f"websocket.{key}" for key in SERVER_APPLIED), "server.header_timeout",
+                                    "server.body_timeout", "server.handshake_timeout",
+                                    "limits.max_pending_connections") if config.is_set(key)]
         log.warning(
             "this app is not served by `forge-streaming serve` (plain uvicorn?), so uvicorn's own WebSocket "
             "protocol runs: %s are not applied (uvicorn's --ws-per-message-deflate, --ws-ping-interval and "

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from forge_streaming import ConfigSection, Duration, Size
-from pydantic import Field
+from typing import Annotated
+
+from forge_streaming import ConfigSection, Duration, Meta, Size
 
 
 class WebTransportSettings(ConfigSection):
@@ -11,21 +12,21 @@ class WebTransportSettings(ConfigSection):
 
     host: str | None = None
     """UDP interface of the HTTP/3 server; None = the HTTP server's host."""
-    port: int | None = Field(None, ge=0, le=65535)
+    port: Annotated[int, Meta(ge=0, le=65535)] | None = None
     """UDP port; None = the HTTP server's port number (browsers find it via Alt-Svc)."""
     cert_file: str | None = None
     """PEM certificate chain; without it a development certificate is made at start."""
     key_file: str | None = None
     """PEM private key matching ``cert_file``."""
-    allowed_origins: list[str] = Field(default_factory=list)
+    allowed_origins: list[str] = []
     """Origins allowed besides the server's own, ``fnmatch`` wildcards (``https://*.example.com``)."""
-    max_sessions: int = Field(1000, ge=1)
-    max_streams_per_session: int = Field(100, ge=1)
+    max_sessions: Annotated[int, Meta(ge=1)] = 1000
+    max_streams_per_session: Annotated[int, Meta(ge=1)] = 100
     idle_timeout: Duration = 60.0
     """A session with no data from its client for this long is closed; 0 disables the check."""
-    max_datagram_size: Size = Field(1200, ge=1)
+    max_datagram_size: Annotated[Size, Meta(ge=1)] = 1200
     """Largest datagram payload a handler may send or will be handed."""
-    max_packet_size: Size = Field(1350, ge=1200, le=65527)
+    max_packet_size: Annotated[Size, Meta(ge=1200, le=65527)] = 1350
     """Largest UDP payload of a QUIC packet the server sends (the path MTU less the IP and UDP headers).
     Fewer, fuller packets cost less CPU per message; a path that cannot carry them drops them, and
     the server does no path MTU discovery. 1350 is what Google's QUIC servers send; 1452 fits any
@@ -35,7 +36,7 @@ class WebTransportSettings(ConfigSection):
     window allows at once. It costs a timer and a transmit per few packets per client."""
     send_buffer: Size | None = None
     """Unacknowledged bytes allowed on a session's message stream; None = ``limits.send_buffer``."""
-    read_buffer: Size = Field(1024 * 1024, ge=1024)
+    read_buffer: Annotated[Size, Meta(ge=1024)] = 1024 * 1024
     """Unread bytes a session may hold, all together: data on its streams, messages not read yet,
     streams not accepted yet and datagrams. Past it, on top of one message (``limits.max_message_size``),
     the session is closed 1009 ``read buffer overflow``; a datagram that would pass it is dropped."""
