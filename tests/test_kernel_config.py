@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
-from forge_streaming import ConfigError, ConfigSection, Duration, Streaming, hookimpl, load_config
+from forge_streaming import Check, ConfigError, ConfigSection, Duration, Meta, Streaming, hookimpl, load_config
 from forge_streaming.config import build_config, parse_duration, parse_size
 
 
@@ -186,3 +186,44 @@ def test_forge_shape_in_a_file_and_a_key_set_twice(tmp_path: Path) -> None:
     path.write_text("limits:\n  max_message_size: 2048\nextensions:\n  streaming:\n    max_message_size: 1024\n")
     with pytest.raises(ConfigError, match=r"limits.max_message_size.*set twice"):
         load_config(path, environ={})
+
+
+def _even(value: int) -> int:
+    if value % 2:
+        raise ValueError(f"expected an even number, got {value!r}")
+    return value
+
+
+class _Checked(ConfigSection):
+    """A plugin section with every kind of check the guide names."""
+
+    pairs: Annotated[int, Meta(ge=2), Check(_even)] = 2
+    names: tuple[str, ...] = ("a",)
+    window: Annotated[Duration, Meta(le=1.0)] = 0.0
+    low: int = 0
+    high: int = 10
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise ValueError(f"expected low <= high, got {self.low} > {self.high}")
+
+
+def test_a_section_s_meta_check_parse_and_post_init_are_applied_and_every_problem_named() -> None:
+    section = _Checked.validate({"pairs": 4, "names": ["x", "y"], "window": "250ms"}, "example")
+    assert (section.pairs, section.names, section.window) == (4, ("x", "y"), 0.25)
+    with pytest.raises(ConfigError) as info:
+        _Checked.validate({"pairs": 3, "names": "x", "window": "2s", "hihg": 1}, "example")
+    lines = str(info.value).splitlines()[1:]
+    assert lines == ["  example.pairs: expected an even number, got 3",
+                     "  example.names: expected `array`, got 'x'",
+                     "  example.window: expected `float` <= 1.0, got '2s'",
+                     "  example.hihg: unknown key (value 1); did you mean 'high'?"], lines
+    with pytest.raises(ConfigError, match=r"example: expected low <= high, got 5 > 1"):
+        _Checked.validate({"low": 5, "high": 1}, "example")
+
+
+def test_is_set_names_the_keys_the_file_and_environment_gave() -> None:
+    config = build_config({"server": {"port": 8080}}, environ={"FORGE_STREAMING__LIMITS__MESSAGE_BURST": "5"})
+    assert config.is_set("server.port"), "set, even to its default"
+    assert config.is_set("limits.message_burst") and config.limits.message_burst == 5
+    assert not config.is_set("server.host")
