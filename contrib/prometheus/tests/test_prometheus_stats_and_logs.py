@@ -49,15 +49,17 @@ async def test_stats_api_cli_metrics_and_json_logs_with_connection_ids(cli_serve
             events = source.aiter_sse()
             session = json.loads((await asyncio.wait_for(anext(events), 10)).data)
             sse_id = session["connection_id"]
-            await ws.send(json.dumps({"type": "join", "room_id": "lobby"}))
-            await ws.send(json.dumps({"type": "message", "room_id": "lobby", "data": "hello"}))
 
-            async def sse_got_hello() -> None:
+            async def sse_got(needle: str) -> None:
                 async for event in events:
-                    if '"hello"' in event.data:
+                    if needle in event.data:
                         return
 
-            await asyncio.wait_for(sse_got_hello(), 10)
+            # The stream joins ?rooms= after its session event: a message sent before room.joined may miss it.
+            await asyncio.wait_for(sse_got('"room.joined"'), 10)
+            await ws.send(json.dumps({"type": "join", "room_id": "lobby"}))
+            await ws.send(json.dumps({"type": "message", "room_id": "lobby", "data": "hello"}))
+            await asyncio.wait_for(sse_got('"hello"'), 10)
 
             stats = (await http.get(server.url + "/api/stats", headers={"Authorization": "Bearer stats-key"})).json()
             assert stats["connections"] == {"total": 2, "by_transport": {"sse": 1, "websocket": 1}}
