@@ -296,7 +296,7 @@ def _convert(annotation: Any, value: Any) -> Any:
 
 
 def _choices(annotation: Any) -> list[str]:
-    """What a type with ``Literal`` values accepts, in words: ``'auto'``, ``an integer``."""
+    """What a type with ``Literal`` values accepts, in words: ``'auto'``, ``a value of type int``."""
     if get_origin(annotation) is Literal:
         return [repr(arg) for arg in get_args(annotation)]
     if get_origin(annotation) in (Union, types.UnionType, Annotated):
