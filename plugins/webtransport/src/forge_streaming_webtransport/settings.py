@@ -36,6 +36,11 @@ class WebTransportSettings(ConfigSection):
     window allows at once. It costs a timer and a transmit per few packets per client."""
     send_buffer: Size | None = None
     """Unacknowledged bytes allowed on a session's message stream; None = ``limits.send_buffer``."""
+    udp_buffer: Annotated[Size, Meta(ge=0)] = 4 * 1024 * 1024
+    """Bytes of receive and of send buffer asked of the OS for the UDP socket every client shares (0: the OS
+    default, 208 KiB on Linux, which the datagrams of many clients at once overflow). Linux grants
+    at most ``net.core.rmem_max`` / ``wmem_max`` unless the process has CAP_NET_ADMIN; the start log says
+    when it got less."""
     read_buffer: Annotated[Size, Meta(ge=1024)] = 1024 * 1024
     """Unread bytes a session may hold, all together: data on its streams, messages not read yet,
     streams not accepted yet and datagrams. Past it, on top of one message (``limits.max_message_size``),

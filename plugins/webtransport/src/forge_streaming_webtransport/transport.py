@@ -72,6 +72,8 @@ class WebTransportTransport(Transport):
         """Why WebTransport is not served (None while it is, or before start)."""
         self.address: tuple[str, int] | None = None
         """The UDP address bound at start (the socket is bound before aioquic is loaded)."""
+        self.udp_buffers: dict[str, int] = {}
+        """The socket's buffer sizes the OS granted (``receive``, ``send``, bytes), after start."""
         self._loading: asyncio.Task[None] | None = None
         """Loads aioquic and the certificate, then serves the socket (see :meth:`start`)."""
         self._configured_address = streaming.http_address  # the config's; a server that knows replaces it
@@ -123,7 +125,23 @@ class WebTransportTransport(Transport):
             raise OSError(exc.errno, f"WebTransport cannot bind udp {self.host}:{port} ({where}): "
                                      f"{exc.strerror}") from exc
         self.address = (self.host, int(sock.getsockname()[1]))
+        if settings.udp_buffer:
+            self._size_buffers(sock, settings.udp_buffer)
         self._loading = asyncio.ensure_future(self._serve(sock))
+
+    def _size_buffers(self, sock: socket.socket, size: int) -> None:
+        try:
+            received, sent = udp.size_buffers(sock, size)
+        except OSError as exc:
+            log.warning("WebTransport could not size its UDP buffers (webtransport.udp_buffer=%d): %s", size, exc)
+            return
+        self.udp_buffers = {"receive": received, "send": sent}
+        if min(received, sent) < size:  # said at INFO unless the key was set: most development machines cap it
+            level = logging.WARNING if self.streaming.config.is_set("webtransport.udp_buffer") else logging.INFO
+            log.log(level, "WebTransport's UDP buffers are %d KiB (receive) and %d KiB (send), below the %d KiB of "
+                    "webtransport.udp_buffer: many clients at once may overflow them and datagrams are lost (and "
+                    "resent). Raise net.core.rmem_max and net.core.wmem_max (sysctl) or run with CAP_NET_ADMIN",
+                    received // 1024, sent // 1024, size // 1024)
 
     def _prepare(self) -> tuple[CertificatePair, type[WebTransportServer]]:
         """In a worker thread: import aioquic and make the development certificate (if none was configured).
@@ -180,6 +198,8 @@ class WebTransportTransport(Transport):
             info["sessions"] = len(self.server.sessions)
         elif self._loading is not None and not self._loading.done():
             info["starting"] = True
+        if self.udp_buffers:
+            info["udp_buffers"] = self.udp_buffers
         if self.certificate is not None:
             info["certificate_sha256"] = self.certificate.sha256_hex
             info["development_certificate"] = self.certificate.development
