@@ -17,6 +17,7 @@ _PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 def _one_or_many(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
+
 def _check_servers(value: tuple[str, ...]) -> tuple[str, ...]:
     if not value:
         raise ValueError("expected at least one server URL, like nats://127.0.0.1:4222")
