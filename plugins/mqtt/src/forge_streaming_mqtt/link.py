@@ -98,7 +98,11 @@ class MqttLink:
         will: aiomqtt.Will | Callable[[], aiomqtt.Will] | None = None,
         session_expiry: int | None = None,
         manual_ack: bool = False,
+        once: bool = False,
     ) -> None:
+        """``once``: one connection attempt, never a reconnect; when it fails or ends, the link stops
+        and ``on_disconnect`` is called (whether or not it was ever up). For a client id whose holder
+        holds a role: connecting again would take the id over from whoever holds it now."""
         self.settings = settings
         self.client_id = client_id
         self.role = role
@@ -110,6 +114,7 @@ class MqttLink:
         # away; None: a clean session on every connection
         self._session_expiry = session_expiry
         self._manual_ack = manual_ack  # QoS 1 messages are acknowledged by ack(), not on arrival
+        self._once = once
         self._broker = settings.broker()
         self._max_queued = max(settings.outgoing_buffer, 1000)  # paho's outgoing queue, in messages
         self.state = LinkState.CONNECTING
@@ -130,10 +135,13 @@ class MqttLink:
     async def start(self) -> None:
         """Connect in the background; wait up to ``connect_timeout`` for the first connection."""
         self.state = LinkState.CONNECTING
-        self._task = asyncio.create_task(self._run(), name=f"forge-mqtt-{self.role}")
+        self._task = task = asyncio.create_task(self._run(), name=f"forge-mqtt-{self.role}")
+        up = asyncio.ensure_future(self._up.wait())
         try:
-            await asyncio.wait_for(self._up.wait(), self.settings.connect_timeout)
-        except TimeoutError:
+            await asyncio.wait([up, task], timeout=self.settings.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            up.cancel()
+        if not self._up.is_set() and not task.done() and not self._once:  # (once: the attempt logs its end)
             log.warning("MQTT %s: broker %s not reachable after %.1fs (%s); starting degraded, retrying",
                         self.role, self.url, self.settings.connect_timeout, self.last_error or "no answer")
 
@@ -237,6 +245,13 @@ class MqttLink:
             was_up = self.state is LinkState.UP
             self._forget()
             self.state = LinkState.DOWN
+            if self._once:
+                self.state = LinkState.STOPPED
+                log.info("MQTT %s: connection to %s %s (%s); not connecting again", self.role, self.url,
+                         "lost" if was_up else "failed", self.last_error or "no answer")
+                if not was_up and self._on_disconnect is not None:  # (_forget told it when it was up)
+                    self._on_disconnect()
+                return
             if was_up:
                 log.warning("MQTT %s: lost broker %s (%s); reconnecting", self.role, self.url, self.last_error)
             else:

@@ -23,8 +23,10 @@ announces itself in the retained ``{prefix}/sequencer`` topic; its last
 will clears the announcement. A node that sees no announcement (at start,
 or when the holder died: its will, 1.5x ``keepalive`` later) waits a
 random moment and takes the role; one that sees another node announced
-gives it up. A sequencer that loses its connection gives the role up too,
-rather than take it back from whoever took over.
+after itself gives it up (see :meth:`Sequencer.on_announcement` for two
+nodes taking the role at once). A term is one connection: a sequencer that
+loses it, or whose connection fails, gives the role up rather than
+reconnect and take it back from whoever took over.
 
 The sequencer acknowledges a submitted message only after it sent it on,
 numbered, on the same connection: one that dies in between leaves it
@@ -142,6 +144,7 @@ class Sequencer:
         # submits the broker sent with its CONNACK (queued while nobody held the role), before the link is usable
         self._early: list[aiomqtt.Message] = []
         self._unmarked: set[str] = set()  # rooms numbered since the last marks
+        self._confirmed = False  # this term's own announcement heard back (see on_announcement)
         self._mark_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -156,11 +159,26 @@ class Sequencer:
         self._try_later(ANNOUNCEMENT_WAIT)
 
     def on_announcement(self, payload: bytes) -> None:
+        """Follow the retained announcement, which every node hears in the broker's one order.
+
+        Another node's announcement ends this node's attempt while its connection is not yet
+        accepted (the other holds the client id, or will be taken over by it and try again). Once
+        accepted, only one heard after this node's own announcement means a takeover: one heard
+        before it was made before this node took the client id over (two nodes took the free role
+        at once), and giving the role up for it would leave nobody. This node named while it does
+        not lead is a term it gave up: nobody holds the role.
+        """
         holder = announced_node(payload)
         self.holder = holder
         if holder is None:
             self._try_later(0.0)
-        elif holder != self.node and self._link is not None:
+        elif holder == self.node:
+            if self._link is not None:
+                self._confirmed = True
+            else:
+                self.holder = None
+                self._try_later(ANNOUNCEMENT_WAIT)
+        elif self._link is not None and (self._confirmed or self._link.client is None):
             log.info("MQTT sequencer: node %r announced the role; this node gives it up", holder)
             self._give_up()
 
@@ -175,13 +193,14 @@ class Sequencer:
             return
         self._positions = RoomPositions(MAX_ROOMS)
         self._early.clear()
+        self._confirmed = False
         self._counters["sequencer_terms"] += 1
         log.info("MQTT sequencer: no node holds the role; node %r takes it", self.node)
         self._link = MqttLink(self.settings, client_id=f"{self.topics.prefix}-sequencer", role="sequencer",
                               on_message=self._on_submit, on_connect=self._on_connect,
                               on_disconnect=self._on_lost,
                               will=aiomqtt.Will(self.topics.sequencer, b"", qos=1, retain=True),
-                              session_expiry=SESSION_EXPIRY, manual_ack=True)
+                              session_expiry=SESSION_EXPIRY, manual_ack=True, once=True)
         await self._link.start()
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
@@ -202,7 +221,8 @@ class Sequencer:
         link, self._link = self._link, None
         if link is not None:
             asyncio.get_running_loop().create_task(link.stop(), name="forge-mqtt-sequencer-stop")
-        if self.holder is None:
+        if self.holder in (None, self.node):  # (this node's announcement outlives its term: not a holder)
+            self.holder = None
             self._try_later(ANNOUNCEMENT_WAIT)
 
     async def stop(self) -> None:
