@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import json
 import logging
@@ -443,6 +444,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if count > 1 and slot is None:
         return _supervise(args, streaming, count, host, port)
     server = build_server(app, streaming, host=host, port=port, log_level=level)
+    collect_less(settings.gc_thresholds if settings else ServerSettings().gc_thresholds)
     where = f"worker {slot[0]} of {slot[1]} " if slot else ""
     print(f"forge-streaming {__version__} {where}serving on http://{host}:{port}", file=sys.stderr, flush=True)
     try:  # uvicorn's own loop choice: uvloop when installed
@@ -450,6 +452,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         pass
     return 0
+
+
+def collect_less(thresholds: tuple[int, int, int]) -> None:
+    """The garbage collector's policy of a server process (``server.gc_thresholds``).
+
+    What was loaded by now (modules, the app) stays for the process's life: frozen, so that no
+    collection walks it again. The thresholds make collections rarer: the objects of a connection are
+    long-lived, and those of a message are freed by reference counting, not by the collector.
+    """
+    gc.freeze()
+    gc.set_threshold(*thresholds)
 
 
 def _supervise(args: argparse.Namespace, streaming: Streaming | None, count: int, host: str, port: int) -> int:
