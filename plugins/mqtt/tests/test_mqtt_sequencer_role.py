@@ -39,7 +39,8 @@ class Candidate:
         self.node = node
         self.topics = topics
         self.settings = settings
-        self.sequencer = Sequencer(settings, topics, node, heard=lambda room: None, counters=Counter())
+        self.sequencer = Sequencer(settings, topics, node, heard=lambda room: None, connected=lambda: True,
+                                   counters=Counter())
         self.heard: str | None = None
         self._listening: asyncio.Task[None] | None = None
 
@@ -121,3 +122,64 @@ async def test_two_nodes_taking_the_free_role_at_once_leave_one_holder(
         holder = await _settled_holder([b, c], timeout=10)
         await asyncio.sleep(STEADY)
         assert _one_holder([b, c]) is holder, "the role moved again without a failure"
+
+
+async def test_a_node_cut_off_from_the_broker_does_not_keep_taking_the_role(own_broker: Any) -> None:
+    """A sequencer never reconnects (a term is one connection), so while the broker is away the node must
+    not start term after term: only once its own connection is back, and then it takes the role once."""
+    from forge_streaming.testing import RecordingListener
+    from forge_streaming_mqtt import MqttPubSub
+
+    settings = MqttSettings(url=own_broker.url, topic_prefix=f"role{uuid.uuid4().hex[:10]}", keepalive=1.0,
+                            reconnect_min=0.05, reconnect_max=0.2, connect_timeout=0.5)
+    backend = MqttPubSub(settings)
+    await backend.start("a", RecordingListener())
+    try:
+        assert await _wait(lambda: backend._sequencer is not None and backend._sequencer.leading, 10)
+        own_broker.kill()
+        terms = backend.counters["sequencer_terms"]
+        await asyncio.sleep(4.0)
+        assert backend.counters["sequencer_terms"] - terms <= 1, "a new term every few hundred ms, broker down"
+        own_broker.start()
+        assert await _wait(lambda: backend._sequencer is not None and backend._sequencer.leading
+                           and backend._sequencer._link is not None and backend._sequencer._link.client is not None, 15)
+    finally:
+        await backend.stop()
+
+
+async def _wait(predicate: Any, timeout: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def test_a_term_that_fails_while_the_node_is_connected_is_followed_by_another(
+        own_broker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sequencer's first connection fails in its setup (here: its subscribe raises): with nobody
+    holding the role, the node takes it again rather than leave the cluster without a sequencer."""
+    from forge_streaming.testing import RecordingListener
+    from forge_streaming_mqtt import MqttPubSub
+
+    failures: list[str] = []
+    original = Sequencer._on_connect
+
+    async def failing_once(self: Sequencer, client: aiomqtt.Client) -> None:
+        if not failures:
+            failures.append(self.node)
+            raise aiomqtt.MqttError("refused for the test")
+        await original(self, client)
+
+    monkeypatch.setattr(Sequencer, "_on_connect", failing_once)
+    settings = MqttSettings(url=own_broker.url, topic_prefix=f"role{uuid.uuid4().hex[:10]}")
+    backend = MqttPubSub(settings)
+    await backend.start("a", RecordingListener())
+    try:
+        assert await _wait(lambda: backend._sequencer is not None and backend._sequencer.holder == "a", 10), \
+            f"no sequencer after a failed term (terms: {backend.counters['sequencer_terms']})"
+        assert failures == ["a"] and backend.counters["sequencer_terms"] == 2
+    finally:
+        await backend.stop()

@@ -117,7 +117,7 @@ class MqttPubSub(PubSubBackend):
             self._ingest_queue = asyncio.Queue(maxsize=max(self.settings.outgoing_buffer, 1))
             self._ingest_task = asyncio.create_task(self._ingest_loop(listener), name="forge-mqtt-ingest")
         self._sequencer = Sequencer(self.settings, self.topics, node_id, heard=self._positions.last,
-                                    counters=self.counters)
+                                    connected=lambda: self._ready, counters=self.counters)
         base = self.settings.client_id or f"{self.settings.topic_prefix}-{node_id}"
         self._link = MqttLink(self.settings, client_id=f"{base}-pubsub", role="pubsub",
                               on_message=self._on_message, on_connect=self._on_connect, on_disconnect=self._on_lost)

@@ -130,16 +130,18 @@ class Sequencer:
     """This node's part in numbering: a candidate, and while it holds the role, the numbering itself."""
 
     def __init__(self, settings: MqttSettings, topics: Topics, node: str, *, heard: Callable[[str], int | None],
-                 counters: Counter[str]) -> None:
+                 connected: Callable[[], bool], counters: Counter[str]) -> None:
         self.settings = settings
         self.topics = topics
         self.node = node
         self.holder: str | None = None  # who announced the role, as last heard
         self._heard = heard  # the last position this node heard in a room
+        self._connected = connected  # the node's own connection is up (else it waits for on_connected)
         self._counters = counters
         self._link: MqttLink | None = None
         self._positions = RoomPositions(MAX_ROOMS)  # the positions given in this term
         self._attempt: asyncio.Task[None] | None = None
+        self._waiting = False  # an attempt is waiting to take the role
         self._stopped = False
         # submits the broker sent with its CONNACK (queued while nobody held the role), before the link is usable
         self._early: list[aiomqtt.Message] = []
@@ -183,14 +185,19 @@ class Sequencer:
             self._give_up()
 
     def _try_later(self, wait: float) -> None:
-        if self._stopped or self._link is not None or (self._attempt is not None and not self._attempt.done()):
+        if self._stopped or self._link is not None or self._waiting:
             return
+        self._waiting = True
         self._attempt = asyncio.get_running_loop().create_task(self._try(wait), name="forge-mqtt-sequencer-try")
 
     async def _try(self, wait: float) -> None:
-        await asyncio.sleep(wait + random.uniform(0, TAKEOVER_JITTER))
-        if self._stopped or self.holder is not None or self._link is not None:
-            return
+        """Take the role if it is still free; a term that fails (even while it starts) may be followed by another."""
+        try:
+            await asyncio.sleep(wait + random.uniform(0, TAKEOVER_JITTER))
+        finally:
+            self._waiting = False
+        if self._stopped or self.holder is not None or self._link is not None or not self._connected():
+            return  # (cut off from the broker: on_connected tries again)
         self._positions = RoomPositions(MAX_ROOMS)
         self._early.clear()
         self._confirmed = False
