@@ -157,6 +157,20 @@ class BatchingClient(aiomqtt.Client):
         if not disconnected.done():
             disconnected.set_exception(exc)
 
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any = None) -> None:
+        """Also end every SUBSCRIBE still waiting for the broker's answer: none will come.
+
+        aiomqtt leaves them waiting for its timeout (``connect_timeout``). A link whose
+        connection was taken over during its ``on_connect`` (the sequencer role) would go on
+        believing itself connected that long.
+        """
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+        for mid, waiting in self._pending_subscribes.items():
+            if not waiting.done():
+                waiting.set_exception(aiomqtt.MqttError(
+                    f"connection lost ({reason_code}) before the broker answered SUBSCRIBE {mid}"))
+
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:  # noqa: ARG002
         # paho calls this from the executor thread that runs connect(), right after creating the
         # socket and before using it: from here on paho reads and writes through the wrapper.
