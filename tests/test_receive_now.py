@@ -136,17 +136,21 @@ async def test_a_backend_that_makes_publishers_wait_keeps_each_senders_order(ser
             if n % 20 == 10:  # frames the reader must handle, between the others
                 frames.append({"type": "typing", "room_id": "r", "data": True})
                 frames.append({"type": "join", "room_id": f"other-{n}"})
+        sent = 0
         for i, frame in enumerate(frames):
             await sender.ws.send(json.dumps(frame))
-            if i % 4 == 3:  # now and then a pause: the next frames find the reader idle again
-                await asyncio.sleep(0.03)
+            sent += frame["type"] == "message"
+            if i % 4 == 3:  # now and then a pause until all is through: the next frames find the reader idle
+                await eventually(lambda: len(member.data()) == sent, 10, what=f"{sent} messages")
+        groups = len(frames) // 4
         await eventually(lambda: len(member.data()) == 60, 10, what="60 messages")
         await asyncio.sleep(0.1)
         assert member.data() == list(range(60))
         backend = streaming.backend
         assert isinstance(backend, SometimesBehindBackend)
-        assert backend.awaited >= 10, "some messages were published through the awaited path"
-        assert backend.offered >= 20, "others were taken at once"
+        # (not a fixed share: a loaded machine's reader falls behind more often and offers fewer)
+        assert backend.offered >= groups, "the first frame after each pause was taken at once"
+        assert backend.awaited >= groups // 3, "every third one offered was published through the awaited path"
         await eventually(lambda: len([e for e in sender.events() if e == "room.joined"]) == 4, 5,
                          what="the joins between the messages")
         await member.close()
