@@ -42,9 +42,17 @@ def test_fanout_counts_every_delivery_on_ours_and_raw_websockets(tmp_path: Path)
 @pytest.mark.slow
 @needs_websocket
 def test_echo_and_idle_cases_run(tmp_path: Path) -> None:
-    opts = _options(tmp_path, ["ours"])
+    opts = _options(tmp_path, ["ours", "websockets"])
+    opts.repeats = 2
     echo = cases.echo(opts)
-    assert echo.rows[0]["round_trips"] == 25, echo.rows
+    by_server = {row["server"]: row for row in echo.rows}
+    assert by_server["ours"]["round_trips"] == by_server["websockets"]["round_trips"] == 25, echo.rows
+    # the servers ran in turn, one run each per round: the target's ratio is paired per round
+    assert len(by_server["ours"]["paired_rounds"]) == 2, echo.rows
+    assert by_server["ours"]["paired_ratio"] in by_server["ours"]["paired_rounds"]
+    target = next(row for row in report.targets({"echo": echo}) if row[0].startswith("Echo round trip"))
+    assert target[1] == f"{by_server['ours']['paired_ratio']:.2f}x" and "2 alternating rounds" in target[3], target
+    opts.servers = ["ours"]
     memory = cases.memory(opts)
     assert memory.rows[0]["held"] == 50, memory.rows
 

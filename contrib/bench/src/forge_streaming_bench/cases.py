@@ -9,6 +9,7 @@ by PID (``with servers.start(...)``), also when a run fails.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -176,23 +177,42 @@ def paced(opts: Options) -> Case:
 
 
 def echo(opts: Options) -> Case:
-    """(2) Round trips through the server: P pairs ping-ponging in their own rooms, all at once."""
+    """(2) Round trips through the server: P pairs ping-ponging in their own rooms, all at once.
+
+    Every server is started first; then each round runs every server once, in turn. So each server's
+    runs are spread over the same minutes, and ours / raw websockets is the median of the rounds' own
+    ratios (``paired_ratio``): one echo run is short (a fraction of a CPU-second), and a server whose
+    runs all fell in a busy minute of a shared machine moved the ratio by 0.2x between benches.
+    """
     case = Case("echo", "Echo round trip under load")
     started = time.monotonic()
-    for kind in _kinds(opts, WS_SERVERS, case):
-        try:
-            with servers.start(kind, opts.workdir) as running:
-                runs = []
-                for _ in range(opts.repeats):
-                    servers.wait_idle([running.pid])
-                    runs.append(run_loadgen({
-                        "scenario": "echo", "pairs": opts.echo_pairs, "rounds": opts.echo_rounds,
-                        "dialect": kind.dialect, "targets": [{"port": running.port}], "pids": [running.pid],
-                        "timeout": 120, "hard_timeout": 300}))
-                case.rows.append({"server": kind.name, "label": kind.label,
-                                  **median_run(runs, "server_us_per_round_trip")})
-        except Exception as exc:
-            case.rows.append({"server": kind.name, "label": kind.label, "error": str(exc)[:300]})
+    kinds = _kinds(opts, WS_SERVERS, case)
+    runs: dict[str, list[dict[str, Any]]] = {kind.name: [] for kind in kinds}
+    failed: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        running: dict[str, servers.Running] = {}
+        for kind in kinds:
+            try:
+                running[kind.name] = stack.enter_context(servers.start(kind, opts.workdir))
+            except Exception as exc:  # a peer that fails to start is reported, the others still run
+                failed[kind.name] = str(exc)[:300]
+        for _ in range(opts.repeats):
+            for name, server in running.items():
+                servers.wait_idle([server.pid])
+                runs[name].append(run_loadgen({
+                    "scenario": "echo", "pairs": opts.echo_pairs, "rounds": opts.echo_rounds,
+                    "dialect": KINDS[name].dialect, "targets": [{"port": server.port}], "pids": [server.pid],
+                    "timeout": 120, "hard_timeout": 300}))
+    key = "server_us_per_round_trip"
+    for kind in kinds:
+        row = {"error": failed[kind.name]} if kind.name in failed else median_run(runs[kind.name], key)
+        case.rows.append({"server": kind.name, "label": kind.label, **row})
+    ratios = sorted(ours[key] / raw[key] for ours, raw in zip(runs.get("ours", []), runs.get("websockets", []))
+                    if "error" not in ours and "error" not in raw and raw.get(key))
+    if ratios:
+        paired = {"paired_ratio": ratios[len(ratios) // 2], "paired_rounds": ratios}
+        next(row for row in case.rows if row["server"] == "ours").update(paired)
+        case.notes.append(_paired_note("Ours / raw websockets, server CPU per round trip", paired))
     case.seconds = time.monotonic() - started
     return case
 
