@@ -141,7 +141,10 @@ async def test_a_backend_that_makes_publishers_wait_keeps_each_senders_order(ser
             await sender.ws.send(json.dumps(frame))
             sent += frame["type"] == "message"
             if i % 4 == 3:  # now and then a pause until all is through: the next frames find the reader idle
-                await eventually(lambda: len(member.data()) == sent, 10, what=f"{sent} messages")
+                def through(count: int = sent) -> bool:
+                    return len(member.data()) == count
+
+                await eventually(through, 10, what=f"{sent} messages")
         groups = len(frames) // 4
         await eventually(lambda: len(member.data()) == 60, 10, what="60 messages")
         await asyncio.sleep(0.1)

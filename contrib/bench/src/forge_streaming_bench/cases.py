@@ -207,7 +207,8 @@ def echo(opts: Options) -> Case:
     for kind in kinds:
         row = {"error": failed[kind.name]} if kind.name in failed else median_run(runs[kind.name], key)
         case.rows.append({"server": kind.name, "label": kind.label, **row})
-    ratios = sorted(ours[key] / raw[key] for ours, raw in zip(runs.get("ours", []), runs.get("websockets", []))
+    ratios = sorted(ours[key] / raw[key] for ours, raw in zip(runs.get("ours", []), runs.get("websockets", []),
+                                                           strict=False)
                     if "error" not in ours and "error" not in raw and raw.get(key))
     if ratios:
         paired = {"paired_ratio": ratios[len(ratios) // 2], "paired_rounds": ratios}
