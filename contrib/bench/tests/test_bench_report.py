@@ -34,6 +34,15 @@ def test_paced_targets_are_judged_on_the_worst_cell() -> None:
     assert {v[2] for k, v in rows.items() if k.startswith("Paced")} == {"met"}
 
 
+def test_paced_targets_and_table_take_the_rounds_own_ratios_when_the_case_alternated() -> None:
+    # medians 8.0 / 10.0 = 0.80x, but the rounds' own ratios were 0.70x, 0.75x, 0.90x: 0.75x is the figure
+    ours = _row("ours", 100, 2.0, 8.0) | {"paired_ratio": 0.75, "paired_rounds": [0.70, 0.75, 0.90]}
+    case = _case([ours, _row("websockets", 100, 2.0, 10.0)])
+    plain = next(row for row in report.targets({"paced": case}) if "without a write window" in row[0])
+    assert plain[1].startswith("0.75x") and plain[2] == "met"
+    assert "| ours | 8.00 | 1.00x | 0.75x |" in "\n".join(report.paced_section(case))
+
+
 def test_paced_targets_not_measured_without_the_case_or_the_peer() -> None:
     for given in ({}, {"paced": _case([_row("ours", 100, 2.0, 7.0)])}):
         verdicts = {row[0]: row[2] for row in report.targets(given) if row[0].startswith("Paced")}

@@ -107,14 +107,17 @@ def test_mqtt_case_measures_two_nodes_beside_one(tmp_path: Path) -> None:
 def test_paced_case_runs_ours_with_and_without_window_beside_raw_websockets(tmp_path: Path) -> None:
     opts = _options(tmp_path, ["ours", "websockets"])
     opts.paced_seconds = 0.04  # 20 messages at either pace (the floor): bounded in count
+    opts.repeats = 2  # two rounds, every server once per round
     case = cases.paced(opts)
     assert not case.not_measured
     servers = ["ours", *(f"ours-window-{ms}ms" for ms in cases.WINDOWS_MS), "websockets"]
-    assert [(r["server"], r["pace_ms"]) for r in case.rows] == [(s, p * 1e3) for s in servers for p in cases.PACES]
+    assert [(r["server"], r["pace_ms"]) for r in case.rows] == [(s, p * 1e3) for p in cases.PACES for s in servers]
     for row in case.rows:
         assert "error" not in row, row
         assert row["received"] == row["expected"] == 20 * 20 and row["lost"] == 0 and row["out_of_order"] == 0, row
-        assert row["server_us_per_delivery"] > 0
+        assert row["server_us_per_delivery"] > 0 and row["runs"] == 2
+        # ours' rows carry the rounds' own ratios to raw websockets (the targets' figure)
+        assert len(row.get("paired_rounds", [])) == (2 if row["server"].startswith("ours") else 0), row
     text = "\n".join(report.paced_section(case))
     assert "one message every 2 ms" in text and "flush_window 10ms" in text
     targets = {row[0]: row for row in report.targets({"paced": case})}
