@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,10 +179,8 @@ def paced(opts: Options) -> Case:
                     if name not in running:
                         continue
                     row = {"server": name, "label": label, "n": n, "pace_ms": pace * 1e3, **median_run(runs[name], key)}
-                    ratios = sorted(ours[key] / peer[key] for ours, peer in zip(runs[name], raw, strict=False)
-                                    if "error" not in ours and "error" not in peer and peer.get(key))
-                    if name.startswith("ours") and ratios:
-                        row |= {"paired_ratio": ratios[len(ratios) // 2], "paired_rounds": ratios}
+                    if name.startswith("ours"):
+                        row |= _paired_ratio(zip(runs[name], raw, strict=False), key)
                     case.rows.append(row)
     case.notes.append(
         f"One publisher sends one ~100-byte message every 10 ms and every 2 ms (scheduled on the clock, "
@@ -227,11 +225,8 @@ def echo(opts: Options) -> Case:
     for kind in kinds:
         row = {"error": failed[kind.name]} if kind.name in failed else median_run(runs[kind.name], key)
         case.rows.append({"server": kind.name, "label": kind.label, **row})
-    ratios = sorted(ours[key] / raw[key] for ours, raw in zip(runs.get("ours", []), runs.get("websockets", []),
-                                                           strict=False)
-                    if "error" not in ours and "error" not in raw and raw.get(key))
-    if ratios:
-        paired = {"paired_ratio": ratios[len(ratios) // 2], "paired_rounds": ratios}
+    paired = _paired_ratio(zip(runs.get("ours", []), runs.get("websockets", []), strict=False), key)
+    if paired:
         next(row for row in case.rows if row["server"] == "ours").update(paired)
         case.notes.append(_paired_note("Ours / raw websockets, server CPU per round trip", paired))
     case.seconds = time.monotonic() - started
@@ -369,21 +364,25 @@ SSE_ROUNDS = 3  # alternating SSE and WebSocket runs on one server: the SSE/WS r
 _Round = tuple[dict[str, Any], dict[str, Any]]
 
 
-def _paired(rounds: list[_Round]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """The median row of each side over alternating rounds, and the paired ratio first/second.
+def _paired_ratio(rounds: Iterable[_Round], key: str) -> dict[str, Any]:
+    """``paired_ratio``: the median of the rounds' own ratios first/second of ``key`` (``paired_rounds``, sorted).
 
-    ``paired_ratio`` is the median of the rounds' own ratios (``paired_rounds``, sorted): both sides of a
-    round saw the same machine state, so machine noise mostly cancels out of it.
+    Both sides of a round saw the same machine state, so machine noise mostly cancels out of it.
+    Empty when no round has both sides.
     """
+    ratios = sorted(a[key] / b[key] for a, b in rounds if "error" not in a and "error" not in b and b.get(key))
+    return {"paired_ratio": ratios[len(ratios) // 2], "paired_rounds": ratios} if ratios else {}
+
+
+def _paired(rounds: list[_Round]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The median row of each side over alternating rounds, and the paired ratio first/second."""
     key = "server_us_per_delivery"
-    ratios = sorted(a[key] / b[key] for a, b in rounds if "error" not in a and "error" not in b)
     rows = []
     for side in (0, 1):
         row = median_run([r[side] for r in rounds], key)
         row["runs"] = sum(r[side].get("runs", 0) for r in rounds)
         rows.append(row)
-    paired = {"paired_ratio": ratios[len(ratios) // 2], "paired_rounds": ratios} if ratios else {}
-    return rows[0], rows[1], paired
+    return rows[0], rows[1], _paired_ratio(rounds, key)
 
 
 def _paired_note(what: str, paired: dict[str, Any]) -> str:
