@@ -159,3 +159,13 @@ def test_serve_sets_the_collectors_thresholds_and_freezes_what_it_loaded(
     first = httpx.get(default + "/gc").json()
     assert first["thresholds"] == [10_000, 10, 10] and first["frozen"] > 10_000, first
     assert httpx.get(chosen + "/gc").json()["thresholds"] == [1000, 5, 2]
+
+
+def test_the_test_kits_server_process_is_one_process_unless_told(
+        server_factory: Callable[..., ServerProcess]) -> None:
+    """``ServerProcess`` is a node whose PID tests signal: ``--workers 1`` whatever serve's default would be."""
+    def argv(server: ServerProcess) -> list[str]:
+        return Path(f"/proc/{server.pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
+
+    assert argv(server_factory())[-2:] == ["--workers", "1"]
+    assert "--workers" not in argv(server_factory("--workers=1"))

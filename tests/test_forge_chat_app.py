@@ -38,6 +38,7 @@ from aioquic.h3.events import HeadersReceived, WebTransportStreamDataReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent
 from forge_streaming.testing import free_port
+from forge_streaming.workers import usable_cores
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.mosquitto]
 
@@ -116,7 +117,8 @@ def start(how: str, workdir: Path, broker: int) -> tuple[subprocess.Popen[bytes]
     # Every worker must be listening before a QUIC client starts: the kernel spreads a shared UDP port's packets
     # over the sockets bound to it, and a worker binding mid-handshake would move the client's packets to a worker
     # that does not know its connection (docs: Ways to run).
-    workers = 2 if how == "workers" else 1
+    # serve's default on this shared (MQTT) backend: one worker per usable core.
+    workers = {"workers": 2, "serve": usable_cores()}.get(how, 1)
     deadline = time.monotonic() + 30
     try:
         while True:

@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+import yaml
+from forge_streaming import Streaming
 from forge_streaming.testing import serve
 from websockets.asyncio.client import ClientConnection
 
@@ -170,3 +172,14 @@ async def test_rooms_presence_and_members_answer_as_the_table_says() -> None:
         finally:
             for ws in clients:
                 await ws.close()
+
+
+def test_the_configuration_block_is_the_kernels_defaults() -> None:
+    """The YAML under *Configuration* shows each kernel key with its default: loaded, it is the empty config."""
+    text = README.read_text()
+    block = re.search(r"```yaml\n(.*?)```", text[text.index("effective configuration."):], flags=re.S)
+    assert block is not None
+    shown = Streaming(yaml.safe_load(block.group(1))).config
+    default = Streaming({}).config
+    for section in ("server", "pubsub", "rooms", "limits", "api", "plugins", "logging"):
+        assert getattr(shown, section) == getattr(default, section), section

@@ -439,7 +439,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = streaming.asgi_app()
     level = args.log_level or (streaming.config.logging.level if streaming else "info")
     setup_logging(level, args.log_format or (streaming.config.logging.format if streaming else "text"))
-    count = resolve_workers(args.workers or (settings.workers if settings else 1))
+    shared = streaming is not None and streaming.config.pubsub.backend != "memory"
+    count = resolve_workers(args.workers or (settings.workers if settings else 1), shared=shared, port=port)
     slot = worker_slot()
     if count > 1 and slot is None:
         return _supervise(args, streaming, count, host, port)
@@ -613,8 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", "-c", help="YAML config file (default: $FORGE_STREAMING_CONFIG)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"])
-    serve.add_argument("--workers", type=_workers_arg, help="processes on this node: a number, or auto (one per core); "
-                                          "default server.workers, 1. More than one needs a shared backend")
+    serve.add_argument("--workers", type=_workers_arg,
+                       help="processes on this node: a number, or auto (one per usable core with a shared backend "
+                            "(MQTT, NATS) and a port number; one with the memory backend); default server.workers, "
+                            "auto")
     serve.set_defaults(func=cmd_serve)
 
     plugins = sub.add_parser("plugins", help="list installed plugins and the hooks they implement")

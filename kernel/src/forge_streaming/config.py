@@ -151,9 +151,11 @@ class ServerSettings(ConfigSection):
     """A request body (a POST) must arrive whole within this time of its headers, else 408; 0 turns it off."""
     handshake_timeout: Duration = 10.0
     """A WebSocket upgrade or a WebTransport CONNECT must be accepted or refused within this time."""
-    workers: Annotated[int, Meta(ge=1)] | Literal["auto"] = 1
-    """Processes ``forge-streaming serve`` runs on this node (``auto``: one per core); rooms span them
-    through the pub/sub backend, so more than one needs a shared backend (MQTT, NATS), not memory."""
+    workers: Annotated[int, Meta(ge=1)] | Literal["auto"] = "auto"
+    """Processes ``forge-streaming serve`` runs on this node. Rooms span them through the pub/sub
+    backend, so more than one needs a shared backend (MQTT, NATS), not memory. ``auto``: one per core
+    this process may use (its CPU affinity and cgroup v2 quota) when the backend is shared and the port
+    is a number, else one."""
     gc_thresholds: tuple[Annotated[int, Meta(ge=0)], Annotated[int, Meta(ge=0)], Annotated[int, Meta(ge=0)]] = (
         10_000, 10, 10)
     """What ``forge-streaming serve`` passes to :func:`gc.set_threshold` (Python's own: 700, 10, 10).

@@ -634,6 +634,9 @@ class ServerProcess:
 
     ``config`` is YAML text written next to the log in ``workdir``; ``port``
     defaults to a free one (give the old port to restart "the same" server).
+    It is one process (``--workers 1``, unless ``args`` say ``--workers``),
+    so that a signal to :attr:`pid` reaches the server itself, whatever the
+    backend: on MQTT or NATS ``serve``'s default is a worker per core.
     """
 
     def __init__(self, workdir: str | os.PathLike[str], *args: str, port: int | None = None,
@@ -647,6 +650,8 @@ class ServerProcess:
         self.log = self.workdir / f"server-{stamp}.log"
         command = [str(Path(sys.executable).parent / "forge-streaming"), "serve",
                    "--host", "127.0.0.1", "--port", str(self.port), *args]
+        if not any(arg == "--workers" or arg.startswith("--workers=") for arg in args):
+            command += ["--workers", "1"]
         if config is not None:
             path = self.workdir / f"config-{stamp}.yaml"
             path.write_text(config)

@@ -11,7 +11,10 @@ when set). The memory backend cannot do that, so it is refused.
 
 A worker that dies is started again (after a pause that grows while it
 keeps dying young). SIGTERM or SIGINT to the supervisor is passed on, the
-workers drain their clients, and the supervisor waits for them.
+workers drain their clients, and the supervisor waits for them. A
+supervisor killed outright (SIGKILL, a crash) passes nothing on: each
+worker looks for it once a second and, once it is gone, drains and exits
+as on SIGTERM, rather than hold the port with nobody to stop or restart it.
 
 Each worker writes a small status file (:class:`WorkerBoard`) into a
 directory the supervisor made, once a second; ``/healthz`` and
@@ -24,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -44,6 +48,8 @@ WORKER_ENV = "FORGE_STREAMING_WORKER"
 """Set by the supervisor in each worker: ``<index>/<count>``, e.g. ``2/4``."""
 BOARD_ENV = "FORGE_STREAMING_WORKERS_DIR"
 """Set by the supervisor in each worker: the directory of the workers' status files."""
+SUPERVISOR_ENV = "FORGE_STREAMING_SUPERVISOR"
+"""Set by the supervisor in each worker: its PID, which the worker's parent stays while it lives."""
 NODE_ID_ENV = "FORGE_STREAMING__SERVER__NODE_ID"
 """The environment override of ``server.node_id``: each worker gets its own."""
 BOARD_INTERVAL = 1.0
@@ -65,11 +71,69 @@ def worker_slot() -> tuple[int, int] | None:
     return int(index), int(count)
 
 
-def resolve_workers(value: int | str) -> int:
-    """``auto`` is one worker per core."""
-    if value == "auto":
-        return max(os.cpu_count() or 1, 1)
-    return int(value)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+"""Where cgroup v2 is mounted: a container's CPU limit is a ``cpu.max`` file under it."""
+
+
+def resolve_workers(value: int | str, *, shared: bool, port: int) -> int:
+    """How many workers ``serve`` runs: ``value``, or for ``auto`` one per usable core.
+
+    ``auto`` (the default) is a single process where workers could not
+    share rooms (``shared`` False: the memory backend keeps rooms in one
+    process) or one listening port (``port`` 0: each would get a port of its
+    own); a number asks for exactly that, and the caller refuses what cannot work.
+    """
+    if value != "auto":
+        return int(value)
+    if not shared or port == 0:
+        return 1
+    return usable_cores()
+
+
+def usable_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """The cores this process may use: its CPU affinity, capped by the CPU quota of its cgroups.
+
+    ``os.cpu_count()`` counts the host's cores: a container limited to two
+    CPUs on a 64-core host would start 64 workers, each with a 32nd of a
+    core. A quota of 1.5 CPUs counts as 2 (one worker waiting for the
+    other now and then costs less than a core left idle).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(cores, 1)
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT, membership: str | None = None) -> float | None:
+    """The smallest CPU quota (in CPUs) of this process's cgroup v2 and its parents; None if none is set.
+
+    ``membership`` is the text of ``/proc/self/cgroup`` (read when None):
+    its ``0::/path`` line names the cgroup, whose ``cpu.max`` holds
+    ``<quota> <period>`` in microseconds, or ``max`` for no limit.
+    """
+    if membership is None:
+        try:
+            membership = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            return None
+    relative = next((line[3:] for line in membership.splitlines() if line.startswith("0::")), None)
+    if relative is None:
+        return None
+    folder = root / relative.strip().lstrip("/")
+    quotas: list[float] = []
+    while True:
+        with contextlib.suppress(OSError, ValueError, ZeroDivisionError):
+            limit, period = (folder / "cpu.max").read_text().split()
+            if limit != "max":
+                quotas.append(int(limit) / int(period))
+        if folder == root or root not in folder.parents:
+            break
+        folder = folder.parent
+    return min(quotas) if quotas else None
 
 
 class Supervisor:
@@ -90,7 +154,8 @@ class Supervisor:
         self._stopping = False
 
     def _spawn(self, index: int) -> None:
-        env = {**self.env, WORKER_ENV: f"{index}/{self.count}", BOARD_ENV: str(self.board_dir)}
+        env = {**self.env, WORKER_ENV: f"{index}/{self.count}", BOARD_ENV: str(self.board_dir),
+               SUPERVISOR_ENV: str(os.getpid())}
         if self.node_id:
             env[NODE_ID_ENV] = f"{self.node_id}-{index}"
         self.procs[index] = subprocess.Popen(self.command, env=env)
@@ -153,12 +218,19 @@ class Supervisor:
 
 
 class WorkerBoard:
-    """The workers' status files: each worker writes its own, any worker reads them all."""
+    """The workers' status files: each worker writes its own, any worker reads them all.
 
-    def __init__(self, directory: Path, index: int, count: int) -> None:
+    The same once-a-second loop looks for the worker's ``supervisor`` (its
+    PID): once the worker's parent is another process, the supervisor is gone
+    and the worker stops itself with SIGTERM (drained, as when the supervisor
+    passes SIGTERM on).
+    """
+
+    def __init__(self, directory: Path, index: int, count: int, supervisor: int | None = None) -> None:
         self.directory = directory
         self.index = index
         self.count = count
+        self.supervisor = supervisor
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -166,7 +238,8 @@ class WorkerBoard:
         slot, directory = worker_slot(), os.environ.get(BOARD_ENV)
         if slot is None or not directory:
             return None
-        return cls(Path(directory), *slot)
+        supervisor = os.environ.get(SUPERVISOR_ENV, "")
+        return cls(Path(directory), *slot, supervisor=int(supervisor) if supervisor.isdigit() else None)
 
     def start(self, streaming: Streaming) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(streaming), name="forge-worker-board")
@@ -181,6 +254,11 @@ class WorkerBoard:
 
     async def _run(self, streaming: Streaming) -> None:
         while True:
+            if self.supervisor is not None and os.getppid() != self.supervisor:
+                log.warning("worker %d: its supervisor (pid %d) is gone; draining and stopping", self.index,
+                            self.supervisor)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             try:
                 self.write(streaming)
             except OSError as exc:

@@ -175,7 +175,7 @@ class Node:
         settings = {"url": broker.url, "keepalive": "2s", "reconnect_min": "50ms", "reconnect_max": "500ms",
                     "connect_timeout": "3s", **mqtt}
         config = {
-            "server": {"node_id": name, "drain_timeout": "1s"},
+            "server": {"node_id": name, "drain_timeout": "1s", "workers": 1},  # a node is one process (its PID)
             "pubsub": {"backend": "mqtt", "mqtt": settings},
             "rooms": {"store": "mqtt"},
             "api": {"key": API_KEY},

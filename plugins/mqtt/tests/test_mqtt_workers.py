@@ -27,7 +27,8 @@ pytestmark = [pytest.mark.mosquitto, pytest.mark.slow, pytest.mark.timeout(90)]
 class Supervised:
     """A ``forge-streaming serve --workers N`` process (the supervisor), stopped by its PID."""
 
-    def __init__(self, broker: Any, workdir: Path, workers: int) -> None:
+    def __init__(self, broker: Any, workdir: Path, workers: int | None, cores: set[int] | None = None) -> None:
+        """``workers`` None: no ``--workers``, serve's default; ``cores``: the CPUs the process may run on."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {"server": {"node_id": "multi", "drain_timeout": "1s"},
@@ -40,7 +41,8 @@ class Supervised:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [str(VENV_BIN / "forge-streaming"), "serve", "--port", str(self.port), "--config", str(path),
-                 "--workers", str(workers)], stdout=out, stderr=out)
+                 *([] if workers is None else ["--workers", str(workers)])], stdout=out, stderr=out,
+                preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores))
 
     def health(self) -> tuple[int, dict[str, Any]]:
         response = httpx.get(f"{self.url}/healthz", timeout=2)
@@ -141,3 +143,84 @@ def test_several_workers_on_the_memory_backend_are_refused(tmp_path: Path) -> No
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "pubsub.backend is 'memory'" in done.stderr and "--workers 1" in done.stderr
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to run on")
+async def test_on_a_shared_backend_serve_runs_one_worker_per_core_it_may_use(broker: Any, tmp_path: Path) -> None:
+    """No ``--workers``, no ``server.workers``: the default ``auto`` counts the cores of the process's affinity."""
+    node = Supervised(broker, tmp_path, workers=None, cores=set(sorted(os.sched_getaffinity(0))[:2]))
+    try:
+        body = await until_healthy(node, 2)
+        assert sorted(w["node"] for w in body["workers"]) == ["multi-1", "multi-2"]
+        assert "with 2 workers" in node.log.read_text()
+    finally:
+        code = node.stop()
+    assert code == 0, node.log.read_text()[-3000:]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to run on")
+def test_on_the_memory_backend_serve_runs_one_process_by_default(tmp_path: Path) -> None:
+    """``auto`` on the memory backend is one process: rooms in memory cannot span workers."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "forge-streaming"), "serve", "--port", str(port)],
+                                stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                if response.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert "workers" not in response.json()
+        assert "workers" not in log.read_text() and "worker " not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def test_workers_whose_supervisor_was_killed_drain_and_exit(broker: Any, tmp_path: Path) -> None:
+    """``kill -9`` of the supervisor (no SIGTERM to pass on): its workers notice, drain and exit within seconds,
+    instead of holding the port and the broker's rooms with nobody to stop them."""
+    node = Supervised(broker, tmp_path, workers=2)
+    pids: list[int] = []
+    try:
+        body = await until_healthy(node, 2)
+        pids = [w["pid"] for w in body["workers"]]
+        member = await joined(f"ws://127.0.0.1:{node.port}/ws", "orphans")
+        os.kill(node.proc.pid, signal.SIGKILL)
+        node.proc.wait(5)
+        deadline = time.monotonic() + 15  # a look once a second, then drain_timeout (1 s)
+        alive = list(pids)
+        while alive and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            alive = [pid for pid in alive if _running(pid)]
+        assert alive == [], f"workers still running after their supervisor died: {alive}"
+        with pytest.raises(Exception):  # noqa: B017 - closed by the drain (a close frame) or by the exit
+            while True:
+                await asyncio.wait_for(member.recv(), 5)
+        assert "supervisor" in node.log.read_text() and "is gone" in node.log.read_text()
+    finally:
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        node.stop()
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` is a live process (not yet exited, or exited but not reaped: a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -131,7 +131,7 @@ class Node:
         settings = {"servers": servers, "connect_timeout": "3s", "reconnect_wait": "100ms", "ping_interval": "1s",
                     "heartbeat": "500ms", "presence_ttl": "2s", **nats}
         self.config = yaml.safe_dump({
-            "server": {"node_id": name, "drain_timeout": "1s"},
+            "server": {"node_id": name, "drain_timeout": "1s", "workers": 1},  # a node is one process (its PID)
             "pubsub": {"backend": "nats", "nats": settings},
             "rooms": {"store": "nats", **rooms},
             "api": {"key": API_KEY},

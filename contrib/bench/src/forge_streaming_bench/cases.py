@@ -462,7 +462,7 @@ def _ours_node(workdir: Path, broker_port: int | None, index: int, extra: dict[s
         section = ({"url": f"mqtt://127.0.0.1:{broker_port}"} if backend == "mqtt"
                    else {"servers": [f"nats://127.0.0.1:{broker_port}"]})
         extra |= {"pubsub": {"backend": backend, backend: section},
-                  "server": {**extra.get("server", {}), "node_id": f"bench-{index}"}}
+                  "server": {"workers": 1, **extra.get("server", {}), "node_id": f"bench-{index}"}}
         if backend == "nats":
             extra["rooms"] = {"store": "nats"}
         plugins = [*servers.FIRST_PARTY, backend]
