@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from forge_streaming.testing import free_port
+from forge_streaming.testing import ServerProcess, free_port
 from websockets.asyncio.client import ClientConnection, connect
 
 VENV_BIN = Path(sys.executable).parent
@@ -159,34 +159,14 @@ async def test_on_a_shared_backend_serve_runs_one_worker_per_core_it_may_use(bro
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to run on")
-def test_on_the_memory_backend_serve_runs_one_process_by_default(tmp_path: Path) -> None:
-    """``auto`` on the memory backend is one process: rooms in memory cannot span workers."""
-    port = free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(VENV_BIN / "forge-streaming"), "serve", "--port", str(port)],
-                                stdout=out, stderr=out)
+def test_on_the_memory_backend_auto_is_one_process(tmp_path: Path) -> None:
+    """``auto`` (the default) on the memory backend is one process: rooms in memory cannot span workers."""
+    server = ServerProcess(tmp_path, "--workers", "auto")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                if response.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        assert "workers" not in response.json()
-        assert "workers" not in log.read_text() and "worker " not in log.read_text()
+        assert "workers" not in httpx.get(f"{server.url}/healthz", timeout=5).json()
+        assert "worker" not in server.output()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        assert server.stop() == 0  # SIGINT: drained, exit status 0
 
 
 async def test_workers_whose_supervisor_was_killed_drain_and_exit(broker: Any, tmp_path: Path) -> None:
